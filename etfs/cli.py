@@ -1,0 +1,93 @@
+"""`etfs` command line: mount, umount, demo, cp, status.
+
+Each subcommand lives with the code it drives; this module only parses arguments
+and turns expected failures into one clear line and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from etfs.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="etfs",
+        description="e-transfer filesystem: etfs servers as directories; cp between them goes server to server.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = sub.add_parser("mount", help="mount the configured servers")
+    mount.add_argument("-c", "--config", type=Path, required=True, help="mountpoints.yaml")
+    mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    mount.add_argument("--log-file", type=Path, help="log here (default: stderr in the foreground)")
+
+    umount = sub.add_parser("umount", help="unmount what 'etfs mount' mounted")
+    umount.add_argument("-c", "--config", type=Path, help="mountpoints.yaml")
+    umount.add_argument("mountpoint", nargs="?", type=Path, help="a mountpoint or the mount root")
+
+    demo = sub.add_parser("demo", help="two local servers (jive, onsala) and a mount; nothing to configure")
+    demo.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+
+    cp = sub.add_parser("cp", help="copy files; between two servers the data goes server to server")
+    cp.add_argument("sources", nargs="+", metavar="SRC", help="paths under etfs mountpoints, SERVER:PATH or local")
+    cp.add_argument("destination", metavar="DST")
+    cp.add_argument("-r", "--recursive", action="store_true")
+    cp.add_argument("--mode", choices=("new", "overwrite", "resume", "skip-existing"), default="overwrite")
+    cp.add_argument("--streams", type=int, help="parallel TCP streams per file")
+    direction = cp.add_mutually_exclusive_group()
+    direction.add_argument("--pull", dest="direction", action="store_const", const="pull")
+    direction.add_argument("--push", dest="direction", action="store_const", const="push")
+    cp.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    cp.add_argument("--json", action="store_true", help="JSON lines instead of a progress bar")
+    cp.add_argument("--mount", type=Path, help="the mount root, if several mounts run")
+
+    status = sub.add_parser("status", help="transfers of the running mount")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--mount", type=Path, help="the mount root, if several mounts run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "mount":
+            from etfs.mount import cmd_mount
+
+            return cmd_mount(args)
+        if args.command == "umount":
+            from etfs.mount import cmd_umount
+
+            return cmd_umount(args)
+        if args.command == "demo":
+            from etfs.demo import cmd_demo
+
+            return cmd_demo(args)
+        if args.command == "cp":
+            from etfs.transfer.commands import cmd_cp
+
+            return cmd_cp(args)
+        if args.command == "status":
+            from etfs.transfer.commands import cmd_status
+
+            return cmd_status(args)
+    except ConfigError as exc:
+        print(f"etfs: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""A client's connection to one etfs server: authentication, pipelined requests, reconnect.
+
+`ServerClient.call` sends a request and awaits its reply; many calls may be in
+flight on one connection.  When the connection breaks, pending calls fail with
+ECONNRESET and the next call reconnects (with backoff, failing fast with
+EHOSTDOWN while the server stays unreachable), so one dead server never hangs the
+callers of another.  `generation` counts connections: server-side file handles
+belong to one generation and must be reopened after a reconnect.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+import trio
+
+from etfs.protocol import auth
+from etfs.protocol import messages as m
+from etfs.protocol.connection import ProtocolError, Role
+from etfs.protocol.trio_stream import MessageStream
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RemoteError(OSError):
+    """An `Err` reply from a server (errno and the server's message)."""
+
+
+class ConnectionLost(OSError):
+    pass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Everything needed to reach and log in to one server export."""
+
+    name: str
+    addresses: tuple[tuple[str, int], ...]
+    user: str
+    key: bytes
+    export: str = ""
+    ssl_context: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    connect_timeout: float = 5.0
+    request_timeout: float = 60.0
+
+
+class _Live:
+    """One established connection and its pending requests."""
+
+    def __init__(self, ms: MessageStream, generation: int, welcome: m.Welcome, peer: tuple[str, int]) -> None:
+        self.ms = ms
+        self.generation = generation
+        self.welcome = welcome
+        self.peer = peer
+        self.pending: dict[int, tuple[trio.Event, list[m.Ok | m.Err]]] = {}
+        self.closed = False
+
+
+class ServerClient:
+    BACKOFF_MAX = 10.0
+
+    def __init__(self, endpoint: Endpoint, nursery: trio.Nursery) -> None:
+        self.endpoint = endpoint
+        self._nursery = nursery
+        self._live: _Live | None = None
+        self._connecting = trio.Lock()
+        self._ids = itertools.count(1)
+        self._generation = 0
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._last_error = ""
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    async def connection(self) -> _Live:
+        if self._live is not None and not self._live.closed:
+            return self._live
+        async with self._connecting:
+            if self._live is not None and not self._live.closed:
+                return self._live
+            now = trio.current_time()
+            if now < self._retry_at:
+                raise ConnectionLost(
+                    errno.EHOSTDOWN, f"server {self.name} is unreachable ({self._last_error}); retrying later"
+                )
+            try:
+                live = await self._connect()
+            except OSError as exc:
+                self._backoff = min(self.BACKOFF_MAX, max(0.5, self._backoff * 2))
+                self._retry_at = trio.current_time() + self._backoff
+                self._last_error = exc.strerror or str(exc)
+                if isinstance(exc, RemoteError):
+                    raise
+                raise ConnectionLost(errno.EHOSTDOWN, f"cannot reach server {self.name}: {self._last_error}") from None
+            self._backoff = 0.0
+            self._live = live
+            self._nursery.start_soon(self._reader, live)
+            return live
+
+    async def _connect(self) -> _Live:
+        ep = self.endpoint
+        last: OSError = OSError(errno.EHOSTDOWN, "no address")
+        for host, port in ep.addresses:
+            stream: trio.abc.Stream
+            try:
+                with trio.fail_after(ep.connect_timeout):
+                    sock_stream = await trio.open_tcp_stream(host, port)
+                    stream = sock_stream
+                    if ep.ssl_context is not None:
+                        ssl_stream = trio.SSLStream(sock_stream, ep.ssl_context, server_hostname=ep.server_hostname or host)
+                        await ssl_stream.do_handshake()
+                        stream = ssl_stream
+                    ms = MessageStream(stream, Role.CLIENT)
+                    welcome = await self._handshake(ms)
+            except trio.TooSlowError:
+                last = OSError(errno.ETIMEDOUT, f"connecting to {host}:{port} timed out")
+                continue
+            except RemoteError:
+                raise
+            except (OSError, ssl.SSLError, trio.BrokenResourceError, ProtocolError) as exc:
+                last = OSError(getattr(exc, "errno", None) or errno.ECONNREFUSED, f"{host}:{port}: {exc}")
+                continue
+            self._generation += 1
+            log.debug("connected to %s at %s:%d (generation %d)", ep.name, host, port, self._generation)
+            return _Live(ms, self._generation, welcome, (host, port))
+        raise last
+
+    async def _handshake(self, ms: MessageStream) -> m.Welcome:
+        ep = self.endpoint
+        nonce = auth.new_nonce()
+        await ms.send(m.Hello(m.PROTOCOL_VERSION, ep.user, ep.export, nonce))
+        challenge = await ms.receive()
+        if isinstance(challenge, m.Err):
+            raise RemoteError(challenge.errno, f"{ep.name}: {challenge.message}")
+        if not isinstance(challenge, m.Challenge):
+            raise ConnectionLost(errno.ECONNRESET, f"{ep.name}: closed during handshake")
+        await ms.send(m.Prove(auth.client_proof(ep.key, challenge.nonce, nonce, ep.user, ep.export)))
+        welcome = await ms.receive()
+        if isinstance(welcome, m.Err):
+            raise RemoteError(welcome.errno, f"{ep.name}: {welcome.message}")
+        if not isinstance(welcome, m.Welcome):
+            raise ConnectionLost(errno.ECONNRESET, f"{ep.name}: closed during handshake")
+        expected = auth.server_proof(ep.key, challenge.nonce, nonce, ep.user, ep.export)
+        if not auth.verify(expected, welcome.mac):
+            raise RemoteError(errno.EACCES, f"{ep.name}: the server could not prove it knows the key")
+        return welcome
+
+    async def _reader(self, live: _Live) -> None:
+        reason = "connection closed by server"
+        try:
+            while True:
+                msg = await live.ms.receive()
+                if msg is None:
+                    break
+                if isinstance(msg, m.Err) and msg.id == 0:
+                    reason = f"server error: {msg.message}"
+                    break
+                assert isinstance(msg, (m.Ok, m.Err))
+                slot = live.pending.pop(msg.id, None)
+                if slot is not None:
+                    slot[1].append(msg)
+                    slot[0].set()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, ssl.SSLError) as exc:
+            reason = f"connection lost: {exc}"
+        finally:
+            self._drop(live, reason)
+
+    def _drop(self, live: _Live, reason: str) -> None:
+        if live.closed:
+            return
+        live.closed = True
+        log.info("%s: %s", self.name, reason)
+        for event, _ in live.pending.values():
+            event.set()  # an empty result list means "connection lost"
+        live.pending.clear()
+        self._nursery.start_soon(_close_quietly, live.ms)
+
+    async def call(self, req_type: type[m.Request], result: type[T] | None = None, /, **fields: Any) -> T:
+        """Send one request and return its decoded value; raises `RemoteError` or `ConnectionLost`."""
+        live = await self.connection()
+        rid = next(self._ids)
+        req = req_type(id=rid, **fields)
+        event = trio.Event()
+        box: list[m.Ok | m.Err] = []
+        live.pending[rid] = (event, box)
+        try:
+            await live.ms.send(req)
+            with trio.fail_after(self.endpoint.request_timeout):
+                await event.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._drop(live, f"send failed: {exc}")
+            raise ConnectionLost(errno.ECONNRESET, f"connection to {self.name} lost") from None
+        except trio.TooSlowError:
+            live.pending.pop(rid, None)
+            self._drop(live, f"request {req_type.__name__} timed out")
+            raise ConnectionLost(errno.ETIMEDOUT, f"server {self.name} did not answer in time") from None
+        finally:
+            live.pending.pop(rid, None)
+        if not box:
+            raise ConnectionLost(errno.ECONNRESET, f"connection to {self.name} lost")
+        reply = box[0]
+        if isinstance(reply, m.Err):
+            raise RemoteError(reply.errno, reply.message)
+        if result is None:
+            return reply.value  # type: ignore[no-any-return]
+        try:
+            return msgspec.convert(reply.value, result)
+        except msgspec.ValidationError as exc:
+            raise RemoteError(errno.EPROTO, f"{self.name}: malformed reply: {exc}") from None
+
+    async def welcome(self) -> m.Welcome:
+        return (await self.connection()).welcome
+
+    async def peer(self) -> tuple[str, int]:
+        return (await self.connection()).peer
+
+    async def aclose(self) -> None:
+        if self._live is not None:
+            self._drop(self._live, "closed by client")
+
+
+async def _close_quietly(ms: MessageStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await ms.aclose()
+        except Exception:
+            pass

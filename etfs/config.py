@@ -1,0 +1,387 @@
+"""YAML configuration -> typed, validated objects, with ``file:line: what is wrong`` errors.
+
+`Fields` walks a YAML mapping node by node so every error names the line it came
+from; unknown keys are errors (a typo must not silently fall back to a default).
+The client's `mountpoints.yaml` is defined here; the server's `server.yaml` in
+`etfs_server.config` uses the same helpers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_MISSING: Any = object()
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is one line naming file and line."""
+
+    def __init__(self, file: str | Path, line: int | None, message: str) -> None:
+        where = f"{file}:{line}" if line else str(file)
+        super().__init__(f"{where}: {message}")
+        self.file = str(file)
+        self.line = line
+
+
+_constructor = yaml.constructor.SafeConstructor()
+
+
+class Fields:
+    """A YAML mapping whose values are read with a type check and a line number."""
+
+    def __init__(self, node: yaml.Node, file: Path, what: str) -> None:
+        self.file = file
+        self.what = what
+        self.line = node.start_mark.line + 1
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError(file, self.line, f"{what} must be a mapping")
+        self._items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = _constructor.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise ConfigError(file, key_node.start_mark.line + 1, f"{what}: keys must be strings")
+            if key in self._items:
+                raise ConfigError(file, key_node.start_mark.line + 1, f"{what}: duplicate key {key!r}")
+            self._items[key] = (key_node, value_node)
+        self._used: set[str] = set()
+
+    def error(self, message: str, key: str | None = None) -> ConfigError:
+        line = self._items[key][0].start_mark.line + 1 if key in self._items else self.line
+        return ConfigError(self.file, line, message)
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def has(self, key: str) -> bool:
+        return key in self._items
+
+    def node(self, key: str) -> yaml.Node:
+        self._used.add(key)
+        return self._items[key][1]
+
+    def _get(self, key: str, types: tuple[type, ...], tname: str, default: Any) -> Any:
+        if key not in self._items:
+            if default is _MISSING:
+                raise self.error(f"{self.what}: missing required key {key!r}")
+            return default
+        value = _constructor.construct_object(self.node(key), deep=True)
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            raise self.error(f"{self.what}.{key} must be {tname}, not {type(value).__name__}", key)
+        return value
+
+    def str(self, key: str, default: Any = _MISSING) -> Any:
+        return self._get(key, (str,), "a string", default)
+
+    def int(self, key: str, default: Any = _MISSING, minimum: int | None = None) -> Any:
+        value = self._get(key, (int,), "an integer", default)
+        if minimum is not None and value is not None and value < minimum:
+            raise self.error(f"{self.what}.{key} must be at least {minimum}", key)
+        return value
+
+    def float(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, (int, float), "a number", default)
+        return float(value) if value is not None else None
+
+    def bool(self, key: str, default: Any = _MISSING) -> Any:
+        return self._get(key, (bool,), "true or false", default)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+        value = self.str(key, default)
+        if value not in choices:
+            raise self.error(f"{self.what}.{key} must be one of {', '.join(choices)}, not {value!r}", key)
+        return value
+
+    def str_list(self, key: str, default: Any = _MISSING) -> Any:
+        if key not in self._items:
+            if default is _MISSING:
+                raise self.error(f"{self.what}: missing required key {key!r}")
+            return default
+        value = _constructor.construct_object(self.node(key), deep=True)
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(f"{self.what}.{key} must be a string or a list of strings", key)
+        return value
+
+    def mapping(self, key: str) -> Fields | None:
+        if key not in self._items:
+            return None
+        return Fields(self.node(key), self.file, f"{self.what}.{key}")
+
+    def items(self, key: str) -> Iterator[tuple[str, Fields]]:
+        """The entries of a mapping of mappings (``servers: {jive: {...}}``)."""
+        sub = self.mapping(key)
+        if sub is None:
+            return
+        for name in sub.keys():
+            yield name, Fields(sub.node(name), self.file, f"{self.what}.{key}.{name}")
+
+    def sequence(self, key: str) -> Iterator[Fields]:
+        if key not in self._items:
+            return
+        node = self.node(key)
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(f"{self.what}.{key} must be a list", key)
+        for i, item in enumerate(node.value):
+            yield Fields(item, self.file, f"{self.what}.{key}[{i}]")
+
+    def path(self, key: str, default: Any = _MISSING, base: Path | None = None) -> Any:
+        value = self.str(key, default)
+        if value is None or value is default:
+            return value
+        p = Path(os.path.expanduser(value))
+        if not p.is_absolute():
+            p = (base or self.file.parent) / p
+        return p
+
+    def done(self) -> None:
+        """Fail on keys nobody read: they are typos or unsupported options."""
+        for key in self._items:
+            if key not in self._used:
+                raise self.error(f"{self.what}: unknown key {key!r}", key)
+
+
+def load_yaml(path: str | Path) -> Fields:
+    """Parse a YAML file into `Fields` of its top-level mapping."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(file, None, f"cannot read: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError(file, line, f"YAML syntax error: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, None, f"YAML error: {exc}") from None
+    if node is None:
+        raise ConfigError(file, None, "the file is empty")
+    return Fields(node, file, "config")
+
+
+def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or a bare host (with a default port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"no host in address {text!r}")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"no port in address {text!r}")
+        return host, default_port
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad port in address {text!r}") from None
+    if not 0 <= port < 65536:
+        raise ValueError(f"port out of range in address {text!r}")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def address_field(f: Fields, key: str, default: Any = _MISSING, default_port: int | None = None) -> Any:
+    text = f.str(key, default)
+    if text is None or text is default:
+        return text
+    try:
+        return parse_address(text, default_port)
+    except ValueError as exc:
+        raise f.error(f"{f.what}.{key}: {exc}", key) from None
+
+
+# --- the client's mountpoints.yaml -----------------------------------------------------------------
+DEFAULT_PORT = 7070
+THIRD_PARTY = ("auto", "always", "never")
+DIRECTIONS = ("pull", "push")
+MODES = ("new", "overwrite", "resume", "skip-existing")
+
+
+@dataclass(frozen=True)
+class TransferDefaults:
+    streams: int = 4
+    direction: str = "pull"
+    third_party: str = "auto"
+    verify: bool = True
+    block_size: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TLSClientOptions:
+    ca_file: Path | None = None
+    server_hostname: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerEntry:
+    name: str
+    addresses: tuple[tuple[str, int], ...]
+    user: str
+    key_file: Path
+    export: str = ""
+    mountpoint: Path | None = None
+    peer_address: tuple[str, int] | None = None
+    tls: TLSClientOptions | None = None
+    transfer: TransferDefaults | None = None
+
+
+@dataclass(frozen=True)
+class PairOverride:
+    source: str
+    destination: str
+    streams: int | None = None
+    direction: str | None = None
+    third_party: str | None = None
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    attr_ttl: float = 1.0
+    entry_ttl: float = 1.0
+    negative_ttl: float = 0.5
+    dir_ttl: float = 1.0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    file: Path
+    root: Path
+    servers: dict[str, ServerEntry]
+    cache: CacheOptions = field(default_factory=CacheOptions)
+    transfer: TransferDefaults = field(default_factory=TransferDefaults)
+    pairs: tuple[PairOverride, ...] = ()
+    connect_timeout: float = 5.0
+    request_timeout: float = 30.0
+
+    def transfer_for(self, source: str, destination: str) -> TransferDefaults:
+        """Transfer settings for one server pair: pair override > destination's > global."""
+        base = self.servers[destination].transfer or self.transfer
+        for p in self.pairs:
+            if p.source == source and p.destination == destination:
+                return TransferDefaults(
+                    streams=p.streams or base.streams,
+                    direction=p.direction or base.direction,
+                    third_party=p.third_party or base.third_party,
+                    verify=base.verify,
+                    block_size=base.block_size,
+                )
+        return base
+
+
+def default_root() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if os.geteuid() == 0:
+        return Path("/run/etfs/root")
+    if runtime:
+        return Path(runtime) / "etfs" / "root"
+    return Path(f"/tmp/etfs-{os.geteuid()}/root")
+
+
+def _transfer_defaults(f: Fields, base: TransferDefaults) -> TransferDefaults:
+    result = TransferDefaults(
+        streams=f.int("streams", base.streams, minimum=1),
+        direction=f.choice("direction", DIRECTIONS, base.direction),
+        third_party=f.choice("third_party", THIRD_PARTY, base.third_party),
+        verify=f.bool("verify", base.verify),
+        block_size=f.int("block_size_mib", base.block_size // 2**20, minimum=1) * 2**20,
+    )
+    if result.streams > 64:
+        raise f.error(f"{f.what}.streams must be at most 64", "streams")
+    f.done()
+    return result
+
+
+def load_client_config(path: str | Path) -> ClientConfig:
+    """Read and validate a `mountpoints.yaml`; raises `ConfigError`."""
+    top = load_yaml(path)
+    file = top.file
+    root = top.path("root", None) or default_root()
+    cache = CacheOptions()
+    if (c := top.mapping("cache")) is not None:
+        cache = CacheOptions(
+            attr_ttl=c.float("attr_ttl", cache.attr_ttl),
+            entry_ttl=c.float("entry_ttl", cache.entry_ttl),
+            negative_ttl=c.float("negative_ttl", cache.negative_ttl),
+            dir_ttl=c.float("dir_ttl", cache.dir_ttl),
+        )
+        c.done()
+    transfer = TransferDefaults()
+    if (t := top.mapping("transfer")) is not None:
+        transfer = _transfer_defaults(t, transfer)
+    servers: dict[str, ServerEntry] = {}
+    for name, s in top.items("servers"):
+        if not name or "/" in name or name.startswith("."):
+            raise s.error(f"server name {name!r} must be a plain file name")
+        addrs_text = s.str_list("address")
+        try:
+            addresses = tuple(parse_address(a, DEFAULT_PORT) for a in addrs_text)
+        except ValueError as exc:
+            raise s.error(f"{s.what}.address: {exc}", "address") from None
+        key_file = s.path("key_file")
+        if not os.access(key_file, os.R_OK):
+            raise s.error(f"{s.what}.key_file: cannot read {key_file}", "key_file")
+        tls = None
+        if (tf := s.mapping("tls")) is not None:
+            tls = TLSClientOptions(ca_file=tf.path("ca_file", None), server_hostname=tf.str("server_name", None))
+            tf.done()
+        sub = s.mapping("transfer")
+        servers[name] = ServerEntry(
+            name=name,
+            addresses=addresses,
+            user=s.str("user"),
+            key_file=key_file,
+            export=s.str("export", ""),
+            mountpoint=s.path("mountpoint", None),
+            peer_address=address_field(s, "peer_address", None, DEFAULT_PORT),
+            tls=tls,
+            transfer=_transfer_defaults(sub, transfer) if sub is not None else None,
+        )
+        s.done()
+    if not servers:
+        raise top.error("config: no servers configured (a 'servers:' mapping is required)")
+    pairs = []
+    for p in top.sequence("pairs"):
+        po = PairOverride(
+            source=p.str("source"),
+            destination=p.str("destination"),
+            streams=p.int("streams", None, minimum=1),
+            direction=p.choice("direction", (*DIRECTIONS, None), None),  # type: ignore[arg-type]
+            third_party=p.choice("third_party", (*THIRD_PARTY, None), None),  # type: ignore[arg-type]
+        )
+        for side in (po.source, po.destination):
+            if side not in servers:
+                raise p.error(f"{p.what}: unknown server {side!r}")
+        p.done()
+        pairs.append(po)
+    cfg = ClientConfig(
+        file=file,
+        root=root,
+        servers=servers,
+        cache=cache,
+        transfer=transfer,
+        pairs=tuple(pairs),
+        connect_timeout=top.float("connect_timeout", 5.0),
+        request_timeout=top.float("request_timeout", 30.0),
+    )
+    top.done()
+    return cfg
+

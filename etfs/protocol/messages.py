@@ -1,0 +1,380 @@
+"""The messages of the etfs control protocol, as frozen, tagged msgspec Structs.
+
+Every message on a control connection is one of the types below, encoded as a
+msgpack map with a ``t`` tag naming its type.  Requests carry an ``id`` chosen by
+the client; the server answers each with exactly one `Ok` or `Err` carrying the
+same id, in any order, so requests pipeline.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Message(msgspec.Struct, frozen=True, tag_field="t", tag=str.lower):
+    """Base of all control messages."""
+
+
+# --- handshake -------------------------------------------------------------------------------------
+class Hello(Message, frozen=True):
+    """Client -> server: first message.  Names the protocol version, user and export."""
+
+    version: int
+    user: str
+    export: str
+    nonce: bytes
+
+
+class Challenge(Message, frozen=True):
+    """Server -> client: the server's nonce for the HMAC challenge-response."""
+
+    version: int
+    nonce: bytes
+    server: str
+
+
+class Prove(Message, frozen=True):
+    """Client -> server: HMAC(key, client proof input); see `etfs.protocol.auth`."""
+
+    mac: bytes
+
+
+class Welcome(Message, frozen=True):
+    """Server -> client: authentication succeeded; the server proves it knows the key too."""
+
+    mac: bytes
+    data_port: int
+    peer_host: str
+
+
+# --- replies ---------------------------------------------------------------------------------------
+class Ok(Message, frozen=True):
+    id: int
+    value: Any = None
+
+
+class Err(Message, frozen=True):
+    """A failed request (or, with id 0, a fatal connection error).  ``errno`` is a Linux errno."""
+
+    id: int
+    errno: int
+    message: str
+
+
+# --- value types carried in replies ----------------------------------------------------------------
+class Attr(msgspec.Struct, frozen=True, array_like=True):
+    """File attributes as the server sees them (nanosecond times)."""
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class Entry(msgspec.Struct, frozen=True, array_like=True):
+    name: str
+    attr: Attr
+
+
+class ListPage(msgspec.Struct, frozen=True):
+    entries: list[Entry]
+    more: bool
+
+
+class Opened(msgspec.Struct, frozen=True):
+    handle: int
+    attr: Attr
+
+
+class FsStats(msgspec.Struct, frozen=True):
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    namemax: int
+
+
+class Capability(msgspec.Struct, frozen=True):
+    """A source server's signed permission to read one file for one transfer.
+
+    ``token`` is opaque to everyone but the issuing server (an HMAC-signed blob).
+    """
+
+    token: bytes
+    transfer_id: str
+    path: str
+    size: int
+    mtime_ns: int
+    data_host: str
+    data_port: int
+    expires: float
+
+
+class TransferInfo(msgspec.Struct, frozen=True):
+    """A transfer record, as kept by the destination server."""
+
+    id: str
+    source: str
+    destination: str
+    state: str
+    bytes_total: int
+    bytes_done: int
+    bytes_resent: int
+    streams: int
+    direction: str
+    mode: str
+    digest: str
+    reason: str
+    started: float
+    finished: float
+
+
+# --- requests --------------------------------------------------------------------------------------
+class Request(Message, frozen=True):
+    id: int
+
+
+class Ping(Request, frozen=True):
+    pass
+
+
+class Stat(Request, frozen=True):
+    path: str
+
+
+class List(Request, frozen=True):
+    """One page of a directory listing with attributes: entries after ``after`` (by name order)."""
+
+    path: str
+    after: str = ""
+    limit: int = 1000
+
+
+class Open(Request, frozen=True):
+    path: str
+    flags: int
+
+
+class Create(Request, frozen=True):
+    path: str
+    mode: int
+    flags: int
+
+
+class Read(Request, frozen=True):
+    handle: int
+    offset: int
+    size: int
+
+
+class Write(Request, frozen=True):
+    handle: int
+    offset: int
+    data: bytes
+
+
+class Close(Request, frozen=True):
+    handle: int
+
+
+class Fsync(Request, frozen=True):
+    handle: int
+    datasync: bool = False
+
+
+class Mkdir(Request, frozen=True):
+    path: str
+    mode: int
+
+
+class Rmdir(Request, frozen=True):
+    path: str
+
+
+class Unlink(Request, frozen=True):
+    path: str
+
+
+class Rename(Request, frozen=True):
+    old: str
+    new: str
+    noreplace: bool = False
+    exchange: bool = False
+
+
+class SetAttr(Request, frozen=True):
+    path: str
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    atime_now: bool = False
+    mtime_now: bool = False
+
+
+class Symlink(Request, frozen=True):
+    path: str
+    target: str
+
+
+class Readlink(Request, frozen=True):
+    path: str
+
+
+class Link(Request, frozen=True):
+    old: str
+    new: str
+
+
+class StatFs(Request, frozen=True):
+    pass
+
+
+class Checksum(Request, frozen=True):
+    """xxh3-128 of ``length`` bytes at ``offset`` (-1: to the end)."""
+
+    path: str
+    offset: int = 0
+    length: int = -1
+
+
+class GetXattr(Request, frozen=True):
+    path: str
+    name: str
+
+
+class ListXattr(Request, frozen=True):
+    path: str
+
+
+class SetXattr(Request, frozen=True):
+    path: str
+    name: str
+    value: bytes
+
+
+class RemoveXattr(Request, frozen=True):
+    path: str
+    name: str
+
+
+# --- transfer control (see etfs_server/transfer) ---------------------------------------------------
+class TransferOffer(Request, frozen=True):
+    """To the source: issue a capability for reading ``path`` in one transfer."""
+
+    path: str
+    ttl: float = 300.0
+
+
+class TransferStart(Request, frozen=True):
+    """To the destination: receive the capability's file into ``path``.
+
+    ``direction`` is ``pull`` (the destination connects to the source's data port)
+    or ``push`` (the reply carries a ticket; the client then sends `TransferPush`
+    to the source, which connects to the destination's data port).
+    """
+
+    capability: Capability
+    source_name: str
+    path: str
+    mode: str = "new"
+    streams: int = 4
+    direction: str = "pull"
+    verify: bool = True
+    block_size: int = 0
+    transfer_id: str = ""
+
+
+class TransferStarted(msgspec.Struct, frozen=True):
+    transfer_id: str
+    ticket: bytes
+    data_host: str
+    data_port: int
+    skipped: bool
+    resumed_bytes: int
+
+
+class TransferPush(Request, frozen=True):
+    """To the source: connect ``streams`` data connections to the destination and serve blocks."""
+
+    capability: Capability
+    ticket: bytes
+    host: str
+    port: int
+    streams: int
+
+
+class TransferWait(Request, frozen=True):
+    """To the destination: answer when the transfer ended, or after ``timeout`` seconds."""
+
+    transfer_id: str
+    timeout: float = 1.0
+
+
+class TransferCancel(Request, frozen=True):
+    transfer_id: str
+    reason: str = "cancelled"
+
+
+class TransferList(Request, frozen=True):
+    pass
+
+
+class LocalCopy(Request, frozen=True):
+    """Copy a file within this export on the server (same-server `cp`)."""
+
+    src: str
+    dst: str
+    mode: str = "overwrite"
+
+
+ClientMessage = (
+    Hello
+    | Prove
+    | Ping
+    | Stat
+    | List
+    | Open
+    | Create
+    | Read
+    | Write
+    | Close
+    | Fsync
+    | Mkdir
+    | Rmdir
+    | Unlink
+    | Rename
+    | SetAttr
+    | Symlink
+    | Readlink
+    | Link
+    | StatFs
+    | Checksum
+    | GetXattr
+    | ListXattr
+    | SetXattr
+    | RemoveXattr
+    | TransferOffer
+    | TransferStart
+    | TransferPush
+    | TransferWait
+    | TransferCancel
+    | TransferList
+    | LocalCopy
+)
+ServerMessage = Challenge | Welcome | Ok | Err

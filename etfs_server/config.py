@@ -1,0 +1,140 @@
+"""`server.yaml` -> typed `ServerConfig` (see `server.example.yaml` for every field)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from etfs.config import DEFAULT_PORT, ConfigError, Fields, address_field, load_yaml
+from etfs.protocol.auth import AuthKeyError, load_key
+
+from .acl import ACL, Right, Rule
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    key: bytes
+    groups: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Export:
+    name: str
+    path: Path
+    acl: ACL
+
+
+@dataclass(frozen=True)
+class TLSServerOptions:
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    listen: tuple[str, int]
+    data_listen: tuple[str, int]
+    exports: dict[str, Export]
+    users: dict[str, User]
+    state_dir: Path
+    advertise_host: str = ""
+    tls: TLSServerOptions | None = None
+    max_transfers: int = 16
+    max_streams: int = 16
+    capability_ttl: float = 300.0
+    block_size: int = 8 * 1024 * 1024
+    sender: str = "read_send"  # or "sendfile"
+    receiver: str = "recv_write"  # or "splice"
+    file: Path | None = field(default=None, compare=False)
+
+    @property
+    def default_export(self) -> str:
+        return next(iter(self.exports))
+
+
+def _rule(f: Fields) -> Rule:
+    who = f.str("who", None) or f.str("user", None) or (("@" + f.str("group")) if f.has("group") else None)
+    if not who:
+        raise f.error(f"{f.what}: a rule needs 'who' (a user, @group or *)")
+    prefix = f.str("path", "/")
+    if not prefix.startswith("/") or "/../" in prefix + "/" or "\0" in prefix:
+        raise f.error(f"{f.what}.path must be an absolute path inside the export, like /tmp", "path")
+    prefix = "/" + prefix.strip("/") if prefix != "/" else "/"
+    rights = set()
+    for name in f.str_list("rights"):
+        if name == "all":
+            rights |= set(Right)
+            continue
+        try:
+            rights.add(Right(name))
+        except ValueError:
+            choices = ", ".join(r.value for r in Right)
+            raise f.error(f"{f.what}.rights: unknown right {name!r} (use {choices} or all)", "rights") from None
+    f.done()
+    return Rule(who=who, prefix=prefix, rights=frozenset(rights))
+
+
+def load_server_config(path: str | Path) -> ServerConfig:
+    """Read and validate a `server.yaml`; raises `ConfigError`."""
+    top = load_yaml(path)
+    name = top.str("name")
+    listen = address_field(top, "listen", f"127.0.0.1:{DEFAULT_PORT}", DEFAULT_PORT)
+    data_listen = address_field(top, "data_listen", None, listen[1] + 1) or (listen[0], listen[1] + 1)
+    users: dict[str, User] = {}
+    for uname, u in top.items("users"):
+        key_file = u.path("key_file")
+        try:
+            key = load_key(key_file)
+        except AuthKeyError as exc:
+            raise u.error(str(exc), "key_file") from None
+        users[uname] = User(uname, key, frozenset(u.str_list("groups", [])))
+        u.done()
+    exports: dict[str, Export] = {}
+    for ename, e in top.items("exports"):
+        epath = e.path("path")
+        if not epath.is_dir():
+            raise e.error(f"{e.what}.path: {epath} is not a directory", "path")
+        rules = [_rule(r) for r in e.sequence("acl")]
+        exports[ename] = Export(ename, epath.resolve(), ACL(rules))
+        e.done()
+    if not exports:
+        raise top.error("config: no exports configured (an 'exports:' mapping is required)")
+    tls = None
+    if (t := top.mapping("tls")) is not None:
+        tls = TLSServerOptions(cert_file=t.path("cert_file"), key_file=t.path("key_file"))
+        for p in (tls.cert_file, tls.key_file):
+            if not os.access(p, os.R_OK):
+                raise t.error(f"{t.what}: cannot read {p}")
+        t.done()
+    state_dir = top.path("state_dir", None) or Path(f"/var/lib/etfs/{name}")
+    kwargs = {}
+    if (tr := top.mapping("transfer")) is not None:
+        kwargs = dict(
+            max_transfers=tr.int("max_active", 16, minimum=1),
+            max_streams=tr.int("max_streams", 16, minimum=1),
+            capability_ttl=tr.float("capability_ttl", 300.0),
+            block_size=tr.int("block_size_mib", 8, minimum=1) * 2**20,
+            sender=tr.choice("sender", ("read_send", "sendfile"), "read_send"),
+            receiver=tr.choice("receiver", ("recv_write", "splice"), "recv_write"),
+        )
+        tr.done()
+    cfg = ServerConfig(
+        name=name,
+        listen=listen,
+        data_listen=data_listen,
+        exports=exports,
+        users=users,
+        state_dir=state_dir,
+        advertise_host=top.str("advertise", ""),
+        tls=tls,
+        file=top.file,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    top.done()
+    return cfg
+
+
+__all__ = ["ConfigError", "Export", "ServerConfig", "User", "load_server_config"]

@@ -1,0 +1,97 @@
+"""Confinement: every path a client names resolves beneath its export, also under races.
+
+Paths on the wire are export-relative (``/tmp/x``).  They are normalised first
+(``..`` is refused outright), then every open goes through ``openat2`` with
+``RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`` from a directory fd of the export root,
+so a symlink pointing out, an absolute symlink or a directory swapped for a symlink
+between two operations cannot lead outside: the kernel refuses (EXDEV/ELOOP) and we
+answer EACCES.  Operations on the last component use the parent's fd plus a name
+and never follow it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from etfs import _sendfile_cffi as native
+
+RESOLVE = native.RESOLVE_BENEATH | native.RESOLVE_NO_MAGICLINKS
+
+
+class EscapeError(PermissionError):
+    def __init__(self, path: str, why: str = "escapes the export") -> None:
+        super().__init__(errno.EACCES, f"path {path!r} {why}")
+
+
+def normalize(path: str) -> str:
+    """Canonical export-relative form: ``/a/b`` (``/`` for the root).  Refuses ``..`` and NULs."""
+    if not isinstance(path, str) or "\0" in path:
+        raise EscapeError(repr(path), "is not a valid path")
+    parts = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise EscapeError(path)
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def split(path: str) -> tuple[str, str]:
+    """(parent, name) of a normalised path; the root has no name."""
+    parent, _, name = path.rpartition("/")
+    return parent or "/", name
+
+
+class ExportRoot:
+    """An open export directory and safe operations relative to it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open(self, path: str, flags: int, mode: int = 0o666) -> int:
+        """openat2 beneath the export; ``path`` must be normalised."""
+        rel = path.lstrip("/") or "."
+        if not flags & os.O_CREAT:
+            mode = 0  # openat2 refuses a mode without O_CREAT
+        try:
+            return native.openat2(self.fd, rel, flags | os.O_CLOEXEC, mode, RESOLVE)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.ELOOP) and not flags & os.O_NOFOLLOW:
+                # EXDEV: resolution would leave the export.  ELOOP here may be a magic link.
+                raise EscapeError(path, "leads outside the export (symlink)") from None
+            raise
+
+    @contextmanager
+    def parent(self, path: str) -> Iterator[tuple[int, str]]:
+        """(fd of the parent directory, last component) for operations that must not follow it."""
+        parent, name = split(path)
+        if not name:
+            raise PermissionError(errno.EPERM, "operation not permitted on the export root")
+        fd = self.open(parent, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def opened(self, path: str, flags: int = os.O_PATH | os.O_NOFOLLOW) -> Iterator[int]:
+        fd = self.open(path, flags)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def lstat(self, path: str) -> os.stat_result:
+        if path == "/":
+            return os.stat(self.fd)
+        with self.parent(path) as (fd, name):
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)

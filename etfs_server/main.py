@@ -1,0 +1,125 @@
+"""`etfs-server` command line: run a server from `server.yaml` or from quick-start flags."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+from etfs.config import ConfigError, parse_address
+
+from .acl import ACL, ALL_RIGHTS, Rule
+from .config import Export, ServerConfig, User, load_server_config
+
+log = logging.getLogger("etfs_server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="etfs-server",
+        description="Export directories to etfs clients and stream files directly to other etfs servers.",
+    )
+    p.add_argument("-c", "--config", type=Path, help="server.yaml (see server.example.yaml)")
+    p.add_argument("--name", help="server name (quick start; default: the host name)")
+    p.add_argument("--listen", help="control address HOST:PORT (default 127.0.0.1:7070; port 0 picks one)")
+    p.add_argument("--data-listen", help="data address HOST:PORT (default: control port + 1)")
+    p.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="export PATH as NAME (quick start: every user gets all rights on it)",
+    )
+    p.add_argument("--user", action="append", default=[], metavar="NAME=KEYFILE", help="a user (quick start)")
+    p.add_argument("--state-dir", type=Path, help="where transfer records are kept")
+    p.add_argument("--port-file", type=Path, help="write 'CONTROL DATA' ports here once listening")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _quick_config(args: argparse.Namespace) -> ServerConfig:
+    from etfs.protocol.auth import AuthKeyError, load_key
+
+    if not args.export or not args.user:
+        raise ConfigError("command line", None, "give -c server.yaml, or at least one --export and one --user")
+    exports = {}
+    for spec in args.export:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not Path(path).is_dir():
+            raise ConfigError("command line", None, f"--export {spec!r}: expected NAME=DIRECTORY")
+        exports[name] = Export(name, Path(path).resolve(), ACL([Rule("*", "/", ALL_RIGHTS)]))
+    users = {}
+    for spec in args.user:
+        name, sep, keyfile = spec.partition("=")
+        if not sep:
+            raise ConfigError("command line", None, f"--user {spec!r}: expected NAME=KEYFILE")
+        try:
+            users[name] = User(name, load_key(keyfile))
+        except AuthKeyError as exc:
+            raise ConfigError("command line", None, str(exc)) from None
+    listen = parse_address(args.listen or "127.0.0.1:7070", 7070)
+    data = parse_address(args.data_listen, listen[1] + 1) if args.data_listen else (listen[0], listen[1] + 1 if listen[1] else 0)
+    name = args.name or "etfs"
+    return ServerConfig(
+        name=name,
+        listen=listen,
+        data_listen=data,
+        exports=exports,
+        users=users,
+        state_dir=args.state_dir or Path(tempfile.gettempdir()) / f"etfs-state-{name}",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_server_config(args.config) if args.config else _quick_config(args)
+        if args.state_dir:
+            config = ServerConfig(**{**config.__dict__, "state_dir": args.state_dir})
+        if args.listen and args.config:
+            listen = parse_address(args.listen, 7070)
+            config = ServerConfig(**{**config.__dict__, "listen": listen})
+    except (ConfigError, ValueError) as exc:
+        print(f"etfs-server: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_run, config, args.port_file)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"etfs-server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run(config: ServerConfig, port_file: Path | None) -> None:
+    from .server import EtfsServer
+
+    server = EtfsServer(config)
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(server.serve)
+        if port_file:
+            tmp = port_file.with_suffix(".tmp")
+            tmp.write_text(f"{ports.control} {ports.data}\n")
+            tmp.rename(port_file)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                log.info("received %s, shutting down", signal.Signals(sig).name)
+                break
+        # Graceful: give running requests a moment, then stop.
+        nursery.cancel_scope.deadline = trio.current_time() + 2
+        await server.transfers.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

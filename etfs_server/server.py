@@ -1,0 +1,197 @@
+"""The server's listeners and control connections: handshake, authentication, request dispatch.
+
+One trio task per connection reads messages; every request runs in its own task, so
+requests pipeline and replies may come back out of order.  File operations run in
+worker threads (`handlers.Session`); transfer requests go to `transfer.TransferService`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from etfs.protocol import auth
+from etfs.protocol import messages as m
+from etfs.protocol.connection import RemoteProtocolError, Role
+from etfs.protocol.trio_stream import MessageStream
+
+from .config import ServerConfig
+from .exports import ExportRoot
+from .handlers import Session
+from .transfer import TransferService
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+MAX_INFLIGHT_PER_CONNECTION = 64
+
+
+@dataclass(frozen=True)
+class Ports:
+    control: int
+    data: int
+
+
+def error_reply(rid: int, exc: BaseException) -> m.Err:
+    """Convert an exception from a handler into the `Err` the client sees."""
+    if isinstance(exc, OSError):
+        code = exc.errno or errno.EIO
+        text = exc.strerror or str(exc) or os.strerror(code)
+        if exc.filename is not None and str(exc.filename) not in text:
+            text = f"{text}: {exc.filename}"
+        return m.Err(rid, code, text)
+    log.error("internal error in request %d", rid, exc_info=exc)
+    return m.Err(rid, errno.EIO, f"internal server error: {type(exc).__name__}")
+
+
+class EtfsServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.roots = {name: ExportRoot(e.path) for name, e in config.exports.items()}
+        self.threads = trio.CapacityLimiter(32)
+        self.transfers = TransferService(config, self.roots, self.threads)
+        self.ssl_context: ssl.SSLContext | None = None
+        if config.tls:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
+            self.ssl_context = ctx
+        self.ports: Ports | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on the control and data ports until cancelled; reports the bound ports."""
+        host, port = self.config.listen
+        dhost, dport = self.config.data_listen
+        control = await trio.open_tcp_listeners(port, host=host)
+        data = await trio.open_tcp_listeners(dport, host=dhost)
+        self.ports = Ports(control[0].socket.getsockname()[1], data[0].socket.getsockname()[1])
+        async with trio.open_nursery() as nursery:
+            await self.transfers.start(nursery, self.ports.data)
+            nursery.start_soon(trio.serve_listeners, self._handle_control, control)
+            nursery.start_soon(trio.serve_listeners, self.transfers.handle_data_connection, data)
+            log.info(
+                "server %s listening: control %s:%d data %s:%d",
+                self.config.name,
+                host,
+                self.ports.control,
+                dhost,
+                self.ports.data,
+            )
+            task_status.started(self.ports)
+
+    async def _handle_control(self, stream: trio.SocketStream) -> None:
+        peer = _peer_name(stream)
+        if self.ssl_context is not None:
+            stream = trio.SSLStream(stream, self.ssl_context, server_side=True)  # type: ignore[assignment]
+        ms = MessageStream(stream, Role.SERVER)
+        session: Session | None = None
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+                session = await self._handshake(ms, peer)
+            if scope.cancelled_caught:
+                log.warning("%s: handshake timed out", peer)
+            if session is not None:
+                await self._serve_requests(ms, session, peer)
+        except RemoteProtocolError as exc:
+            log.warning("%s: protocol error: %s", peer, exc)
+            await _try_send(ms, m.Err(0, errno.EPROTO, f"protocol error: {exc}"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+            log.info("%s: connection lost: %s", peer, exc)
+        finally:
+            if session is not None:
+                await trio.to_thread.run_sync(session.close_all)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    await ms.aclose()
+
+    async def _handshake(self, ms: MessageStream, peer: str) -> Session | None:
+        hello = await ms.receive()
+        if hello is None:
+            return None
+        assert isinstance(hello, m.Hello)  # the connection enforces the order
+        if hello.version != m.PROTOCOL_VERSION:
+            await ms.send(m.Err(0, errno.EPROTONOSUPPORT, f"protocol version {hello.version} not supported"))
+            return None
+        server_nonce = auth.new_nonce()
+        await ms.send(m.Challenge(m.PROTOCOL_VERSION, server_nonce, self.config.name))
+        prove = await ms.receive()
+        if prove is None:
+            return None
+        assert isinstance(prove, m.Prove)
+        user = self.config.users.get(hello.user)
+        # Compute a MAC even for unknown users so both failures look and take the same.
+        key = user.key if user else b"\0" * 32
+        expected = auth.client_proof(key, server_nonce, hello.nonce, hello.user, hello.export)
+        if user is None or not auth.verify(expected, prove.mac):
+            why = "unknown user" if user is None else "wrong key"
+            log.warning("%s: authentication failed for user %r (%s)", peer, hello.user, why)
+            await ms.send(m.Err(0, errno.EACCES, "authentication failed"))
+            return None
+        export_name = hello.export or self.config.default_export
+        export = self.config.exports.get(export_name)
+        if export is None:
+            await ms.send(m.Err(0, errno.ENOENT, f"no export named {export_name!r}"))
+            return None
+        proof = auth.server_proof(user.key, server_nonce, hello.nonce, hello.user, hello.export)
+        assert self.ports is not None
+        await ms.send(m.Welcome(proof, self.ports.data, self.config.advertise_host))
+        log.info("%s: user %s authenticated for export %s", peer, user.name, export_name)
+        return Session(user.name, user.groups, self.roots[export_name], export.acl)
+
+    async def _serve_requests(self, ms: MessageStream, session: Session, peer: str) -> None:
+        limit = trio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    msg = await ms.receive()
+                except RemoteProtocolError as exc:
+                    if exc.fatal:
+                        raise
+                    log.warning("%s: bad request: %s", peer, exc)
+                    await ms.send(m.Err(exc.request_id, errno.EPROTO, f"protocol error: {exc}"))
+                    continue
+                if msg is None:
+                    break
+                assert isinstance(msg, m.Request)
+                await limit.acquire()
+                nursery.start_soon(self._answer, ms, session, msg, limit)
+            nursery.cancel_scope.cancel()
+
+    async def _answer(self, ms: MessageStream, session: Session, req: m.Request, limit: trio.Semaphore) -> None:
+        try:
+            try:
+                value: Any
+                if self.transfers.handles(req):
+                    value = await self.transfers.dispatch(session, req)
+                else:
+                    value = await trio.to_thread.run_sync(session.dispatch, req, limiter=self.threads)
+                reply: m.Ok | m.Err = m.Ok(req.id, value)
+            except Exception as exc:
+                reply = error_reply(req.id, exc)
+            try:
+                await ms.send(reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        finally:
+            limit.release()
+
+
+async def _try_send(ms: MessageStream, msg: m.Message) -> None:
+    try:
+        with trio.move_on_after(1):
+            await ms.send(msg)
+    except Exception:
+        pass
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
