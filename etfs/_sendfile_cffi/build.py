@@ -1,0 +1,387 @@
+"""cffi out-of-line API builder for ``etfs._sendfile_cffi._native``.
+
+The zero-copy / low-overhead data-path syscalls Python lacks (or wraps with
+one Python-level round trip per partial transfer): ``sendfile`` and
+``pread``+``send`` loops for the sender, ``recv``+``pwrite`` and
+socket->pipe->file ``splice`` loops for the receiver, and ``openat2`` with
+``RESOLVE_*`` flags for confined path resolution.
+
+Every loop runs to completion in C (EINTR and partial transfers handled
+there), so one call moves one whole block with the GIL released (cffi drops
+the GIL around every call into ``lib``).  They are meant for worker threads
+and **blocking** sockets; a non-blocking fd is tolerated (EAGAIN waits in
+``poll``) but then SO_SNDTIMEO/SO_RCVTIMEO are not honoured.
+
+Registered in pyproject.toml as ``etfs/_sendfile_cffi/build.py:ffibuilder``.
+To build in place for development::
+
+    python etfs/_sendfile_cffi/build.py      # from anywhere; .so lands next to this file
+"""
+
+from __future__ import annotations
+
+import os
+
+from cffi import FFI
+
+MODULE_NAME = "etfs._sendfile_cffi._native"
+
+CDEF = r"""
+#define RESOLVE_NO_XDEV ...
+#define RESOLVE_NO_MAGICLINKS ...
+#define RESOLVE_NO_SYMLINKS ...
+#define RESOLVE_BENEATH ...
+#define RESOLVE_IN_ROOT ...
+#define RESOLVE_CACHED ...
+
+long long etfs_sendfile(int sock_fd, int file_fd, long long offset, long long count);
+long long etfs_read_send(int file_fd, int sock_fd, long long offset, long long count,
+                         char *buf, size_t buflen);
+long long etfs_recv_write(int sock_fd, int file_fd, long long offset, long long count,
+                          char *buf, size_t buflen);
+long long etfs_splice_recv(int sock_fd, int file_fd, long long offset, long long count,
+                           int pipe_r, int pipe_w);
+int etfs_openat2(int dirfd, const char *path, int flags, int mode, unsigned long long resolve);
+"""
+
+C_SOURCE = r"""
+/* cffi includes Python.h first; pyconfig.h already sets these. */
+#ifndef _GNU_SOURCE
+#  define _GNU_SOURCE 1
+#endif
+#ifndef _FILE_OFFSET_BITS
+#  define _FILE_OFFSET_BITS 64
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#ifndef SYS_openat2
+#  define SYS_openat2 437
+#endif
+/* <linux/openat2.h> may be missing on old headers: define what we need. */
+#ifndef RESOLVE_NO_XDEV
+#  define RESOLVE_NO_XDEV       0x01
+#  define RESOLVE_NO_MAGICLINKS 0x02
+#  define RESOLVE_NO_SYMLINKS   0x04
+#  define RESOLVE_BENEATH       0x08
+#  define RESOLVE_IN_ROOT       0x10
+#endif
+#ifndef RESOLVE_CACHED
+#  define RESOLVE_CACHED        0x20
+#endif
+struct etfs_open_how {
+    uint64_t flags;
+    uint64_t mode;
+    uint64_t resolve;
+};
+
+#ifndef F_GETPIPE_SZ
+#  define F_GETPIPE_SZ 1032
+#endif
+
+/* Largest single transfer the kernel does for read/write/sendfile/splice. */
+#define ETFS_MAX_XFER 0x7ffff000LL
+
+/* On EAGAIN (non-blocking fd, or a socket timeout) wait until the fd is
+ * ready instead of spinning.  Returns 0 to retry, -1 with errno on error. */
+static int etfs_wait_fd(int fd, short events)
+{
+    struct pollfd p;
+    int r;
+    p.fd = fd;
+    p.events = events;
+    p.revents = 0;
+    do {
+        r = poll(&p, 1, -1);
+    } while (r < 0 && errno == EINTR);
+    return r < 0 ? -1 : 0;
+}
+
+static int etfs_bad_args(long long offset, long long count)
+{
+    if (offset < 0 || count < 0) {
+        errno = EINVAL;
+        return 1;
+    }
+    return 0;
+}
+
+/* Send exactly len bytes of buf.  0 on success, -1 with errno. */
+static int etfs_send_all(int sock_fd, const char *buf, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = send(sock_fd, buf, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if (etfs_wait_fd(sock_fd, POLLOUT) < 0)
+                    return -1;
+                continue;
+            }
+            return -1;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Write exactly len bytes of buf at off.  0 on success, -1 with errno. */
+static int etfs_pwrite_all(int file_fd, const char *buf, size_t len, off_t off)
+{
+    while (len > 0) {
+        ssize_t n = pwrite(file_fd, buf, len, off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0) {           /* should not happen for regular files */
+            errno = EIO;
+            return -1;
+        }
+        buf += n;
+        len -= (size_t)n;
+        off += n;
+    }
+    return 0;
+}
+
+/* Receive exactly len bytes into buf.  0 on success, -1 with errno;
+ * a peer that closes before len bytes arrived gives ECONNRESET. */
+static int etfs_recv_all(int sock_fd, char *buf, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = recv(sock_fd, buf, len, MSG_WAITALL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if (etfs_wait_fd(sock_fd, POLLIN) < 0)
+                    return -1;
+                continue;
+            }
+            return -1;
+        }
+        if (n == 0) {
+            errno = ECONNRESET;
+            return -1;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* sendfile(2) loop.  Returns count, or fewer if the file ends first
+ * (the caller must treat that as a truncated source), or -1/errno. */
+long long etfs_sendfile(int sock_fd, int file_fd, long long offset, long long count)
+{
+    off_t off = (off_t)offset;
+    long long done = 0;
+    if (etfs_bad_args(offset, count))
+        return -1;
+    while (done < count) {
+        long long want = count - done;
+        ssize_t n;
+        if (want > ETFS_MAX_XFER)
+            want = ETFS_MAX_XFER;
+        n = sendfile(sock_fd, file_fd, &off, (size_t)want);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if (etfs_wait_fd(sock_fd, POLLOUT) < 0)
+                    return -1;
+                continue;
+            }
+            return -1;
+        }
+        if (n == 0)             /* end of file */
+            break;
+        done += n;
+    }
+    return done;
+}
+
+/* pread into buf, send from buf, chunk by chunk (chunk = buflen).  When
+ * count <= buflen the whole block is in buf[0:count] afterwards.  Returns
+ * count, fewer if the file ends first, or -1/errno. */
+long long etfs_read_send(int file_fd, int sock_fd, long long offset, long long count,
+                         char *buf, size_t buflen)
+{
+    long long done = 0;
+    if (etfs_bad_args(offset, count))
+        return -1;
+    if (count > 0 && (buf == NULL || buflen == 0)) {
+        errno = EINVAL;
+        return -1;
+    }
+    while (done < count) {
+        long long want = count - done;
+        size_t got = 0;
+        int eof = 0;
+        if ((unsigned long long)want > buflen)
+            want = (long long)buflen;
+        if (want > ETFS_MAX_XFER)
+            want = ETFS_MAX_XFER;
+        while (got < (size_t)want) {
+            ssize_t n = pread(file_fd, buf + got, (size_t)want - got,
+                              (off_t)(offset + done + (long long)got));
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -1;
+            }
+            if (n == 0) {
+                eof = 1;
+                break;
+            }
+            got += (size_t)n;
+        }
+        if (got > 0 && etfs_send_all(sock_fd, buf, got) < 0)
+            return -1;
+        done += (long long)got;
+        if (eof)
+            break;
+    }
+    return done;
+}
+
+/* recv exactly count bytes and pwrite them at offset, chunk by chunk
+ * (chunk = buflen).  When count <= buflen the block is in buf[0:count]
+ * afterwards.  Returns count or -1/errno (ECONNRESET on early EOF). */
+long long etfs_recv_write(int sock_fd, int file_fd, long long offset, long long count,
+                          char *buf, size_t buflen)
+{
+    long long done = 0;
+    if (etfs_bad_args(offset, count))
+        return -1;
+    if (count > 0 && (buf == NULL || buflen == 0)) {
+        errno = EINVAL;
+        return -1;
+    }
+    while (done < count) {
+        long long want = count - done;
+        if ((unsigned long long)want > buflen)
+            want = (long long)buflen;
+        if (want > ETFS_MAX_XFER)
+            want = ETFS_MAX_XFER;
+        if (etfs_recv_all(sock_fd, buf, (size_t)want) < 0)
+            return -1;
+        if (etfs_pwrite_all(file_fd, buf, (size_t)want, (off_t)(offset + done)) < 0)
+            return -1;
+        done += want;
+    }
+    return done;
+}
+
+/* socket -> pipe -> file with splice(2).  The pipe must be empty on entry;
+ * it is empty again on success (on error it may hold data: discard it).
+ * Returns count or -1/errno (ECONNRESET on early EOF). */
+long long etfs_splice_recv(int sock_fd, int file_fd, long long offset, long long count,
+                           int pipe_r, int pipe_w)
+{
+    const unsigned int fl = SPLICE_F_MOVE | SPLICE_F_MORE;
+    loff_t off = (loff_t)offset;
+    long long done = 0;
+    long long cap;
+    if (etfs_bad_args(offset, count))
+        return -1;
+    if (count == 0)
+        return 0;
+    cap = fcntl(pipe_w, F_GETPIPE_SZ);
+    if (cap <= 0)
+        cap = 65536;
+    while (done < count) {
+        long long want = count - done;
+        ssize_t in;
+        if (want > cap)
+            want = cap;
+        in = splice(sock_fd, NULL, pipe_w, NULL, (size_t)want, fl);
+        if (in < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if (etfs_wait_fd(sock_fd, POLLIN) < 0)
+                    return -1;
+                continue;
+            }
+            return -1;
+        }
+        if (in == 0) {
+            errno = ECONNRESET;
+            return -1;
+        }
+        while (in > 0) {
+            ssize_t out = splice(pipe_r, NULL, file_fd, &off, (size_t)in, fl);
+            if (out < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -1;
+            }
+            if (out == 0) {
+                errno = EIO;
+                return -1;
+            }
+            in -= out;
+            done += out;
+        }
+    }
+    return done;
+}
+
+int etfs_openat2(int dirfd, const char *path, int flags, int mode, unsigned long long resolve)
+{
+    struct etfs_open_how how;
+    long r;
+    memset(&how, 0, sizeof how);
+    how.flags = (uint64_t)(unsigned int)flags;
+    how.mode = (uint64_t)(unsigned int)mode;
+    how.resolve = (uint64_t)resolve;
+    do {
+        r = syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    } while (r < 0 && errno == EINTR);
+    return (int)r;
+}
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(MODULE_NAME, C_SOURCE)
+
+
+def build_in_place(verbose: bool = True) -> str:
+    """Compile the extension and put the ``.so`` next to this file; return its path.
+
+    ``compile(tmpdir=X)`` maps the dotted module name to ``X/etfs/_sendfile_cffi/_native.c``
+    and builds the ``.so`` beside it, but it also runs distutils from ``X``, which parses
+    ``X/pyproject.toml``: building from the repo root therefore fails while that file has
+    keys setuptools rejects.  Build in a scratch directory and copy the result in instead.
+    """
+    import shutil
+    import tempfile
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory(prefix="etfs-cffi-") as tmp:
+        built = ffibuilder.compile(tmpdir=tmp, verbose=verbose)
+        dest = os.path.join(here, os.path.basename(built))
+        tmp_dest = dest + ".tmp"
+        shutil.copyfile(built, tmp_dest)
+        os.chmod(tmp_dest, 0o755)
+        os.replace(tmp_dest, dest)  # atomic: a running process keeps its mapped copy
+    return dest
+
+
+if __name__ == "__main__":
+    print(build_in_place())
