@@ -48,6 +48,7 @@ class ServerConfig:
     block_size: int = 8 * 1024 * 1024
     sender: str = "read_send"  # or "sendfile"
     receiver: str = "recv_write"  # or "splice"
+    handshake_timeout: float = 10.0  # seconds a new connection has to authenticate
     file: Path | None = field(default=None, compare=False)
 
     @property
@@ -77,12 +78,20 @@ def _rule(f: Fields) -> Rule:
     return Rule(who=who, prefix=prefix, rights=frozenset(rights))
 
 
+def _positive(f: Fields, key: str, default: float) -> float:
+    value: float = f.float(key, default)
+    if not value > 0:
+        raise f.error(f"{f.what}.{key} must be a positive number of seconds", key)
+    return value
+
+
 def load_server_config(path: str | Path) -> ServerConfig:
     """Read and validate a `server.yaml`; raises `ConfigError`."""
     top = load_yaml(path)
     name = top.str("name")
     listen = address_field(top, "listen", f"127.0.0.1:{DEFAULT_PORT}", DEFAULT_PORT)
-    data_listen = address_field(top, "data_listen", None, listen[1] + 1) or (listen[0], listen[1] + 1)
+    next_port = listen[1] + 1 if listen[1] else 0  # port 0 (pick one) for control: pick one for data too
+    data_listen = address_field(top, "data_listen", None, next_port) or (listen[0], next_port)
     users: dict[str, User] = {}
     for uname, u in top.items("users"):
         key_file = u.path("key_file")
@@ -129,6 +138,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         users=users,
         state_dir=state_dir,
         advertise_host=top.str("advertise", ""),
+        handshake_timeout=_positive(top, "handshake_timeout", 10.0),
         tls=tls,
         file=top.file,
         **kwargs,  # type: ignore[arg-type]

@@ -66,6 +66,8 @@ class Session:
     handles: dict[int, Handle] = field(default_factory=dict)
     # Handlers run in several threads at once; next() on a count is atomic under the GIL.
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # Called when the connection ends (transfers started by it are stopped).
+    on_close: list[Callable[[], None]] = field(default_factory=list)
 
     # --- helpers ---------------------------------------------------------------------------------
     def check(self, path: str, right: Right) -> str:

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.listen and args.config:
             listen = parse_address(args.listen, 7070)
             config = ServerConfig(**{**config.__dict__, "listen": listen})
+        if args.data_listen and args.config:
+            data = parse_address(args.data_listen, config.listen[1] + 1 if config.listen[1] else 0)
+            config = ServerConfig(**{**config.__dict__, "data_listen": data})
     except (ConfigError, ValueError) as exc:
         print(f"etfs-server: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from .transfer import TransferService
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # the default; server.yaml `handshake_timeout` overrides it
 MAX_INFLIGHT_PER_CONNECTION = 64
 
 
@@ -91,7 +91,7 @@ class EtfsServer:
         ms = MessageStream(stream, Role.SERVER)
         session: Session | None = None
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+            with trio.move_on_after(self.config.handshake_timeout) as scope:
                 session = await self._handshake(ms, peer)
             if scope.cancelled_caught:
                 log.warning("%s: handshake timed out", peer)
@@ -104,6 +104,8 @@ class EtfsServer:
             log.info("%s: connection lost: %s", peer, exc)
         finally:
             if session is not None:
+                for callback in session.on_close:
+                    callback()
                 await trio.to_thread.run_sync(session.close_all)
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(1):

@@ -1,19 +1,887 @@
-"""placeholder"""
+"""Server-to-server transfers: capabilities, the data path, transfer records, resume.
+
+Roles.  The *source* server only answers block requests for a capability it signed
+itself (one file, one transfer, a few minutes' life).  The *destination* owns the
+transfer: it keeps the persisted record, decides which blocks to fetch, receives into
+a hidden part file, verifies each block's digest, and renames the part file onto the
+final name only when every block arrived and matched.
+
+Direction only decides who connects.  Pull: the destination opens N data
+connections to the source's data port and presents the capability.  Push: the
+destination hands out a ticket, the client gives it to the source, and the source
+connects to the destination's data port.  After the hello, the protocol on a data
+connection is the same either way (see `etfs.protocol.data`): the destination sends
+block requests, the source answers each with a header, the raw bytes (sendfile or
+read+send) and an xxh3-64 digest of the block.
+
+Resume.  Next to the part file the destination keeps a restart record (source
+identity, block size) and an append-only journal of finished blocks, so a transfer
+broken by a killed server, a cut link or a vanished client re-fetches only the blocks
+that were in flight.
+"""
+
 from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import stat as st
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import msgspec
 import trio
+import xxhash
+
+from etfs import _sendfile_cffi as native
+from etfs.protocol import data as d
 from etfs.protocol import messages as m
 
+from .acl import Right
+from .config import ServerConfig
+from .exports import ExportRoot, normalize, split
+from .handlers import Session, file_digest
+
+log = logging.getLogger(__name__)
+
+PART_SUFFIX = ".etfs-part"
+DATA_TIMEOUT = 30.0  # a peer silent this long on a data connection has vanished
+CONNECT_TIMEOUT = 5.0
+PIPELINE = 2  # block requests in flight per stream
+MAX_BLOCK_RETRIES = 3
+TERMINAL = ("done", "failed", "skipped")
+
+
+class TransferError(OSError):
+    pass
+
+
+# --- capabilities ----------------------------------------------------------------------------------
+class CapabilityBody(msgspec.Struct, frozen=True, array_like=True):
+    transfer_id: str
+    export: str
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+    expires: float
+
+
+class Signer:
+    """Signs and checks capabilities with a per-server secret kept in the state directory."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Signer:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / "capability.key"
+        try:
+            return cls(path.read_bytes())
+        except FileNotFoundError:
+            secret = secrets.token_bytes(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secret)
+            return cls(secret)
+
+    def sign(self, body: CapabilityBody) -> bytes:
+        raw = msgspec.msgpack.encode(body)
+        return raw + hmac.new(self.secret, raw, hashlib.sha256).digest()
+
+    def check(self, token: bytes) -> CapabilityBody:
+        raw, mac = token[:-32], token[-32:]
+        if len(token) < 33 or not hmac.compare_digest(mac, hmac.new(self.secret, raw, hashlib.sha256).digest()):
+            raise TransferError(errno.EACCES, "capability refused: not signed by this server")
+        body = msgspec.msgpack.decode(raw, type=CapabilityBody)
+        if body.expires < time.time():
+            raise TransferError(errno.EACCES, "capability refused: expired")
+        return body
+
+
+# --- records ---------------------------------------------------------------------------------------
+@dataclass
+class Record:
+    """The persisted state of one transfer on the destination."""
+
+    id: str
+    source: str
+    destination: str
+    export: str
+    path: str
+    state: str = "queued"
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_resent: int = 0
+    streams: int = 1
+    direction: str = "pull"
+    mode: str = "new"
+    digest: str = ""
+    reason: str = ""
+    errno: int = 0
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+
+    def info(self) -> m.TransferInfo:
+        return m.TransferInfo(
+            id=self.id,
+            source=self.source,
+            destination=self.destination,
+            state=self.state,
+            bytes_total=self.bytes_total,
+            bytes_done=self.bytes_done,
+            bytes_resent=self.bytes_resent,
+            streams=self.streams,
+            direction=self.direction,
+            mode=self.mode,
+            digest=self.digest,
+            reason=self.reason,
+            errno=self.errno,
+            started=self.started,
+            finished=self.finished,
+        )
+
+
+class RecordStore:
+    """Transfer records as JSON files under ``state_dir/transfers`` (written atomically)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "transfers"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def save(self, rec: Record) -> None:
+        path = self.dir / f"{rec.id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(msgspec.json.encode(rec))
+        os.replace(tmp, path)
+
+    def load_all(self) -> list[Record]:
+        out = []
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                out.append(msgspec.json.decode(p.read_bytes(), type=Record))
+            except (OSError, msgspec.MsgspecError) as exc:
+                log.warning("ignoring unreadable transfer record %s: %s", p, exc)
+        return out
+
+
+class RestartRecord(msgspec.Struct, frozen=True):
+    """What a part file is part of: resume only when all of this still matches."""
+
+    source: str
+    source_path: str
+    size: int
+    mtime_ns: int
+    block_size: int
+    transfer_id: str
+
+
+JOURNAL_ENTRY = 12  # u32 block index + u64 digest
+
+
+def part_paths(path: str) -> tuple[str, str, str]:
+    """(part file, restart record, journal) beside the final name, all hidden."""
+    parent, name = split(path)
+    base = f"{parent.rstrip('/')}/.{name}{PART_SUFFIX}"
+    return base, base + ".restart", base + ".journal"
+
+
+# --- the data path (blocking code, run in worker threads) ------------------------------------------
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "peer closed the data connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_frame(sock: socket.socket, limit: int = 65536) -> bytes:
+    (length,) = d.LENGTH.unpack(_recv_exact(sock, d.LENGTH.size))
+    if length > limit:
+        raise TransferError(errno.EPROTO, "oversized data-connection frame")
+    return _recv_exact(sock, length)
+
+
+def _set_timeouts(sock: socket.socket, seconds: float) -> None:
+    # SO_RCVTIMEO/SNDTIMEO keep the fd blocking for the C loops yet bound every wait.
+    tv = d.timeval(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def serve_blocks(sock: socket.socket, fd: int, size: int, sender: str, block_limit: int) -> int:
+    """Source side of one data connection: answer block requests until the peer is done."""
+    buf = bytearray(block_limit)
+    view = memoryview(buf)
+    sent = 0
+    while True:
+        try:
+            raw = _recv_exact(sock, d.REQUEST.size)
+        except ConnectionResetError:
+            return sent  # the destination closed: it has what it wanted
+        offset, length, flags = d.REQUEST.unpack(raw)
+        if flags & d.FLAG_DONE:
+            return sent
+        if flags & d.FLAG_TREE_DIGEST:
+            digest = file_digest(fd)
+            payload = digest.encode()
+            sock.sendall(d.BLOCK.pack(0, len(payload), 0) + payload)
+            continue
+        if offset > size or length > block_limit or offset + length > size:
+            sock.sendall(d.BLOCK.pack(offset, 0, d.STATUS_RANGE))
+            continue
+        sock.sendall(d.BLOCK.pack(offset, length, 0))
+        if sender == "sendfile":
+            n = native.sendfile(sock.fileno(), fd, offset, length)
+            digest_value = xxhash.xxh3_64_intdigest(os.pread(fd, length, offset)) if flags & d.FLAG_DIGEST else 0
+        else:
+            n = native.read_send(fd, sock.fileno(), offset, length, view)
+            digest_value = xxhash.xxh3_64_intdigest(view[:length]) if flags & d.FLAG_DIGEST else 0
+        if n != length:
+            raise TransferError(errno.EIO, f"source file shrank while sending (got {n} of {length} bytes)")
+        sock.sendall(d.DIGEST.pack(digest_value))
+        sent += n
+
+
+class BlockQueue:
+    """Blocks still to fetch, shared by the stream threads of one transfer."""
+
+    def __init__(self, todo: list[int]) -> None:
+        self._todo = list(reversed(todo))
+        self._lock = threading.Lock()
+        self.retries: dict[int, int] = {}
+
+    def take(self) -> int | None:
+        with self._lock:
+            return self._todo.pop() if self._todo else None
+
+    def put_back(self, index: int) -> int:
+        with self._lock:
+            self._todo.append(index)
+            self.retries[index] = self.retries.get(index, 0) + 1
+            return self.retries[index]
+
+
+# --- one transfer on the destination ---------------------------------------------------------------
+class Transfer:
+    def __init__(self, rec: Record, cap: m.Capability, root: ExportRoot, block_size: int, verify: bool) -> None:
+        self.rec = rec
+        self.cap = cap
+        self.root = root
+        self.block_size = block_size
+        self.verify = verify
+        self.ticket = secrets.token_bytes(24)
+        self.part, self.restart, self.journal = part_paths(rec.path)
+        self.nblocks = (cap.size + block_size - 1) // block_size
+        self.digests: list[int | None] = [None] * self.nblocks
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        self.cancelled = False
+        self.changed = trio.Event()
+        self.finished = trio.Event()
+        self.push_sockets: trio.MemorySendChannel[socket.socket] | None = None
+        self.push_receive: trio.MemoryReceiveChannel[socket.socket] | None = None
+        self.part_fd = -1
+        self.journal_fd = -1
+        self.cancel_scope: trio.CancelScope | None = None
+
+    def block_range(self, index: int) -> tuple[int, int]:
+        offset = index * self.block_size
+        return offset, min(self.block_size, self.cap.size - offset)
+
+    def block_done(self, index: int, digest: int) -> None:
+        with self.lock:
+            if self.digests[index] is not None:
+                return
+            self.digests[index] = digest
+            self.rec.bytes_done += self.block_range(index)[1]
+            os.write(self.journal_fd, d.JOURNAL.pack(index, digest))
+
+    def tree_digest(self) -> str:
+        h = xxhash.xxh3_128()
+        h.update(f"etfs-blocks:{self.block_size}:{self.cap.size}:".encode())
+        for dig in self.digests:
+            h.update((dig or 0).to_bytes(8, "big"))
+        return "xxh3-64-tree:" + h.hexdigest()
+
+    def fetch_stream(self, sock: socket.socket, queue: BlockQueue) -> None:
+        """Destination side of one data connection: request blocks, receive, verify, journal."""
+        buf = bytearray(self.block_size)
+        view = memoryview(buf)
+        flags = d.FLAG_DIGEST if self.verify else 0
+        inflight: list[int] = []
+        try:
+            while True:
+                while len(inflight) < PIPELINE and not self.cancelled:
+                    index = queue.take()
+                    if index is None:
+                        break
+                    offset, length = self.block_range(index)
+                    sock.sendall(d.REQUEST.pack(offset, length, flags))
+                    inflight.append(index)
+                if not inflight:
+                    break
+                index = inflight.pop(0)
+                offset, length = self.block_range(index)
+                got_off, got_len, status = d.BLOCK.unpack(_recv_exact(sock, d.BLOCK.size))
+                if status or got_off != offset or got_len != length:
+                    raise TransferError(errno.EIO, f"source refused block at {offset} (status {status})")
+                native.recv_write(sock.fileno(), self.part_fd, offset, length, view)
+                (theirs,) = d.DIGEST.unpack(_recv_exact(sock, d.DIGEST.size))
+                if self.verify:
+                    ours = xxhash.xxh3_64_intdigest(view[:length])
+                    if ours != theirs:
+                        tries = queue.put_back(index)
+                        self.rec.bytes_resent += length
+                        log.warning(
+                            "transfer %s: digest mismatch in block %d (offset %d), re-fetching (try %d)",
+                            self.rec.id,
+                            index,
+                            offset,
+                            tries,
+                        )
+                        if tries > MAX_BLOCK_RETRIES:
+                            raise TransferError(errno.EIO, f"block at offset {offset} failed verification {tries} times")
+                        continue
+                else:
+                    ours = theirs
+                self.block_done(index, ours)
+            sock.sendall(d.REQUEST.pack(0, 0, d.FLAG_DONE))
+        finally:
+            for index in inflight:
+                queue.put_back(index)
+
+
 class TransferService:
-    def __init__(self, config: Any, roots: Any, threads: Any) -> None:
-        pass
+    """All transfer state of one server: offers (source role) and transfers (destination role)."""
+
+    def __init__(self, config: ServerConfig, roots: dict[str, ExportRoot], threads: trio.CapacityLimiter) -> None:
+        self.config = config
+        self.roots = roots
+        self.signer = Signer.load(config.state_dir)
+        self.store = RecordStore(config.state_dir)
+        self.records: dict[str, Record] = {r.id: r for r in self.store.load_all()}
+        self.active: dict[str, Transfer] = {}
+        self.slots = trio.Semaphore(config.max_transfers)
+        self.data_threads = trio.CapacityLimiter(config.max_transfers * config.max_streams * 2 + 8)
+        self.data_port = 0
+        self._nursery: trio.Nursery | None = None
+        # Records left "running" by a crash are failed, resumable ones keep their part files.
+        for rec in self.records.values():
+            if rec.state not in TERMINAL:
+                rec.state, rec.reason, rec.errno = "failed", "server restarted during the transfer", errno.EINTR
+                rec.finished = time.time()
+                self.store.save(rec)
+
     async def start(self, nursery: trio.Nursery, data_port: int) -> None:
-        pass
-    def handles(self, req: m.Request) -> bool:
-        return False
-    async def dispatch(self, session: Any, req: m.Request) -> Any:
-        raise NotImplementedError
-    async def handle_data_connection(self, stream: trio.SocketStream) -> None:
-        await stream.aclose()
+        self._nursery = nursery
+        self.data_port = data_port
+
     async def shutdown(self) -> None:
-        pass
+        for t in list(self.active.values()):
+            self._cancel(t, "server shutting down", errno.EINTR)
+
+    _OPS: tuple[type[m.Request], ...] = (
+        m.TransferOffer,
+        m.TransferStart,
+        m.TransferPush,
+        m.TransferWait,
+        m.TransferCancel,
+        m.TransferList,
+        m.LocalCopy,
+    )
+
+    def handles(self, req: m.Request) -> bool:
+        return isinstance(req, self._OPS)
+
+    async def dispatch(self, session: Session, req: m.Request) -> Any:
+        handler: Callable[[Session, Any], Any] = getattr(self, "op_" + type(req).__name__.lower())
+        return await handler(session, req)
+
+    def _export_name(self, session: Session) -> str:
+        return next(n for n, r in self.roots.items() if r is session.root)
+
+    # --- source role ------------------------------------------------------------------------------
+    async def op_transferoffer(self, session: Session, req: m.TransferOffer) -> m.Capability:
+        path = session.check(req.path, Right.TRANSFER_OUT)
+
+        def look() -> os.stat_result:
+            with session.root.opened(path, os.O_RDONLY | os.O_NOFOLLOW) as fd:
+                return os.fstat(fd)
+
+        s = await trio.to_thread.run_sync(look)
+        if not st.S_ISREG(s.st_mode):
+            raise TransferError(errno.EISDIR if st.S_ISDIR(s.st_mode) else errno.EINVAL, f"{path} is not a regular file")
+        ttl = max(1.0, min(req.ttl, self.config.capability_ttl))
+        body = CapabilityBody(
+            transfer_id=secrets.token_hex(8),
+            export=self._export_name(session),
+            path=path,
+            size=s.st_size,
+            mtime_ns=s.st_mtime_ns,
+            ino=s.st_ino,
+            expires=time.time() + ttl,
+        )
+        log.info("capability %s issued to %s for %s (%d bytes)", body.transfer_id, session.user, path, s.st_size)
+        return m.Capability(
+            token=self.signer.sign(body),
+            transfer_id=body.transfer_id,
+            path=path,
+            size=s.st_size,
+            mtime_ns=s.st_mtime_ns,
+            data_host=self.config.advertise_host,
+            data_port=self.data_port,
+            expires=body.expires,
+        )
+
+    def _open_source(self, token: bytes) -> tuple[CapabilityBody, int]:
+        body = self.signer.check(token)
+        root = self.roots.get(body.export)
+        if root is None:
+            raise TransferError(errno.ENOENT, f"capability names unknown export {body.export!r}")
+        fd = root.open(body.path, os.O_RDONLY | os.O_NOFOLLOW)
+        s = os.fstat(fd)
+        if (s.st_ino, s.st_size, s.st_mtime_ns) != (body.ino, body.size, body.mtime_ns):
+            os.close(fd)
+            raise TransferError(errno.ESTALE, f"source {body.path} changed since the capability was issued")
+        return body, fd
+
+    def _serve_source(self, sock: socket.socket, body: CapabilityBody, fd: int) -> None:
+        try:
+            sock.sendall(d.encode(d.DataReady(size=body.size, mtime_ns=body.mtime_ns)))
+            sent = serve_blocks(sock, fd, body.size, self.config.sender, d.MAX_BLOCK)
+            log.debug("transfer %s: stream served %d bytes of %s", body.transfer_id, sent, body.path)
+        finally:
+            os.close(fd)
+
+    async def op_transferpush(self, session: Session, req: m.TransferPush) -> None:
+        body, fd = await trio.to_thread.run_sync(self._open_source, req.capability.token)
+        os.close(fd)
+        streams = max(1, min(req.streams, self.config.max_streams))
+        assert self._nursery is not None
+
+        def connect_one(stream: int) -> None:
+            body, fd = self._open_source(req.capability.token)
+            try:
+                sock = socket.create_connection((req.host, req.port), timeout=CONNECT_TIMEOUT)
+            except OSError:
+                os.close(fd)
+                raise
+            with sock:
+                _set_timeouts(sock, DATA_TIMEOUT)
+                sock.settimeout(None)
+                _set_timeouts(sock, DATA_TIMEOUT)
+                sock.sendall(d.encode(d.DataHello(kind="push", token=req.ticket, transfer_id=body.transfer_id, stream=stream)))
+                self._serve_source(sock, body, fd)
+
+        async def run_one(stream: int) -> None:
+            try:
+                await trio.to_thread.run_sync(connect_one, stream, limiter=self.data_threads)
+            except OSError as exc:
+                log.warning("push of %s, stream %d: %s", body.path, stream, exc)
+
+        for i in range(streams):
+            self._nursery.start_soon(run_one, i)
+
+    async def handle_data_connection(self, stream: trio.SocketStream) -> None:
+        """A data connection arrived: a pull (we are the source) or a push (we are the destination)."""
+        tsock = stream.socket
+        sock = socket.socket(fileno=tsock.detach())
+        sock.setblocking(True)
+        peer = "?"
+        try:
+            peer = "%s:%d" % sock.getpeername()[:2]
+            await trio.to_thread.run_sync(self._data_connection, sock, limiter=self.data_threads, abandon_on_cancel=True)
+        except (OSError, msgspec.MsgspecError) as exc:
+            log.warning("data connection from %s: %s", peer, exc)
+        finally:
+            sock.close()
+
+    def _data_connection(self, sock: socket.socket) -> None:
+        _set_timeouts(sock, 10.0)  # the hello must come quickly
+        hello = d.decode_hello(_recv_frame(sock))
+        _set_timeouts(sock, DATA_TIMEOUT)
+        if hello.kind == "pull":
+            try:
+                body, fd = self._open_source(hello.token)
+            except OSError as exc:
+                sock.sendall(d.encode(d.DataError(errno=exc.errno or errno.EIO, message=exc.strerror or str(exc))))
+                raise
+            self._serve_source(sock, body, fd)
+            return
+        transfer = self.active.get(hello.transfer_id)
+        if transfer is None or not hmac.compare_digest(transfer.ticket, hello.token) or transfer.push_sockets is None:
+            raise TransferError(errno.EACCES, "push refused: unknown transfer or wrong ticket")
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        trio.from_thread.run_sync(transfer.push_sockets.send_nowait, dup)
+
+    # --- destination role -------------------------------------------------------------------------
+    async def op_transferstart(self, session: Session, req: m.TransferStart) -> m.TransferStarted:
+        path = session.check(req.path, Right.TRANSFER_IN)
+        session.check(path, Right.WRITE)
+        cap = req.capability
+        block_size = req.block_size or self.config.block_size
+        block_size = max(64 * 1024, min(block_size, d.MAX_BLOCK))
+        tid = req.transfer_id or cap.transfer_id
+        export = self._export_name(session)
+        rec = Record(
+            id=tid,
+            source=f"{req.source_name}:{cap.path}",
+            destination=f"{self.config.name}:{path}",
+            export=export,
+            path=path,
+            bytes_total=cap.size,
+            streams=max(1, min(req.streams, self.config.max_streams)),
+            direction=req.direction,
+            mode=req.mode,
+        )
+        if tid in self.active:
+            raise TransferError(errno.EBUSY, f"transfer {tid} is already running")
+        t = Transfer(rec, cap, session.root, block_size, req.verify)
+        resumed = await trio.to_thread.run_sync(self._prepare, t, req)
+        if rec.state == "skipped":
+            self._finish(t)
+            return m.TransferStarted(tid, b"", "", 0, True, 0)
+        if req.direction == "push":
+            t.push_sockets, t.push_receive = trio.open_memory_channel[socket.socket](rec.streams)
+        self.records[tid] = rec
+        self.active[tid] = t
+        self.store.save(rec)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run, t, req)
+        # The transfer belongs to the connection that ordered it: if that client vanishes, stop
+        # (the part file and journal stay, so running the same copy again resumes).
+        session.on_close.append(lambda: self._cancel(t, "the client that started it disconnected", errno.ECONNABORTED))
+        return m.TransferStarted(tid, t.ticket if req.direction == "push" else b"", self.config.advertise_host, self.data_port, False, resumed)
+
+    def _prepare(self, t: Transfer, req: m.TransferStart) -> int:
+        """Check the mode, set up part file and journal; returns bytes already present (resume)."""
+        root, path, cap, rec = t.root, t.rec.path, t.cap, t.rec
+        try:
+            existing: os.stat_result | None = root.lstat(path)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None:
+            if st.S_ISDIR(existing.st_mode):
+                raise TransferError(errno.EISDIR, f"destination {path} is a directory")
+            if req.mode == "new":
+                raise TransferError(errno.EEXIST, f"destination {path} exists (mode new)")
+            if req.mode == "skip-existing" and existing.st_size == cap.size and existing.st_mtime_ns == cap.mtime_ns:
+                rec.state, rec.reason = "skipped", "destination has the same size and modification time"
+                rec.bytes_done = cap.size
+                return cap.size
+        identity = RestartRecord(rec.source.split(":", 1)[0], cap.path, cap.size, cap.mtime_ns, t.block_size, rec.id)
+        present = 0
+        if req.mode in ("resume", "overwrite", "skip-existing"):
+            present = self._try_resume(t, identity) if req.mode != "new" else 0
+        if not present:
+            self._remove_quietly(t.journal)
+            t.part_fd = root.open(t.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            vfs = os.fstatvfs(t.part_fd)
+            if vfs.f_bavail * vfs.f_frsize < cap.size:
+                os.close(t.part_fd)
+                self._remove_quietly(t.part)
+                raise TransferError(errno.ENOSPC, f"not enough space for {cap.size} bytes at {path}")
+            t.journal_fd = root.open(t.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+            self._write_file(root, t.restart, msgspec.json.encode(identity))
+        rec.bytes_done = present
+        return present
+
+    def _try_resume(self, t: Transfer, identity: RestartRecord) -> int:
+        root = t.root
+        try:
+            with root.opened(t.restart, os.O_RDONLY | os.O_NOFOLLOW) as fd:
+                old = msgspec.json.decode(os.read(fd, 65536), type=RestartRecord)
+            if (old.source, old.source_path, old.size, old.mtime_ns) != (
+                identity.source,
+                identity.source_path,
+                identity.size,
+                identity.mtime_ns,
+            ):
+                return 0
+            t.block_size = old.block_size
+            t.nblocks = (t.cap.size + t.block_size - 1) // t.block_size
+            t.digests = [None] * t.nblocks
+            with root.opened(t.journal, os.O_RDONLY | os.O_NOFOLLOW) as fd:
+                raw = b""
+                while chunk := os.read(fd, 1 << 20):
+                    raw += chunk
+            t.part_fd = root.open(t.part, os.O_RDWR | os.O_NOFOLLOW)
+        except (OSError, msgspec.MsgspecError):
+            return 0
+        present = 0
+        for i in range(len(raw) // JOURNAL_ENTRY):
+            index, digest = d.JOURNAL.unpack_from(raw, i * JOURNAL_ENTRY)
+            if index < t.nblocks and t.digests[index] is None:
+                t.digests[index] = digest
+                present += t.block_range(index)[1]
+        t.journal_fd = root.open(t.journal, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        log.info("transfer %s: resuming with %d of %d bytes already present", t.rec.id, present, t.cap.size)
+        return present
+
+    @staticmethod
+    def _write_file(root: ExportRoot, path: str, data: bytes) -> None:
+        fd = root.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def _remove_quietly(self, path: str, root: ExportRoot | None = None) -> None:
+        for r in [root] if root else list(self.roots.values()):
+            try:
+                with r.parent(path) as (fd, name):
+                    os.unlink(name, dir_fd=fd)
+                return
+            except OSError:
+                continue
+
+    async def _run(self, t: Transfer, req: m.TransferStart) -> None:
+        rec = t.rec
+        try:
+            with trio.CancelScope() as scope:
+                t.cancel_scope = scope
+                async with self.slots:
+                    rec.state = "running"
+                    self._changed(t)
+                    await self._receive(t, req)
+                    rec.state = "verifying"
+                    self._changed(t)
+                    await trio.to_thread.run_sync(self._commit, t, req)
+                    rec.state = "done"
+            if scope.cancelled_caught and rec.state != "done":
+                rec.state = "failed"
+        except OSError as exc:
+            rec.state, rec.errno = "failed", exc.errno or errno.EIO
+            rec.reason = rec.reason or exc.strerror or str(exc)
+            if exc.errno == errno.ENOSPC:
+                self._cleanup_part(t)
+        except Exception as exc:
+            log.exception("transfer %s crashed", rec.id)
+            rec.state, rec.errno, rec.reason = "failed", errno.EIO, f"internal error: {exc!r}"
+        finally:
+            if rec.state == "failed":
+                log.warning("transfer %s %s -> %s failed: %s", rec.id, rec.source, rec.destination, rec.reason)
+            else:
+                log.info("transfer %s %s -> %s %s (%d bytes)", rec.id, rec.source, rec.destination, rec.state, rec.bytes_done)
+            self._finish(t)
+
+    def _finish(self, t: Transfer) -> None:
+        t.rec.finished = time.time()
+        for fd in (t.part_fd, t.journal_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        t.part_fd = t.journal_fd = -1
+        self.active.pop(t.rec.id, None)
+        self.records[t.rec.id] = t.rec
+        self.store.save(t.rec)
+        t.finished.set()
+        self._changed(t)
+
+    def _cleanup_part(self, t: Transfer) -> None:
+        for p in (t.part, t.restart, t.journal):
+            self._remove_quietly(p, t.root)
+
+    def _changed(self, t: Transfer) -> None:
+        t.changed.set()
+        t.changed = trio.Event()
+
+    async def _receive(self, t: Transfer, req: m.TransferStart) -> None:
+        todo = [i for i in range(t.nblocks) if t.digests[i] is None]
+        if not todo:
+            return
+        queue = BlockQueue(todo)
+        nstreams = min(t.rec.streams, len(todo))
+        errors: list[OSError] = []
+
+        async def one_stream(i: int) -> None:
+            try:
+                if req.direction == "push":
+                    assert t.push_receive is not None
+                    with trio.fail_after(CONNECT_TIMEOUT * 2):
+                        sock = await t.push_receive.receive()
+                else:
+                    sock = await trio.to_thread.run_sync(self._connect_source, t, req, i, limiter=self.data_threads)
+                t.sockets.append(sock)
+                try:
+                    await trio.to_thread.run_sync(t.fetch_stream, sock, queue, limiter=self.data_threads)
+                finally:
+                    sock.close()
+            except trio.TooSlowError:
+                errors.append(TransferError(errno.ETIMEDOUT, "the source did not connect to push its data"))
+            except OSError as exc:
+                errors.append(exc)
+                if not t.cancelled:
+                    log.warning("transfer %s stream %d: %s", t.rec.id, i, exc)
+
+        progress_task_done = trio.Event()
+
+        async def progress() -> None:
+            while not progress_task_done.is_set():
+                with trio.move_on_after(0.25):
+                    await progress_task_done.wait()
+                self._changed(t)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(progress)
+            async with trio.open_nursery() as streams:
+                for i in range(nstreams):
+                    streams.start_soon(one_stream, i)
+            progress_task_done.set()
+        missing = [i for i in range(t.nblocks) if t.digests[i] is None]
+        if missing:
+            if t.cancelled:
+                raise TransferError(t.rec.errno or errno.EINTR, t.rec.reason or "cancelled")
+            first = errors[0] if errors else TransferError(errno.EIO, "streams ended early")
+            raise TransferError(first.errno or errno.EIO, f"{len(missing)} blocks missing: {first.strerror or first}")
+
+    def _connect_source(self, t: Transfer, req: m.TransferStart, stream: int) -> socket.socket:
+        cap = t.cap
+        try:
+            sock = socket.create_connection((cap.data_host, cap.data_port), timeout=CONNECT_TIMEOUT)
+        except OSError as exc:
+            raise TransferError(
+                exc.errno or errno.EHOSTUNREACH,
+                f"cannot connect to the source's data port {cap.data_host}:{cap.data_port}: {exc.strerror or exc}",
+            ) from None
+        try:
+            sock.settimeout(None)
+            _set_timeouts(sock, DATA_TIMEOUT)
+            sock.sendall(d.encode(d.DataHello(kind="pull", token=cap.token, transfer_id=cap.transfer_id, stream=stream)))
+            reply = d.decode_reply(_recv_frame(sock))
+            if isinstance(reply, d.DataError):
+                raise TransferError(reply.errno, f"source refused: {reply.message}")
+            if reply.size != cap.size:
+                raise TransferError(errno.ESTALE, "source size changed")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _commit(self, t: Transfer, req: m.TransferStart) -> None:
+        """All blocks are in: make the part file durable, label it, and put it in place."""
+        rec, root = t.rec, t.root
+        os.ftruncate(t.part_fd, t.cap.size)
+        os.fdatasync(t.part_fd)
+        rec.digest = t.tree_digest()
+        proc = f"/proc/self/fd/{t.part_fd}"
+        try:
+            os.setxattr(proc, "user.etfs.digest", rec.digest.encode())
+            os.setxattr(proc, "user.etfs.transfer_id", rec.id.encode())
+            os.setxattr(proc, "user.etfs.source", rec.source.encode())
+        except OSError as exc:
+            log.info("transfer %s: cannot set user.etfs.* xattrs: %s", rec.id, exc)
+        os.fchmod(t.part_fd, 0o644)
+        if req.mode == "skip-existing" or req.preserve_times:
+            os.utime(proc, ns=(t.cap.mtime_ns, t.cap.mtime_ns))
+        with root.parent(t.part) as (pfd, pname), root.parent(rec.path) as (dfd, dname):
+            if req.mode == "new":
+                # link() never replaces: an atomic "rename unless the name exists" for files.
+                os.link(pname, dname, src_dir_fd=pfd, dst_dir_fd=dfd, follow_symlinks=False)
+                os.unlink(pname, dir_fd=pfd)
+            else:
+                os.rename(pname, dname, src_dir_fd=pfd, dst_dir_fd=dfd)
+        for p in (t.restart, t.journal):
+            self._remove_quietly(p, root)
+
+    def _cancel(self, t: Transfer, reason: str, code: int) -> None:
+        if t.rec.state in TERMINAL or t.cancelled:
+            return
+        t.cancelled = True
+        t.rec.reason, t.rec.errno = reason, code
+        for sock in list(t.sockets):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if t.cancel_scope is not None:
+            t.cancel_scope.cancel()
+
+    async def op_transferwait(self, session: Session, req: m.TransferWait) -> m.TransferInfo:
+        t = self.active.get(req.transfer_id)
+        if t is not None:
+            with trio.move_on_after(max(0.0, min(req.timeout, 30.0))):
+                await t.changed.wait()
+            return t.rec.info()
+        rec = self.records.get(req.transfer_id)
+        if rec is None:
+            raise TransferError(errno.ENOENT, f"no transfer {req.transfer_id}")
+        return rec.info()
+
+    async def op_transfercancel(self, session: Session, req: m.TransferCancel) -> m.TransferInfo:
+        t = self.active.get(req.transfer_id)
+        if t is None:
+            rec = self.records.get(req.transfer_id)
+            if rec is None:
+                raise TransferError(errno.ENOENT, f"no transfer {req.transfer_id}")
+            return rec.info()
+        self._cancel(t, req.reason, errno.EINTR)
+        with trio.move_on_after(5):
+            await t.finished.wait()
+        return t.rec.info()
+
+    async def op_transferlist(self, session: Session, req: m.TransferList) -> list[m.TransferInfo]:
+        return [r.info() for r in self.records.values()]
+
+    async def op_localcopy(self, session: Session, req: m.LocalCopy) -> m.TransferInfo:
+        """Same-server copy: the server's own copy_file_range into a part file, then rename."""
+        src = session.check(req.src, Right.READ)
+        dst = session.check(req.dst, Right.WRITE)
+
+        def copy() -> m.TransferInfo:
+            root = session.root
+            tid = secrets.token_hex(8)
+            rec = Record(tid, f"{self.config.name}:{src}", f"{self.config.name}:{dst}", self._export_name(session), dst)
+            rec.mode, rec.direction, rec.state = req.mode, "local", "running"
+            part, _, _ = part_paths(dst)
+            with root.opened(src, os.O_RDONLY | os.O_NOFOLLOW) as sfd:
+                size = os.fstat(sfd).st_size
+                rec.bytes_total = size
+                if req.mode == "new":
+                    try:
+                        root.lstat(dst)
+                        raise TransferError(errno.EEXIST, f"destination {dst} exists (mode new)")
+                    except FileNotFoundError:
+                        pass
+                dfd = root.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+                try:
+                    pos = 0
+                    while pos < size:
+                        n = os.copy_file_range(sfd, dfd, size - pos, pos, pos)
+                        if n == 0:
+                            break
+                        pos += n
+                    os.fdatasync(dfd)
+                    rec.bytes_done = pos
+                except BaseException:
+                    os.close(dfd)
+                    self._remove_quietly(part, root)
+                    raise
+                os.close(dfd)
+            with root.parent(part) as (pfd, pname), root.parent(dst) as (dfd2, dname):
+                os.rename(pname, dname, src_dir_fd=pfd, dst_dir_fd=dfd2)
+            rec.state, rec.finished = "done", time.time()
+            self.records[tid] = rec
+            self.store.save(rec)
+            return rec.info()
+
+        return await trio.to_thread.run_sync(copy, limiter=self.data_threads)
+
+
+def normalize_path(path: str) -> str:
+    return normalize(path)

@@ -138,6 +138,7 @@ class TransferInfo(msgspec.Struct, frozen=True):
     mode: str
     digest: str
     reason: str
+    errno: int
     started: float
     finished: float
 
@@ -298,6 +299,7 @@ class TransferStart(Request, frozen=True):
     verify: bool = True
     block_size: int = 0
     transfer_id: str = ""
+    preserve_times: bool = False
 
 
 class TransferStarted(msgspec.Struct, frozen=True):
