@@ -102,6 +102,9 @@ class EtfsServer:
             await _try_send(ms, m.Err(0, errno.EPROTO, f"protocol error: {exc}"))
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
             log.info("%s: connection lost: %s", peer, exc)
+        except Exception:
+            # Never let one connection's bug escape into serve_listeners and stop the server.
+            log.exception("%s: internal error on the control connection", peer)
         finally:
             if session is not None:
                 for callback in session.on_close:
@@ -147,22 +150,31 @@ class EtfsServer:
 
     async def _serve_requests(self, ms: MessageStream, session: Session, peer: str) -> None:
         limit = trio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
+        # An exception leaving the nursery body would come out wrapped in an ExceptionGroup
+        # (strict exception groups) that `_handle_control` does not catch, so one bad client
+        # would take the whole server down: carry it out of the nursery by hand instead.
+        failure: BaseException | None = None
         async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    msg = await ms.receive()
-                except RemoteProtocolError as exc:
-                    if exc.fatal:
-                        raise
-                    log.warning("%s: bad request: %s", peer, exc)
-                    await ms.send(m.Err(exc.request_id, errno.EPROTO, f"protocol error: {exc}"))
-                    continue
-                if msg is None:
-                    break
-                assert isinstance(msg, m.Request)
-                await limit.acquire()
-                nursery.start_soon(self._answer, ms, session, msg, limit)
+            try:
+                while True:
+                    try:
+                        msg = await ms.receive()
+                    except RemoteProtocolError as exc:
+                        if exc.fatal:
+                            raise
+                        log.warning("%s: bad request: %s", peer, exc)
+                        await ms.send(m.Err(exc.request_id, errno.EPROTO, f"protocol error: {exc}"))
+                        continue
+                    if msg is None:
+                        break
+                    assert isinstance(msg, m.Request)
+                    await limit.acquire()
+                    nursery.start_soon(self._answer, ms, session, msg, limit)
+            except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                failure = exc
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _answer(self, ms: MessageStream, session: Session, req: m.Request, limit: trio.Semaphore) -> None:
         try:
@@ -183,10 +195,10 @@ class EtfsServer:
             limit.release()
 
 
-async def _try_send(ms: MessageStream, msg: m.Message) -> None:
+async def _try_send(ms: MessageStream, msg: m.Err) -> None:
     try:
         with trio.move_on_after(1):
-            await ms.send(msg)
+            await ms.send_farewell(msg)
     except Exception:
         pass
 

@@ -116,16 +116,23 @@ class ServerClient:
         last: OSError = OSError(errno.EHOSTDOWN, "no address")
         for host, port in ep.addresses:
             stream: trio.abc.Stream
+            sock_stream: trio.SocketStream | None = None
             try:
-                with trio.fail_after(ep.connect_timeout):
-                    sock_stream = await trio.open_tcp_stream(host, port)
-                    stream = sock_stream
-                    if ep.ssl_context is not None:
-                        ssl_stream = trio.SSLStream(sock_stream, ep.ssl_context, server_hostname=ep.server_hostname or host)
-                        await ssl_stream.do_handshake()
-                        stream = ssl_stream
-                    ms = MessageStream(stream, Role.CLIENT)
-                    welcome = await self._handshake(ms)
+                try:
+                    with trio.fail_after(ep.connect_timeout):
+                        sock_stream = await trio.open_tcp_stream(host, port)
+                        stream = sock_stream
+                        if ep.ssl_context is not None:
+                            ssl_stream = trio.SSLStream(sock_stream, ep.ssl_context, server_hostname=ep.server_hostname or host)
+                            await ssl_stream.do_handshake()
+                            stream = ssl_stream
+                        ms = MessageStream(stream, Role.CLIENT)
+                        welcome = await self._handshake(ms)
+                except BaseException:
+                    # A failed handshake (wrong key, TLS error, timeout...) must not leak the socket.
+                    if sock_stream is not None:
+                        sock_stream.socket.close()
+                    raise
             except trio.TooSlowError:
                 last = OSError(errno.ETIMEDOUT, f"connecting to {host}:{port} timed out")
                 continue

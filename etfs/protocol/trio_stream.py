@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from . import messages as m
-from .connection import NEED_DATA, Connection, Role
+from .connection import NEED_DATA, Connection, Role, encode_frame
 
 RECEIVE_CHUNK = 1024 * 1024
 
@@ -20,6 +20,13 @@ class MessageStream:
 
     async def send(self, msg: m.Message) -> None:
         data = self.conn.send(msg)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def send_farewell(self, msg: m.Err) -> None:
+        """Send a final `Err` even when the state machine already considers the connection dead
+        (after a fatal framing error the peer should still learn why it is being dropped)."""
+        data = encode_frame(msg)
         async with self._send_lock:
             await self.stream.send_all(data)
 
