@@ -715,6 +715,11 @@ class TransferService:
                     assert t.push_receive is not None
                     with trio.fail_after(CONNECT_TIMEOUT * 2):
                         sock = await t.push_receive.receive()
+                    try:
+                        await trio.to_thread.run_sync(self._expect_ready, t, sock, limiter=self.data_threads)
+                    except BaseException:
+                        sock.close()
+                        raise
                 else:
                     sock = await trio.to_thread.run_sync(self._connect_source, t, req, i, limiter=self.data_threads)
                 t.sockets.append(sock)
@@ -763,15 +768,20 @@ class TransferService:
             sock.settimeout(None)
             _set_timeouts(sock, DATA_TIMEOUT)
             sock.sendall(d.encode(d.DataHello(kind="pull", token=cap.token, transfer_id=cap.transfer_id, stream=stream)))
-            reply = d.decode_reply(_recv_frame(sock))
-            if isinstance(reply, d.DataError):
-                raise TransferError(reply.errno, f"source refused: {reply.message}")
-            if reply.size != cap.size:
-                raise TransferError(errno.ESTALE, "source size changed")
+            self._expect_ready(t, sock)
         except BaseException:
             sock.close()
             raise
         return sock
+
+    @staticmethod
+    def _expect_ready(t: Transfer, sock: socket.socket) -> None:
+        """The source's answer to a data hello (it comes first in both directions)."""
+        reply = d.decode_reply(_recv_frame(sock))
+        if isinstance(reply, d.DataError):
+            raise TransferError(reply.errno, f"source refused: {reply.message}")
+        if reply.size != t.cap.size:
+            raise TransferError(errno.ESTALE, "source size changed")
 
     def _commit(self, t: Transfer, req: m.TransferStart) -> None:
         """All blocks are in: make the part file durable, label it, and put it in place."""

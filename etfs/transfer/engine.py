@@ -1,0 +1,368 @@
+"""The transfer engine the mount daemon drives: one entry point, `TransferEngine.copy`.
+
+Between two servers it orders a server-to-server transfer (capability from the
+source, receive order to the destination, push order to the source when the pair
+is configured to push) and follows it to the end; no data byte passes through the
+client.  On one server it asks for a server-side copy.  When the servers cannot
+reach each other and the pair's `third_party` policy is `auto` (or always, with
+`never`), it relays the bytes through the client instead, into a hidden part file
+renamed into place at the end, and counts them in `bytes_via_client`.
+
+Every copy is a `ClientTransfer` in `TransferEngine.transfers`, which `etfs status`
+shows.  Cancelling the calling task (Ctrl-C on `cp`, unmount) cancels the transfer
+on the servers.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgspec
+import trio
+import xxhash
+
+from etfs.client import ConnectionLost, Pool, RemoteError, ServerClient
+from etfs.config import ClientConfig, TransferDefaults
+from etfs.protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+TERMINAL = ("done", "failed", "skipped", "cancelled")
+RELAY_BLOCK = 1024 * 1024
+RELAY_INFLIGHT = 8
+MAX_RETRIES = 3
+KEEP_FINISHED = 500
+# Failures that mean "the two servers cannot reach each other" (policy auto -> relay).
+UNREACHABLE = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.ECONNABORTED)
+
+
+class TransferFailed(OSError):
+    """A copy failed; ``errno`` and ``strerror`` say why (also kept in the transfer record)."""
+
+
+@dataclass
+class ClientTransfer:
+    """One copy as the client sees it (what `etfs status` lists)."""
+
+    id: str
+    source: str
+    destination: str
+    kind: str = "third-party"  # third-party | local | relay
+    state: str = "starting"
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_via_client: int = 0
+    bytes_resent: int = 0
+    streams: int = 0
+    direction: str = ""
+    mode: str = ""
+    digest: str = ""
+    reason: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+    server_transfer_id: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def part_name(path: str) -> str:
+    parent, _, name = path.rpartition("/")
+    return f"{parent}/.{name}.etfs-part"
+
+
+class TransferEngine:
+    def __init__(self, pool: Pool, config: ClientConfig) -> None:
+        self.pool = pool
+        self.config = config
+        self.transfers: dict[str, ClientTransfer] = {}
+        self._ids = itertools.count(1)
+        self.changed = trio.Event()
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+    def _new(self, source: str, destination: str, **kw: Any) -> ClientTransfer:
+        tid = f"c{os.getpid()}-{next(self._ids)}"
+        t = ClientTransfer(id=tid, source=source, destination=destination, **kw)
+        self.transfers[tid] = t
+        finished = [x for x in self.transfers.values() if x.state in TERMINAL]
+        for old in sorted(finished, key=lambda x: x.finished)[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self.transfers[old.id]
+        self._notify()
+        return t
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _end(self, t: ClientTransfer, state: str, reason: str = "") -> None:
+        t.state, t.finished = state, time.time()
+        if reason:
+            t.reason = reason
+        self._notify()
+
+    def _data_host(self, server: str, client: ServerClient, advertised: str, connected: tuple[str, int]) -> str:
+        """Where *other servers* reach ``server``: its own advertisement, the config, or our address."""
+        if advertised:
+            return advertised
+        peer = self.config.servers[server].peer_address
+        return peer[0] if peer else connected[0]
+
+    # --- entry point ------------------------------------------------------------------------------
+    async def copy(
+        self,
+        src_server: str,
+        src_path: str,
+        dst_server: str,
+        dst_path: str,
+        *,
+        mode: str = "overwrite",
+        streams: int | None = None,
+        direction: str | None = None,
+        verify: bool | None = None,
+        preserve_times: bool = False,
+        policy: str | None = None,
+    ) -> ClientTransfer:
+        """Copy one file between (or within) servers; returns the finished record or raises `TransferFailed`."""
+        opts = self.config.transfer_for(src_server, dst_server)
+        opts = TransferDefaults(
+            streams=streams or opts.streams,
+            direction=direction or opts.direction,
+            third_party=policy or opts.third_party,
+            verify=opts.verify if verify is None else verify,
+            block_size=opts.block_size,
+        )
+        source, destination = f"{src_server}:{src_path}", f"{dst_server}:{dst_path}"
+        if src_server == dst_server:
+            t = self._new(source, destination, kind="local", mode=mode, streams=0, direction="local")
+            return await self._guard(t, self._local(t, src_server, src_path, dst_path, mode))
+        if opts.third_party == "never":
+            t = self._new(source, destination, kind="relay", mode=mode, direction="client")
+            return await self._guard(t, self._relay(t, src_server, src_path, dst_server, dst_path, mode, opts))
+        t = self._new(source, destination, mode=mode, streams=opts.streams, direction=opts.direction)
+        try:
+            return await self._guard(
+                t, self._third_party(t, src_server, src_path, dst_server, dst_path, mode, opts, preserve_times)
+            )
+        except TransferFailed as exc:
+            if opts.third_party == "auto" and exc.errno in UNREACHABLE and t.bytes_done == 0:
+                log.warning("%s -> %s: servers cannot reach each other (%s); copying through the client", source, destination, exc.strerror)
+                t.reason = f"fell back to a copy through the client: {exc.strerror}"
+                r = self._new(source, destination, kind="relay", mode=mode, direction="client")
+                return await self._guard(r, self._relay(r, src_server, src_path, dst_server, dst_path, mode, opts))
+            raise
+
+    async def _guard(self, t: ClientTransfer, work: Any) -> ClientTransfer:
+        """Run one copy coroutine; turn every outcome into a final state on the record."""
+        try:
+            await work
+        except trio.Cancelled:
+            self._end(t, "cancelled", "cancelled by the client")
+            raise
+        except TransferFailed as exc:
+            self._end(t, "failed", exc.strerror or str(exc))
+            raise
+        except OSError as exc:
+            self._end(t, "failed", exc.strerror or str(exc))
+            raise TransferFailed(exc.errno or errno.EIO, exc.strerror or str(exc)) from None
+        if t.state not in TERMINAL:
+            self._end(t, "done")
+        return t
+
+    # --- kinds of copy ----------------------------------------------------------------------------
+    async def _local(self, t: ClientTransfer, server: str, src: str, dst: str, mode: str) -> None:
+        info = await self.pool[server].call(m.LocalCopy, m.TransferInfo, src=src, dst=dst, mode=mode)
+        t.server_transfer_id = info.id
+        t.bytes_total = t.bytes_done = info.bytes_done
+
+    async def _third_party(
+        self,
+        t: ClientTransfer,
+        src_server: str,
+        src_path: str,
+        dst_server: str,
+        dst_path: str,
+        mode: str,
+        opts: TransferDefaults,
+        preserve_times: bool,
+    ) -> None:
+        src, dst = self.pool[src_server], self.pool[dst_server]
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._third_party_once(t, src, dst, src_path, dst_path, mode, opts, preserve_times)
+                return
+            except ConnectionLost as exc:
+                # Our control connection broke; the destination stopped the transfer but kept
+                # its part file and journal, so ordering it again resumes.
+                if attempt >= MAX_RETRIES:
+                    raise TransferFailed(exc.errno or errno.EIO, f"lost the servers {attempt} times: {exc.strerror}") from None
+                log.warning("transfer %s: %s; resuming", t.id, exc.strerror)
+                mode = "resume" if mode != "new" or t.bytes_done else mode
+                await trio.sleep(min(2.0, 0.2 * 2**attempt))
+
+    async def _third_party_once(
+        self,
+        t: ClientTransfer,
+        src: ServerClient,
+        dst: ServerClient,
+        src_path: str,
+        dst_path: str,
+        mode: str,
+        opts: TransferDefaults,
+        preserve_times: bool,
+    ) -> None:
+        cap = await src.call(m.TransferOffer, m.Capability, path=src_path)
+        t.bytes_total = cap.size
+        host = self._data_host(src.name, src, cap.data_host, await src.peer())
+        cap = msgspec.structs.replace(cap, data_host=host)
+        started = await dst.call(
+            m.TransferStart,
+            m.TransferStarted,
+            capability=cap,
+            source_name=src.name,
+            path=dst_path,
+            mode=mode,
+            streams=opts.streams,
+            direction=opts.direction,
+            verify=opts.verify,
+            block_size=opts.block_size,
+            preserve_times=preserve_times,
+        )
+        t.server_transfer_id = started.transfer_id
+        if started.skipped:
+            t.bytes_done = cap.size
+            self._end(t, "skipped", "destination already has this file")
+            return
+        try:
+            if opts.direction == "push":
+                dhost = self._data_host(dst.name, dst, started.data_host, await dst.peer())
+                await src.call(
+                    m.TransferPush,
+                    None,
+                    capability=cap,
+                    ticket=started.ticket,
+                    host=dhost,
+                    port=started.data_port,
+                    streams=opts.streams,
+                )
+            while True:
+                info = await dst.call(m.TransferWait, m.TransferInfo, transfer_id=started.transfer_id, timeout=1.0)
+                t.state = info.state if info.state not in TERMINAL else t.state
+                t.bytes_done, t.bytes_resent, t.streams, t.digest = (
+                    info.bytes_done,
+                    info.bytes_resent,
+                    info.streams,
+                    info.digest,
+                )
+                self._notify()
+                if info.state == "done":
+                    return
+                if info.state == "failed":
+                    raise TransferFailed(info.errno or errno.EIO, info.reason or "transfer failed")
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                try:
+                    await dst.call(m.TransferCancel, None, transfer_id=started.transfer_id, reason="cancelled by the client")
+                except OSError:
+                    pass
+            raise
+
+    async def _relay(
+        self,
+        t: ClientTransfer,
+        src_server: str,
+        src_path: str,
+        dst_server: str,
+        dst_path: str,
+        mode: str,
+        opts: TransferDefaults,
+    ) -> None:
+        """Copy through the client: pipelined reads from the source, writes into a part file."""
+        src, dst = self.pool[src_server], self.pool[dst_server]
+        if mode in ("new", "skip-existing"):
+            try:
+                existing = await dst.call(m.Stat, m.Attr, path=dst_path)
+            except RemoteError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            else:
+                if mode == "new":
+                    raise TransferFailed(errno.EEXIST, f"destination {dst_path} exists (mode new)")
+                sattr = await src.call(m.Stat, m.Attr, path=src_path)
+                if (existing.size, existing.mtime_ns) == (sattr.size, sattr.mtime_ns):
+                    self._end(t, "skipped", "destination has the same size and modification time")
+                    return
+        sfile = await src.call(m.Open, m.Opened, path=src_path, flags=os.O_RDONLY)
+        size = sfile.attr.size
+        t.bytes_total = size
+        part = part_name(dst_path)
+        dfile = await dst.call(m.Create, m.Opened, path=part, mode=0o644, flags=os.O_WRONLY | os.O_TRUNC)
+        digest = xxhash.xxh3_128()
+        ok = False
+        try:
+            results: dict[int, bytes] = {}
+            ready = trio.Condition()
+            offsets = list(range(0, size, RELAY_BLOCK))
+            next_write = [0]  # readers stay at most RELAY_INFLIGHT blocks ahead of the writer
+
+            async def reader(offs: list[int]) -> None:
+                for off in offs:
+                    async with ready:
+                        while off >= next_write[0] + RELAY_INFLIGHT * RELAY_BLOCK:
+                            await ready.wait()
+                    data = await src.call(m.Read, bytes, handle=sfile.handle, offset=off, size=RELAY_BLOCK)
+                    if len(data) != min(RELAY_BLOCK, size - off):
+                        raise TransferFailed(errno.EIO, f"source {src_path} changed size during the copy")
+                    async with ready:
+                        results[off] = data
+                        ready.notify_all()
+
+            async def writer() -> None:
+                for off in offsets:
+                    async with ready:
+                        while off not in results:
+                            await ready.wait()
+                        data = results.pop(off)
+                        next_write[0] = off + RELAY_BLOCK
+                        ready.notify_all()
+                    if opts.verify:
+                        digest.update(data)
+                    await dst.call(m.Write, int, handle=dfile.handle, offset=off, data=data)
+                    t.bytes_done += len(data)
+                    t.bytes_via_client += len(data)
+                    self._notify()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                for k in range(RELAY_INFLIGHT):
+                    nursery.start_soon(reader, offsets[k::RELAY_INFLIGHT])
+            await dst.call(m.Fsync, None, handle=dfile.handle)
+            if opts.verify:
+                theirs = await dst.call(m.Checksum, str, path=part)
+                if theirs != digest.hexdigest():
+                    raise TransferFailed(errno.EIO, "verification failed: the destination's digest differs")
+                t.digest = "xxh3-128:" + theirs
+            await dst.call(m.Rename, None, old=part, new=dst_path, noreplace=mode == "new")
+            ok = True
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                for client, h in ((src, sfile.handle), (dst, dfile.handle)):
+                    try:
+                        await client.call(m.Close, None, handle=h)
+                    except OSError:
+                        pass
+                if not ok:
+                    try:
+                        await dst.call(m.Unlink, None, path=part)
+                    except OSError:
+                        pass
+
+    def status(self) -> list[dict[str, Any]]:
+        return [t.as_dict() for t in self.transfers.values()]
