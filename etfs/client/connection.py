@@ -139,7 +139,9 @@ class ServerClient:
             except RemoteError:
                 raise
             except (OSError, ssl.SSLError, trio.BrokenResourceError, ProtocolError) as exc:
-                last = OSError(getattr(exc, "errno", None) or errno.ECONNREFUSED, f"{host}:{port}: {exc}")
+                # trio.BrokenResourceError has no text of its own: the cause (an SSL error) says why.
+                detail = str(exc) or str(exc.__cause__ or "") or type(exc).__name__
+                last = OSError(getattr(exc, "errno", None) or errno.ECONNREFUSED, f"{host}:{port}: {detail}")
                 continue
             self._generation += 1
             log.debug("connected to %s at %s:%d (generation %d)", ep.name, host, port, self._generation)
