@@ -341,7 +341,9 @@ def load_client_config(path: str | Path) -> ClientConfig:
             raise s.error(f"{s.what}.key_file: cannot read {key_file}", "key_file")
         tls = None
         if (tf := s.mapping("tls")) is not None:
-            tls = TLSClientOptions(ca_file=tf.path("ca_file", None), server_hostname=tf.str("server_name", None))
+            tls = TLSClientOptions(
+                ca_file=tf.path("ca_file", None), server_hostname=tf.str("server_name", None)
+            )
             tf.done()
         sub = s.mapping("transfer")
         servers[name] = ServerEntry(
@@ -384,4 +386,3 @@ def load_client_config(path: str | Path) -> ClientConfig:
     )
     top.done()
     return cfg
-

@@ -73,7 +73,9 @@ def _rule(f: Fields) -> Rule:
             rights.add(Right(name))
         except ValueError:
             choices = ", ".join(r.value for r in Right)
-            raise f.error(f"{f.what}.rights: unknown right {name!r} (use {choices} or all)", "rights") from None
+            raise f.error(
+                f"{f.what}.rights: unknown right {name!r} (use {choices} or all)", "rights"
+            ) from None
     f.done()
     return Rule(who=who, prefix=prefix, rights=frozenset(rights))
 

@@ -46,7 +46,9 @@ def _quick_config(args: argparse.Namespace) -> ServerConfig:
     from etfs.protocol.auth import AuthKeyError, load_key
 
     if not args.export or not args.user:
-        raise ConfigError("command line", None, "give -c server.yaml, or at least one --export and one --user")
+        raise ConfigError(
+            "command line", None, "give -c server.yaml, or at least one --export and one --user"
+        )
     exports = {}
     for spec in args.export:
         name, sep, path = spec.partition("=")
@@ -63,7 +65,11 @@ def _quick_config(args: argparse.Namespace) -> ServerConfig:
         except AuthKeyError as exc:
             raise ConfigError("command line", None, str(exc)) from None
     listen = parse_address(args.listen or "127.0.0.1:7070", 7070)
-    data = parse_address(args.data_listen, listen[1] + 1) if args.data_listen else (listen[0], listen[1] + 1 if listen[1] else 0)
+    data = (
+        parse_address(args.data_listen, listen[1] + 1)
+        if args.data_listen
+        else (listen[0], listen[1] + 1 if listen[1] else 0)
+    )
     name = args.name or "etfs"
     return ServerConfig(
         name=name,

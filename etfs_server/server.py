@@ -176,7 +176,9 @@ class EtfsServer:
         if failure is not None:
             raise failure
 
-    async def _answer(self, ms: MessageStream, session: Session, req: m.Request, limit: trio.Semaphore) -> None:
+    async def _answer(
+        self, ms: MessageStream, session: Session, req: m.Request, limit: trio.Semaphore
+    ) -> None:
         try:
             try:
                 value: Any

@@ -100,7 +100,9 @@ class Signer:
 
     def check(self, token: bytes) -> CapabilityBody:
         raw, mac = token[:-32], token[-32:]
-        if len(token) < 33 or not hmac.compare_digest(mac, hmac.new(self.secret, raw, hashlib.sha256).digest()):
+        if len(token) < 33 or not hmac.compare_digest(
+            mac, hmac.new(self.secret, raw, hashlib.sha256).digest()
+        ):
             raise TransferError(errno.EACCES, "capability refused: not signed by this server")
         body = msgspec.msgpack.decode(raw, type=CapabilityBody)
         if body.expires < time.time():
@@ -245,7 +247,9 @@ def serve_blocks(sock: socket.socket, fd: int, size: int, sender: str, block_lim
         sock.sendall(d.BLOCK.pack(offset, length, 0))
         if sender == "sendfile":
             n = native.sendfile(sock.fileno(), fd, offset, length)
-            digest_value = xxhash.xxh3_64_intdigest(os.pread(fd, length, offset)) if flags & d.FLAG_DIGEST else 0
+            digest_value = (
+                xxhash.xxh3_64_intdigest(os.pread(fd, length, offset)) if flags & d.FLAG_DIGEST else 0
+            )
         else:
             n = native.read_send(fd, sock.fileno(), offset, length, view)
             digest_value = xxhash.xxh3_64_intdigest(view[:length]) if flags & d.FLAG_DIGEST else 0
@@ -276,7 +280,9 @@ class BlockQueue:
 
 # --- one transfer on the destination ---------------------------------------------------------------
 class Transfer:
-    def __init__(self, rec: Record, cap: m.Capability, root: ExportRoot, block_size: int, verify: bool) -> None:
+    def __init__(
+        self, rec: Record, cap: m.Capability, root: ExportRoot, block_size: int, verify: bool
+    ) -> None:
         self.rec = rec
         self.cap = cap
         self.root = root
@@ -353,7 +359,9 @@ class Transfer:
                             tries,
                         )
                         if tries > MAX_BLOCK_RETRIES:
-                            raise TransferError(errno.EIO, f"block at offset {offset} failed verification {tries} times")
+                            raise TransferError(
+                                errno.EIO, f"block at offset {offset} failed verification {tries} times"
+                            )
                         continue
                 else:
                     ours = theirs
@@ -367,7 +375,9 @@ class Transfer:
 class TransferService:
     """All transfer state of one server: offers (source role) and transfers (destination role)."""
 
-    def __init__(self, config: ServerConfig, roots: dict[str, ExportRoot], threads: trio.CapacityLimiter) -> None:
+    def __init__(
+        self, config: ServerConfig, roots: dict[str, ExportRoot], threads: trio.CapacityLimiter
+    ) -> None:
         self.config = config
         self.roots = roots
         self.signer = Signer.load(config.state_dir)
@@ -381,7 +391,11 @@ class TransferService:
         # Records left "running" by a crash are failed, resumable ones keep their part files.
         for rec in self.records.values():
             if rec.state not in TERMINAL:
-                rec.state, rec.reason, rec.errno = "failed", "server restarted during the transfer", errno.EINTR
+                rec.state, rec.reason, rec.errno = (
+                    "failed",
+                    "server restarted during the transfer",
+                    errno.EINTR,
+                )
                 rec.finished = time.time()
                 self.store.save(rec)
 
@@ -423,7 +437,9 @@ class TransferService:
 
         s = await trio.to_thread.run_sync(look)
         if not st.S_ISREG(s.st_mode):
-            raise TransferError(errno.EISDIR if st.S_ISDIR(s.st_mode) else errno.EINVAL, f"{path} is not a regular file")
+            raise TransferError(
+                errno.EISDIR if st.S_ISDIR(s.st_mode) else errno.EINVAL, f"{path} is not a regular file"
+            )
         ttl = max(1.0, min(req.ttl, self.config.capability_ttl))
         body = CapabilityBody(
             transfer_id=secrets.token_hex(8),
@@ -434,7 +450,9 @@ class TransferService:
             ino=s.st_ino,
             expires=time.time() + ttl,
         )
-        log.info("capability %s issued to %s for %s (%d bytes)", body.transfer_id, session.user, path, s.st_size)
+        log.info(
+            "capability %s issued to %s for %s (%d bytes)", body.transfer_id, session.user, path, s.st_size
+        )
         return m.Capability(
             token=self.signer.sign(body),
             transfer_id=body.transfer_id,
@@ -483,7 +501,13 @@ class TransferService:
                 _set_timeouts(sock, DATA_TIMEOUT)
                 sock.settimeout(None)
                 _set_timeouts(sock, DATA_TIMEOUT)
-                sock.sendall(d.encode(d.DataHello(kind="push", token=req.ticket, transfer_id=body.transfer_id, stream=stream)))
+                sock.sendall(
+                    d.encode(
+                        d.DataHello(
+                            kind="push", token=req.ticket, transfer_id=body.transfer_id, stream=stream
+                        )
+                    )
+                )
                 self._serve_source(sock, body, fd)
 
         async def run_one(stream: int) -> None:
@@ -502,8 +526,11 @@ class TransferService:
         sock.setblocking(True)
         peer = "?"
         try:
-            peer = "%s:%d" % sock.getpeername()[:2]
-            await trio.to_thread.run_sync(self._data_connection, sock, limiter=self.data_threads, abandon_on_cancel=True)
+            host, port = sock.getpeername()[:2]
+            peer = f"{host}:{port}"
+            await trio.to_thread.run_sync(
+                self._data_connection, sock, limiter=self.data_threads, abandon_on_cancel=True
+            )
         except (OSError, msgspec.MsgspecError) as exc:
             log.warning("data connection from %s: %s", peer, exc)
         finally:
@@ -517,12 +544,18 @@ class TransferService:
             try:
                 body, fd = self._open_source(hello.token)
             except OSError as exc:
-                sock.sendall(d.encode(d.DataError(errno=exc.errno or errno.EIO, message=exc.strerror or str(exc))))
+                sock.sendall(
+                    d.encode(d.DataError(errno=exc.errno or errno.EIO, message=exc.strerror or str(exc)))
+                )
                 raise
             self._serve_source(sock, body, fd)
             return
         transfer = self.active.get(hello.transfer_id)
-        if transfer is None or not hmac.compare_digest(transfer.ticket, hello.token) or transfer.push_sockets is None:
+        if (
+            transfer is None
+            or not hmac.compare_digest(transfer.ticket, hello.token)
+            or transfer.push_sockets is None
+        ):
             raise TransferError(errno.EACCES, "push refused: unknown transfer or wrong ticket")
         dup = socket.socket(fileno=os.dup(sock.fileno()))
         trio.from_thread.run_sync(transfer.push_sockets.send_nowait, dup)
@@ -563,8 +596,17 @@ class TransferService:
         self._nursery.start_soon(self._run, t, req)
         # The transfer belongs to the connection that ordered it: if that client vanishes, stop
         # (the part file and journal stay, so running the same copy again resumes).
-        session.on_close.append(lambda: self._cancel(t, "the client that started it disconnected", errno.ECONNABORTED))
-        return m.TransferStarted(tid, t.ticket if req.direction == "push" else b"", self.config.advertise_host, self.data_port, False, resumed)
+        session.on_close.append(
+            lambda: self._cancel(t, "the client that started it disconnected", errno.ECONNABORTED)
+        )
+        return m.TransferStarted(
+            tid,
+            t.ticket if req.direction == "push" else b"",
+            self.config.advertise_host,
+            self.data_port,
+            False,
+            resumed,
+        )
 
     def _prepare(self, t: Transfer, req: m.TransferStart) -> int:
         """Check the mode, set up part file and journal; returns bytes already present (resume)."""
@@ -578,11 +620,17 @@ class TransferService:
                 raise TransferError(errno.EISDIR, f"destination {path} is a directory")
             if req.mode == "new":
                 raise TransferError(errno.EEXIST, f"destination {path} exists (mode new)")
-            if req.mode == "skip-existing" and existing.st_size == cap.size and existing.st_mtime_ns == cap.mtime_ns:
+            if (
+                req.mode == "skip-existing"
+                and existing.st_size == cap.size
+                and existing.st_mtime_ns == cap.mtime_ns
+            ):
                 rec.state, rec.reason = "skipped", "destination has the same size and modification time"
                 rec.bytes_done = cap.size
                 return cap.size
-        identity = RestartRecord(rec.source.split(":", 1)[0], cap.path, cap.size, cap.mtime_ns, t.block_size, rec.id)
+        identity = RestartRecord(
+            rec.source.split(":", 1)[0], cap.path, cap.size, cap.mtime_ns, t.block_size, rec.id
+        )
         present = 0
         if req.mode in ("resume", "overwrite", "skip-existing"):
             present = self._try_resume(t, identity) if req.mode != "new" else 0
@@ -594,7 +642,9 @@ class TransferService:
                 os.close(t.part_fd)
                 self._remove_quietly(t.part)
                 raise TransferError(errno.ENOSPC, f"not enough space for {cap.size} bytes at {path}")
-            t.journal_fd = root.open(t.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+            t.journal_fd = root.open(
+                t.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW, 0o600
+            )
             self._write_file(root, t.restart, msgspec.json.encode(identity))
         rec.bytes_done = present
         return present
@@ -673,9 +723,18 @@ class TransferService:
             rec.state, rec.errno, rec.reason = "failed", errno.EIO, f"internal error: {exc!r}"
         finally:
             if rec.state == "failed":
-                log.warning("transfer %s %s -> %s failed: %s", rec.id, rec.source, rec.destination, rec.reason)
+                log.warning(
+                    "transfer %s %s -> %s failed: %s", rec.id, rec.source, rec.destination, rec.reason
+                )
             else:
-                log.info("transfer %s %s -> %s %s (%d bytes)", rec.id, rec.source, rec.destination, rec.state, rec.bytes_done)
+                log.info(
+                    "transfer %s %s -> %s %s (%d bytes)",
+                    rec.id,
+                    rec.source,
+                    rec.destination,
+                    rec.state,
+                    rec.bytes_done,
+                )
             self._finish(t)
 
     def _finish(self, t: Transfer) -> None:
@@ -721,7 +780,9 @@ class TransferService:
                         sock.close()
                         raise
                 else:
-                    sock = await trio.to_thread.run_sync(self._connect_source, t, req, i, limiter=self.data_threads)
+                    sock = await trio.to_thread.run_sync(
+                        self._connect_source, t, req, i, limiter=self.data_threads
+                    )
                 t.sockets.append(sock)
                 try:
                     await trio.to_thread.run_sync(t.fetch_stream, sock, queue, limiter=self.data_threads)
@@ -753,7 +814,9 @@ class TransferService:
             if t.cancelled:
                 raise TransferError(t.rec.errno or errno.EINTR, t.rec.reason or "cancelled")
             first = errors[0] if errors else TransferError(errno.EIO, "streams ended early")
-            raise TransferError(first.errno or errno.EIO, f"{len(missing)} blocks missing: {first.strerror or first}")
+            raise TransferError(
+                first.errno or errno.EIO, f"{len(missing)} blocks missing: {first.strerror or first}"
+            )
 
     def _connect_source(self, t: Transfer, req: m.TransferStart, stream: int) -> socket.socket:
         cap = t.cap
@@ -762,12 +825,17 @@ class TransferService:
         except OSError as exc:
             raise TransferError(
                 exc.errno or errno.EHOSTUNREACH,
-                f"cannot connect to the source's data port {cap.data_host}:{cap.data_port}: {exc.strerror or exc}",
+                f"cannot connect to the source's data port {cap.data_host}:{cap.data_port}: "
+                f"{exc.strerror or exc}",
             ) from None
         try:
             sock.settimeout(None)
             _set_timeouts(sock, DATA_TIMEOUT)
-            sock.sendall(d.encode(d.DataHello(kind="pull", token=cap.token, transfer_id=cap.transfer_id, stream=stream)))
+            sock.sendall(
+                d.encode(
+                    d.DataHello(kind="pull", token=cap.token, transfer_id=cap.transfer_id, stream=stream)
+                )
+            )
             self._expect_ready(t, sock)
         except BaseException:
             sock.close()
@@ -856,7 +924,9 @@ class TransferService:
         def copy() -> m.TransferInfo:
             root = session.root
             tid = secrets.token_hex(8)
-            rec = Record(tid, f"{self.config.name}:{src}", f"{self.config.name}:{dst}", self._export_name(session), dst)
+            rec = Record(
+                tid, f"{self.config.name}:{src}", f"{self.config.name}:{dst}", self._export_name(session), dst
+            )
             rec.mode, rec.direction, rec.state = req.mode, "local", "running"
             part, _, _ = part_paths(dst)
             with root.opened(src, os.O_RDONLY | os.O_NOFOLLOW) as sfd:

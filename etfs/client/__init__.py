@@ -36,7 +36,9 @@ class Pool:
 
     def __init__(self, config: ClientConfig, nursery: trio.Nursery) -> None:
         self.config = config
-        self.clients = {name: ServerClient(endpoint_for(e, config), nursery) for name, e in config.servers.items()}
+        self.clients = {
+            name: ServerClient(endpoint_for(e, config), nursery) for name, e in config.servers.items()
+        }
 
     def __getitem__(self, name: str) -> ServerClient:
         return self.clients[name]

@@ -105,7 +105,9 @@ class ServerClient:
                 self._last_error = exc.strerror or str(exc)
                 if isinstance(exc, RemoteError):
                     raise
-                raise ConnectionLost(errno.EHOSTDOWN, f"cannot reach server {self.name}: {self._last_error}") from None
+                raise ConnectionLost(
+                    errno.EHOSTDOWN, f"cannot reach server {self.name}: {self._last_error}"
+                ) from None
             self._backoff = 0.0
             self._live = live
             self._nursery.start_soon(self._reader, live)
@@ -123,7 +125,9 @@ class ServerClient:
                         sock_stream = await trio.open_tcp_stream(host, port)
                         stream = sock_stream
                         if ep.ssl_context is not None:
-                            ssl_stream = trio.SSLStream(sock_stream, ep.ssl_context, server_hostname=ep.server_hostname or host)
+                            ssl_stream = trio.SSLStream(
+                                sock_stream, ep.ssl_context, server_hostname=ep.server_hostname or host
+                            )
                             await ssl_stream.do_handshake()
                             stream = ssl_stream
                         ms = MessageStream(stream, Role.CLIENT)
@@ -183,7 +187,13 @@ class ServerClient:
                 if slot is not None:
                     slot[1].append(msg)
                     slot[0].set()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError, ssl.SSLError) as exc:
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            ProtocolError,
+            ssl.SSLError,
+        ) as exc:
             reason = f"connection lost: {exc}"
         finally:
             self._drop(live, reason)

@@ -106,7 +106,9 @@ class TransferEngine:
             t.reason = reason
         self._notify()
 
-    def _data_host(self, server: str, client: ServerClient, advertised: str, connected: tuple[str, int]) -> str:
+    def _data_host(
+        self, server: str, client: ServerClient, advertised: str, connected: tuple[str, int]
+    ) -> str:
         """Where *other servers* reach ``server``: its own advertisement, the config, or our address."""
         if advertised:
             return advertised
@@ -128,7 +130,7 @@ class TransferEngine:
         preserve_times: bool = False,
         policy: str | None = None,
     ) -> ClientTransfer:
-        """Copy one file between (or within) servers; returns the finished record or raises `TransferFailed`."""
+        """Copy one file between (or within) servers: the finished record, or `TransferFailed`."""
         opts = self.config.transfer_for(src_server, dst_server)
         opts = TransferDefaults(
             streams=streams or opts.streams,
@@ -143,18 +145,28 @@ class TransferEngine:
             return await self._guard(t, self._local(t, src_server, src_path, dst_path, mode))
         if opts.third_party == "never":
             t = self._new(source, destination, kind="relay", mode=mode, direction="client")
-            return await self._guard(t, self._relay(t, src_server, src_path, dst_server, dst_path, mode, opts))
+            return await self._guard(
+                t, self._relay(t, src_server, src_path, dst_server, dst_path, mode, opts)
+            )
         t = self._new(source, destination, mode=mode, streams=opts.streams, direction=opts.direction)
         try:
             return await self._guard(
-                t, self._third_party(t, src_server, src_path, dst_server, dst_path, mode, opts, preserve_times)
+                t,
+                self._third_party(t, src_server, src_path, dst_server, dst_path, mode, opts, preserve_times),
             )
         except TransferFailed as exc:
             if opts.third_party == "auto" and exc.errno in UNREACHABLE and t.bytes_done == 0:
-                log.warning("%s -> %s: servers cannot reach each other (%s); copying through the client", source, destination, exc.strerror)
+                log.warning(
+                    "%s -> %s: servers cannot reach each other (%s); copying through the client",
+                    source,
+                    destination,
+                    exc.strerror,
+                )
                 t.reason = f"fell back to a copy through the client: {exc.strerror}"
                 r = self._new(source, destination, kind="relay", mode=mode, direction="client")
-                return await self._guard(r, self._relay(r, src_server, src_path, dst_server, dst_path, mode, opts))
+                return await self._guard(
+                    r, self._relay(r, src_server, src_path, dst_server, dst_path, mode, opts)
+                )
             raise
 
     async def _guard(self, t: ClientTransfer, work: Any) -> ClientTransfer:
@@ -202,7 +214,9 @@ class TransferEngine:
                 # Our control connection broke; the destination stopped the transfer but kept
                 # its part file and journal, so ordering it again resumes.
                 if attempt >= MAX_RETRIES:
-                    raise TransferFailed(exc.errno or errno.EIO, f"lost the servers {attempt} times: {exc.strerror}") from None
+                    raise TransferFailed(
+                        exc.errno or errno.EIO, f"lost the servers {attempt} times: {exc.strerror}"
+                    ) from None
                 log.warning("transfer %s: %s; resuming", t.id, exc.strerror)
                 mode = "resume" if mode != "new" or t.bytes_done else mode
                 await trio.sleep(min(2.0, 0.2 * 2**attempt))
@@ -253,7 +267,9 @@ class TransferEngine:
                     streams=opts.streams,
                 )
             while True:
-                info = await dst.call(m.TransferWait, m.TransferInfo, transfer_id=started.transfer_id, timeout=1.0)
+                info = await dst.call(
+                    m.TransferWait, m.TransferInfo, transfer_id=started.transfer_id, timeout=1.0
+                )
                 t.state = info.state if info.state not in TERMINAL else t.state
                 t.bytes_done, t.bytes_resent, t.streams, t.digest = (
                     info.bytes_done,
@@ -269,7 +285,12 @@ class TransferEngine:
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
-                    await dst.call(m.TransferCancel, None, transfer_id=started.transfer_id, reason="cancelled by the client")
+                    await dst.call(
+                        m.TransferCancel,
+                        None,
+                        transfer_id=started.transfer_id,
+                        reason="cancelled by the client",
+                    )
                 except OSError:
                     pass
             raise

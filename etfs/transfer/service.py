@@ -1,17 +1,66 @@
-"""Client-side services of the mount daemon (transfer engine, control socket, copy requests).
+"""Client-side services of the mount daemon: transfer engine, copy requests, control socket.
 
 `run_client_services` is started by `etfs.mount` inside the daemon's nursery, after the
-filesystem object exists and before `pyfuse3.main` runs.
+filesystem object exists and before `pyfuse3.main` runs.  It lives until the mount ends.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from typing import Any
 
 import trio
 
+from etfs import copyrange
+from etfs.client import Pool
+from etfs.config import ClientConfig
+
+from .control import ControlServer, registry_dir
+from .engine import TransferEngine
+
+log = logging.getLogger(__name__)
+
 
 async def run_client_services(
-    ops: Any, pool: Any, config: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ops: Any,
+    pool: Pool,
+    config: ClientConfig,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    task_status.started(None)
+    from etfs.fs.copy import CopyDispatcher
+
+    engine = TransferEngine(pool, config)
+    ops.engine = engine  # lets the filesystem expose transfer info (xattrs, status)
+    reg = registry_dir()
+    reg.mkdir(parents=True, exist_ok=True)
+    socket_path = reg / f"{os.getpid()}.sock"
+    record = reg / f"{os.getpid()}.json"
+    async with trio.open_nursery() as nursery:
+        dispatcher = CopyDispatcher(ops, engine, nursery)
+        copyrange.set_handler(dispatcher.on_request)
+        control = ControlServer(engine, socket_path)
+        await nursery.start(control.serve)
+        record.write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "config": str(config.file),
+                    "root": str(config.root),
+                    "socket": str(socket_path),
+                    "servers": {
+                        name: str(e.mountpoint) if e.mountpoint else str(config.root / name)
+                        for name, e in config.servers.items()
+                    },
+                }
+            )
+        )
+        task_status.started(None)
+        try:
+            await trio.sleep_forever()
+        finally:
+            copyrange.set_handler(None)
+            record.unlink(missing_ok=True)
+            socket_path.unlink(missing_ok=True)

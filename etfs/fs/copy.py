@@ -1,0 +1,131 @@
+"""Turn the kernel's copy_file_range requests into transfers of the engine.
+
+`cp /mnt/jive/x /mnt/onsala/` reaches the daemon as one or a few copy requests
+(`etfs.copyrange`), each naming the two open files by their handles.  A request at
+offset 0 of both files that covers the whole source starts one transfer per
+(source handle, destination handle); requests that continue it (the kernel caps
+one call at just under 4 GiB) wait for the same transfer and are answered with the
+bytes they cover, so verification finishes before the last answer.  Anything else
+(a range in the middle of a file, an unknown handle) is answered EOPNOTSUPP and the
+kernel copies through the daemon with ordinary reads and writes.
+
+A failed transfer answers EIO (`cp` then fails; the destination name holds at most
+the empty file `cp` created, never a complete-looking partial one).  Ctrl-C on `cp`
+arrives as an interrupt and cancels the transfer on both servers.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from etfs.copyrange import MAX_REPLY_COUNT, CopyRequest
+from etfs.protocol import messages as m
+from etfs.transfer.engine import TransferEngine, TransferFailed
+
+log = logging.getLogger(__name__)
+
+# A request this long from offset 0 is the kernel handing over a whole file in pieces.
+WHOLE_FILE_MIN = 1 << 30
+
+
+@dataclass
+class Job:
+    """One whole-file transfer serving all copy requests of a (source, destination) handle pair."""
+
+    size: int
+    done: trio.Event = field(default_factory=trio.Event)
+    error: OSError | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    waiters: int = 0
+
+
+class CopyDispatcher:
+    def __init__(self, ops: Any, engine: TransferEngine, nursery: trio.Nursery) -> None:
+        self.ops = ops
+        self.engine = engine
+        self.nursery = nursery
+        self.jobs: dict[tuple[int, int], Job] = {}
+
+    def on_request(self, req: CopyRequest) -> None:
+        """Called synchronously in pyfuse3's loop: never block, answer from a task."""
+        self.nursery.start_soon(self._serve, req)
+
+    async def _serve(self, req: CopyRequest) -> None:
+        try:
+            await self._serve_inner(req)
+        except Exception:
+            log.exception("copy request %d failed unexpectedly", req.id)
+            if not req.replied:
+                req.reply_error(errno.EIO)
+
+    async def _serve_inner(self, req: CopyRequest) -> None:
+        try:
+            src = self.ops.file_handle(req.fh_in)
+            dst = self.ops.file_handle(req.fh_out)
+        except (KeyError, OSError):
+            req.reply_error(errno.EOPNOTSUPP)
+            return
+        key = (req.fh_in, req.fh_out)
+        job = self.jobs.get(key)
+        if job is None:
+            if req.off_in != 0 or req.off_out != 0:
+                req.reply_error(errno.EOPNOTSUPP)  # a range copy: the kernel's read/write fallback
+                return
+            try:
+                attr = await self.ops.pool[src.server].call(m.Stat, m.Attr, path=src.path)
+            except OSError as exc:
+                req.reply_error(exc.errno or errno.EIO)
+                return
+            if req.length < attr.size and req.length < WHOLE_FILE_MIN:
+                req.reply_error(errno.EOPNOTSUPP)
+                return
+            job = Job(size=attr.size)
+            self.jobs[key] = job
+            self.nursery.start_soon(self._run_job, job, src, dst)
+        elif req.off_in != req.off_out:
+            req.reply_error(errno.EOPNOTSUPP)
+            return
+        job.waiters += 1
+        with trio.CancelScope() as wait_scope:
+            # Ctrl-C on cp: stop waiting and stop the transfer on both servers.
+            req.on_interrupt(lambda: (job.scope.cancel(), wait_scope.cancel()))
+            await job.done.wait()
+        job.waiters -= 1
+        if wait_scope.cancelled_caught:
+            log.info("copy %s -> %s interrupted", src.path, dst.path)
+            self.jobs.pop(key, None)
+            if not req.replied:
+                req.reply_error(errno.EINTR)
+            return
+        if job.error is not None:
+            self.jobs.pop(key, None)
+            req.reply_error(job.error.errno or errno.EIO)
+            return
+        count = max(0, min(job.size - req.off_in, req.length, MAX_REPLY_COUNT))
+        if req.off_in + count >= job.size:
+            self.jobs.pop(key, None)
+        req.reply_count(count)
+
+    async def _run_job(self, job: Job, src: Any, dst: Any) -> None:
+        try:
+            with job.scope:
+                await dst.flush()
+                await self.engine.copy(src.server, src.path, dst.server, dst.path, mode="resume")
+                self.ops.invalidate(dst.inode)
+            if job.scope.cancelled_caught:
+                job.error = OSError(errno.EINTR, "interrupted")
+        except TransferFailed as exc:
+            log.error(
+                "copy %s:%s -> %s:%s failed: %s", src.server, src.path, dst.server, dst.path, exc.strerror
+            )
+            job.error = OSError(errno.EIO, exc.strerror)
+        except OSError as exc:
+            log.error("copy %s:%s -> %s:%s failed: %s", src.server, src.path, dst.server, dst.path, exc)
+            job.error = OSError(errno.EIO, str(exc))
+        finally:
+            job.done.set()

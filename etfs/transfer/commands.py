@@ -1,0 +1,325 @@
+"""`etfs cp` and `etfs status`: thin clients of the running mount's control socket.
+
+Paths name files under an etfs mountpoint (``/mnt/jive/tmp/x``), as ``SERVER:PATH``,
+or on the local disk.  Server-to-server copies are done by the mount daemon's engine
+(so they show in `etfs status`); copies between the local disk and a server go
+through the mount like any file copy, into a hidden part file renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import errno
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .control import running_mounts
+
+PARALLEL_FILES = 4
+
+
+class CommandError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file named on the command line: on a server (``server`` set) or local."""
+
+    server: str | None
+    path: str  # export-relative for a server, absolute local path otherwise
+    fs_path: Path  # where the file is visible on this machine (through the mount for servers)
+
+    def __str__(self) -> str:
+        return f"{self.server}:{self.path}" if self.server else self.path
+
+    def child(self, name: str) -> Location:
+        return Location(self.server, self.path.rstrip("/") + "/" + name, self.fs_path / name)
+
+
+def find_mount(root: Path | None) -> dict[str, Any]:
+    mounts = running_mounts()
+    if root is not None:
+        mounts = [
+            m for m in mounts if Path(m["root"]) == root.resolve() or str(root) in m["servers"].values()
+        ]
+    if not mounts:
+        raise CommandError("no running etfs mount found (start one with 'etfs mount -c FILE' or 'etfs demo')")
+    if len(mounts) > 1:
+        raise CommandError("several etfs mounts are running; choose one with --mount ROOT")
+    return mounts[0]
+
+
+def resolve(arg: str, mount: dict[str, Any]) -> Location:
+    servers: dict[str, str] = mount["servers"]
+    root = Path(mount["root"])
+    name, sep, rest = arg.partition(":")
+    if sep and name in servers and "/" not in name:
+        path = "/" + rest.strip("/")
+        return Location(name, path, root / name / path.lstrip("/"))
+    absolute = Path(os.path.abspath(arg))
+    for server, mountpoint in servers.items():
+        for base in (Path(mountpoint), root / server):
+            try:
+                rel = absolute.relative_to(base)
+            except ValueError:
+                continue
+            path = "/" + str(rel).strip(".").strip("/") if str(rel) != "." else "/"
+            return Location(server, path, root / server / path.lstrip("/"))
+    return Location(None, str(absolute), absolute)
+
+
+def _request(sock_path: str, request: dict[str, Any]) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sock_path)
+    except OSError as exc:
+        s.close()
+        raise CommandError(f"cannot reach the mount daemon at {sock_path}: {exc.strerror}") from None
+    s.sendall(json.dumps(request).encode() + b"\n")
+    return s
+
+
+def _lines(s: socket.socket) -> Any:
+    buf = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield json.loads(line)
+
+
+class Reporter:
+    """Progress for humans (rich, on a TTY), JSON lines (--json), or nothing."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.json = as_json
+        self.lock = threading.Lock()
+        self.progress: Any = None
+        if not as_json and sys.stderr.isatty():
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                transient=False,
+            )
+            self.progress.start()
+        self.tasks: dict[str, Any] = {}
+
+    def event(self, src: Location, dst: Location, ev: dict[str, Any]) -> None:
+        with self.lock:
+            if self.json:
+                print(json.dumps({"source": str(src), "destination": str(dst), **ev}), flush=True)
+            elif self.progress is not None and "transfer" in ev:
+                t = ev["transfer"]
+                key = str(dst)
+                if key not in self.tasks:
+                    self.tasks[key] = self.progress.add_task(
+                        Path(dst.path).name, total=t["bytes_total"] or None
+                    )
+                self.progress.update(
+                    self.tasks[key], completed=t["bytes_done"], total=t["bytes_total"] or None
+                )
+
+    def error(self, src: Location, dst: Location, message: str) -> None:
+        with self.lock:
+            if self.json:
+                print(
+                    json.dumps(
+                        {"source": str(src), "destination": str(dst), "event": "error", "message": message}
+                    )
+                )
+            print(f"etfs: cannot copy '{src}' to '{dst}': {message}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _copy_remote(
+    mount: dict[str, Any], src: Location, dst: Location, args: argparse.Namespace, rep: Reporter
+) -> bool:
+    req = {
+        "op": "copy",
+        "source": str(src),
+        "destination": str(dst),
+        "mode": args.mode,
+        "streams": args.streams,
+        "direction": args.direction,
+        "verify": False if args.no_verify else None,
+        "preserve_times": True,
+    }
+    s = _request(mount["socket"], req)
+    last = 0.0
+    try:
+        for ev in _lines(s):
+            kind = ev.get("event")
+            if kind == "progress":
+                now = time.monotonic()
+                if now - last >= (1.0 if rep.json else 0.1):
+                    rep.event(src, dst, ev)
+                    last = now
+            elif kind == "done":
+                rep.event(src, dst, ev)
+                return True
+            elif kind == "error":
+                rep.error(src, dst, ev.get("message") or os.strerror(ev.get("errno", errno.EIO)))
+                return False
+    finally:
+        s.close()
+    rep.error(src, dst, "the mount daemon closed the connection")
+    return False
+
+
+def _copy_through_client(src: Location, dst: Location, args: argparse.Namespace, rep: Reporter) -> bool:
+    """Local <-> server: an ordinary copy through the mount, into a part file renamed at the end."""
+    try:
+        sst = src.fs_path.stat()
+        if dst.fs_path.exists():
+            if args.mode == "new":
+                raise FileExistsError(errno.EEXIST, "destination exists (mode new)")
+            dstat = dst.fs_path.stat()
+            if args.mode == "skip-existing" and (dstat.st_size, int(dstat.st_mtime)) == (
+                sst.st_size,
+                int(sst.st_mtime),
+            ):
+                rep.event(src, dst, {"event": "done", "skipped": True})
+                return True
+        part = dst.fs_path.with_name(f".{dst.fs_path.name}.etfs-part")
+        try:
+            shutil.copyfile(src.fs_path, part)
+            shutil.copystat(src.fs_path, part)
+            os.replace(part, dst.fs_path)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        done = {"bytes_total": sst.st_size, "bytes_done": sst.st_size, "bytes_via_client": sst.st_size}
+        rep.event(src, dst, {"event": "done", "transfer": done})
+        return True
+    except OSError as exc:
+        rep.error(src, dst, exc.strerror or str(exc))
+        return False
+
+
+def _plan(sources: list[Location], dest: Location, recursive: bool) -> list[tuple[Location, Location]]:
+    """Expand the command line into (source file, destination file) pairs, creating directories."""
+    pairs: list[tuple[Location, Location]] = []
+    dest_is_dir = dest.fs_path.is_dir()
+    if len(sources) > 1 and not dest_is_dir:
+        raise CommandError(f"target '{dest}' is not a directory")
+    for src in sources:
+        try:
+            src.fs_path.stat()
+        except OSError as exc:
+            raise CommandError(f"cannot stat '{src}': {exc.strerror}") from None
+        target = dest.child(Path(src.path).name) if dest_is_dir else dest
+        if not os.path.isdir(src.fs_path):
+            pairs.append((src, target))
+            continue
+        if not recursive:
+            raise CommandError(f"-r not specified; omitting directory '{src}'")
+        for dirpath, dirnames, filenames in os.walk(src.fs_path):
+            rel = Path(dirpath).relative_to(src.fs_path)
+            tdir = target
+            for part in rel.parts:
+                tdir = tdir.child(part)
+            tdir.fs_path.mkdir(parents=True, exist_ok=True)
+            here = src
+            for part in rel.parts:
+                here = here.child(part)
+            dirnames.sort()
+            for name in sorted(filenames):
+                if not name.endswith(".etfs-part"):
+                    pairs.append((here.child(name), tdir.child(name)))
+    return pairs
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    if args.streams is not None and not 1 <= args.streams <= 64:
+        print("etfs: --streams must be between 1 and 64", file=sys.stderr)
+        return 2
+    try:
+        mount = find_mount(args.mount)
+        sources = [resolve(s, mount) for s in args.sources]
+        dest = resolve(args.destination, mount)
+        pairs = _plan(sources, dest, args.recursive)
+    except CommandError as exc:
+        print(f"etfs: {exc}", file=sys.stderr)
+        return 1
+    rep = Reporter(args.json)
+
+    def one(pair: tuple[Location, Location]) -> bool:
+        src, dst = pair
+        if src.server and dst.server:
+            return _copy_remote(mount, src, dst, args, rep)
+        return _copy_through_client(src, dst, args, rep)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(PARALLEL_FILES) as pool:
+            results = list(pool.map(one, pairs))
+    except CommandError as exc:
+        print(f"etfs: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        rep.close()
+    return 0 if all(results) else 1
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        mount = find_mount(args.mount)
+    except CommandError as exc:
+        print(f"etfs: {exc}", file=sys.stderr)
+        return 1
+    while True:
+        try:
+            s = _request(mount["socket"], {"op": "status"})
+            with s:
+                reply = next(iter(_lines(s)), None)
+        except CommandError as exc:
+            print(f"etfs: {exc}", file=sys.stderr)
+            return 1
+        if reply is None or "transfers" not in reply:
+            print("etfs: the mount daemon gave no status", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(reply), flush=True)
+        else:
+            if args.watch:
+                print("\033[H\033[2J", end="")
+            rows = reply["transfers"]
+            if not rows:
+                print("no transfers")
+            for t in rows:
+                pct = 100.0 * t["bytes_done"] / t["bytes_total"] if t["bytes_total"] else 100.0
+                print(
+                    f"{t['id']:>12} {t['state']:<10} {pct:5.1f}% {_fmt_bytes(t['bytes_done']):>10} "
+                    f"{t['kind']:<11} streams={t['streams']} via-client={_fmt_bytes(t['bytes_via_client'])} "
+                    f"{t['source']} -> {t['destination']}" + (f"  ({t['reason']})" if t["reason"] else "")
+                )
+        if not args.watch:
+            return 0
+        time.sleep(1.0)
