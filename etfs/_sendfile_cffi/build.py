@@ -214,13 +214,39 @@ long long etfs_sendfile(int sock_fd, int file_fd, long long offset, long long co
     return done;
 }
 
-/* pread into buf, send from buf, chunk by chunk (chunk = buflen).  When
- * count <= buflen the whole block is in buf[0:count] afterwards.  Returns
- * count, fewer if the file ends first, or -1/errno. */
+/* Both copy loops below move at most ETFS_STEP bytes per syscall pair, walking
+ * forward through buf and wrapping to its start only when it is full.  So the
+ * data just received/read is still in L2 when it is written/sent, and the two
+ * ends of a connection overlap (measured on loopback: a 4 MiB step ran at 0.4-
+ * 2.5 GB/s, 1 MiB at ~2.8 GB/s), while a block with count <= buflen still ends
+ * up whole in buf[0:count]. */
+#ifndef ETFS_STEP
+#  define ETFS_STEP (1024 * 1024)
+#endif
+
+/* Next piece: at most ETFS_STEP, the rest of the block, and the room left in
+ * buf after *pos (wrapping *pos to 0 when buf is full). */
+static size_t etfs_next_piece(long long remaining, size_t buflen, size_t *pos)
+{
+    size_t want;
+    if (*pos >= buflen)
+        *pos = 0;
+    want = buflen - *pos;
+    if (want > ETFS_STEP)
+        want = ETFS_STEP;
+    if ((unsigned long long)remaining < want)
+        want = (size_t)remaining;
+    return want;
+}
+
+/* pread into buf, send from buf, piece by piece.  When count <= buflen the
+ * whole block is in buf[0:count] afterwards.  Returns count, fewer if the
+ * file ends first, or -1/errno. */
 long long etfs_read_send(int file_fd, int sock_fd, long long offset, long long count,
                          char *buf, size_t buflen)
 {
     long long done = 0;
+    size_t pos = 0;
     if (etfs_bad_args(offset, count))
         return -1;
     if (count > 0 && (buf == NULL || buflen == 0)) {
@@ -228,15 +254,11 @@ long long etfs_read_send(int file_fd, int sock_fd, long long offset, long long c
         return -1;
     }
     while (done < count) {
-        long long want = count - done;
+        size_t want = etfs_next_piece(count - done, buflen, &pos);
         size_t got = 0;
         int eof = 0;
-        if ((unsigned long long)want > buflen)
-            want = (long long)buflen;
-        if (want > ETFS_MAX_XFER)
-            want = ETFS_MAX_XFER;
-        while (got < (size_t)want) {
-            ssize_t n = pread(file_fd, buf + got, (size_t)want - got,
+        while (got < want) {
+            ssize_t n = pread(file_fd, buf + pos + got, want - got,
                               (off_t)(offset + done + (long long)got));
             if (n < 0) {
                 if (errno == EINTR)
@@ -249,22 +271,24 @@ long long etfs_read_send(int file_fd, int sock_fd, long long offset, long long c
             }
             got += (size_t)n;
         }
-        if (got > 0 && etfs_send_all(sock_fd, buf, got) < 0)
+        if (got > 0 && etfs_send_all(sock_fd, buf + pos, got) < 0)
             return -1;
         done += (long long)got;
+        pos += got;
         if (eof)
             break;
     }
     return done;
 }
 
-/* recv exactly count bytes and pwrite them at offset, chunk by chunk
- * (chunk = buflen).  When count <= buflen the block is in buf[0:count]
- * afterwards.  Returns count or -1/errno (ECONNRESET on early EOF). */
+/* recv exactly count bytes and pwrite them at offset, piece by piece.  When
+ * count <= buflen the block is in buf[0:count] afterwards.  Returns count or
+ * -1/errno (ECONNRESET on early EOF). */
 long long etfs_recv_write(int sock_fd, int file_fd, long long offset, long long count,
                           char *buf, size_t buflen)
 {
     long long done = 0;
+    size_t pos = 0;
     if (etfs_bad_args(offset, count))
         return -1;
     if (count > 0 && (buf == NULL || buflen == 0)) {
@@ -272,16 +296,13 @@ long long etfs_recv_write(int sock_fd, int file_fd, long long offset, long long 
         return -1;
     }
     while (done < count) {
-        long long want = count - done;
-        if ((unsigned long long)want > buflen)
-            want = (long long)buflen;
-        if (want > ETFS_MAX_XFER)
-            want = ETFS_MAX_XFER;
-        if (etfs_recv_all(sock_fd, buf, (size_t)want) < 0)
+        size_t want = etfs_next_piece(count - done, buflen, &pos);
+        if (etfs_recv_all(sock_fd, buf + pos, want) < 0)
             return -1;
-        if (etfs_pwrite_all(file_fd, buf, (size_t)want, (off_t)(offset + done)) < 0)
+        if (etfs_pwrite_all(file_fd, buf + pos, want, (off_t)(offset + done)) < 0)
             return -1;
-        done += want;
+        done += (long long)want;
+        pos += want;
     }
     return done;
 }
