@@ -32,10 +32,15 @@ class ConfigError(Exception):
 _constructor = yaml.constructor.SafeConstructor()
 
 
+# Fields has methods named str/int/...; these aliases keep annotations inside it unambiguous.
+_Str = str
+_Int = int
+
+
 class Fields:
     """A YAML mapping whose values are read with a type check and a line number."""
 
-    def __init__(self, node: yaml.Node, file: Path, what: str) -> None:
+    def __init__(self, node: yaml.Node, file: Path, what: _Str) -> None:
         self.file = file
         self.what = what
         self.line = node.start_mark.line + 1
@@ -51,21 +56,21 @@ class Fields:
             self._items[key] = (key_node, value_node)
         self._used: set[str] = set()
 
-    def error(self, message: str, key: str | None = None) -> ConfigError:
+    def error(self, message: _Str, key: _Str | None = None) -> ConfigError:
         line = self._items[key][0].start_mark.line + 1 if key in self._items else self.line
         return ConfigError(self.file, line, message)
 
     def keys(self) -> list[str]:
         return list(self._items)
 
-    def has(self, key: str) -> bool:
+    def has(self, key: _Str) -> bool:
         return key in self._items
 
-    def node(self, key: str) -> yaml.Node:
+    def node(self, key: _Str) -> yaml.Node:
         self._used.add(key)
         return self._items[key][1]
 
-    def _get(self, key: str, types: tuple[type, ...], tname: str, default: Any) -> Any:
+    def _get(self, key: _Str, types: tuple[type, ...], tname: str, default: Any) -> Any:
         if key not in self._items:
             if default is _MISSING:
                 raise self.error(f"{self.what}: missing required key {key!r}")
@@ -79,29 +84,29 @@ class Fields:
             raise self.error(f"{self.what}.{key} must be {tname}, not {type(value).__name__}", key)
         return value
 
-    def str(self, key: str, default: Any = _MISSING) -> Any:
+    def str(self, key: _Str, default: Any = _MISSING) -> Any:
         return self._get(key, (str,), "a string", default)
 
-    def int(self, key: str, default: Any = _MISSING, minimum: int | None = None) -> Any:
+    def int(self, key: _Str, default: Any = _MISSING, minimum: _Int | None = None) -> Any:
         value = self._get(key, (int,), "an integer", default)
         if minimum is not None and value is not None and value < minimum:
             raise self.error(f"{self.what}.{key} must be at least {minimum}", key)
         return value
 
-    def float(self, key: str, default: Any = _MISSING) -> Any:
+    def float(self, key: _Str, default: Any = _MISSING) -> Any:
         value = self._get(key, (int, float), "a number", default)
         return float(value) if value is not None else None
 
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
+    def bool(self, key: _Str, default: Any = _MISSING) -> Any:
         return self._get(key, (bool,), "true or false", default)
 
-    def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+    def choice(self, key: _Str, choices: tuple[_Str | None, ...], default: Any = _MISSING) -> Any:
         value = self.str(key, default)
         if value not in choices:
             raise self.error(f"{self.what}.{key} must be one of {', '.join(choices)}, not {value!r}", key)
         return value
 
-    def str_list(self, key: str, default: Any = _MISSING) -> Any:
+    def str_list(self, key: _Str, default: Any = _MISSING) -> Any:
         if key not in self._items:
             if default is _MISSING:
                 raise self.error(f"{self.what}: missing required key {key!r}")
@@ -113,12 +118,12 @@ class Fields:
             raise self.error(f"{self.what}.{key} must be a string or a list of strings", key)
         return value
 
-    def mapping(self, key: str) -> Fields | None:
+    def mapping(self, key: _Str) -> Fields | None:
         if key not in self._items:
             return None
         return Fields(self.node(key), self.file, f"{self.what}.{key}")
 
-    def items(self, key: str) -> Iterator[tuple[str, Fields]]:
+    def items(self, key: _Str) -> Iterator[tuple[_Str, Fields]]:
         """The entries of a mapping of mappings (``servers: {jive: {...}}``)."""
         sub = self.mapping(key)
         if sub is None:
@@ -126,7 +131,7 @@ class Fields:
         for name in sub.keys():
             yield name, Fields(sub.node(name), self.file, f"{self.what}.{key}.{name}")
 
-    def sequence(self, key: str) -> Iterator[Fields]:
+    def sequence(self, key: _Str) -> Iterator[Fields]:
         if key not in self._items:
             return
         node = self.node(key)
@@ -135,7 +140,7 @@ class Fields:
         for i, item in enumerate(node.value):
             yield Fields(item, self.file, f"{self.what}.{key}[{i}]")
 
-    def path(self, key: str, default: Any = _MISSING, base: Path | None = None) -> Any:
+    def path(self, key: _Str, default: Any = _MISSING, base: Path | None = None) -> Any:
         value = self.str(key, default)
         if value is None or value is default:
             return value
@@ -366,8 +371,8 @@ def load_client_config(path: str | Path) -> ClientConfig:
             source=p.str("source"),
             destination=p.str("destination"),
             streams=p.int("streams", None, minimum=1),
-            direction=p.choice("direction", (*DIRECTIONS, None), None),  # type: ignore[arg-type]
-            third_party=p.choice("third_party", (*THIRD_PARTY, None), None),  # type: ignore[arg-type]
+            direction=p.choice("direction", (*DIRECTIONS, None), None),
+            third_party=p.choice("third_party", (*THIRD_PARTY, None), None),
         )
         for side in (po.source, po.destination):
             if side not in servers:

@@ -143,7 +143,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         handshake_timeout=_positive(top, "handshake_timeout", 10.0),
         tls=tls,
         file=top.file,
-        **kwargs,  # type: ignore[arg-type]
+        **kwargs,
     )
     top.done()
     return cfg

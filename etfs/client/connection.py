@@ -235,7 +235,7 @@ class ServerClient:
         if isinstance(reply, m.Err):
             raise RemoteError(reply.errno, reply.message)
         if result is None:
-            return reply.value  # type: ignore[no-any-return]
+            return reply.value
         try:
             return msgspec.convert(reply.value, result)
         except msgspec.ValidationError as exc:

@@ -93,7 +93,11 @@ class CopyDispatcher:
         job.waiters += 1
         with trio.CancelScope() as wait_scope:
             # Ctrl-C on cp: stop waiting and stop the transfer on both servers.
-            req.on_interrupt(lambda: (job.scope.cancel(), wait_scope.cancel()))
+            def interrupted() -> None:
+                job.scope.cancel()
+                wait_scope.cancel()
+
+            req.on_interrupt(interrupted)
             await job.done.wait()
         job.waiters -= 1
         if wait_scope.cancelled_caught:

@@ -41,7 +41,7 @@ class MessageStream:
                 assert event is None or isinstance(event, m.Message)
                 return event
             data = await self.stream.receive_some(RECEIVE_CHUNK)
-            self.conn.receive_data(data)
+            self.conn.receive_data(bytes(data))
 
     async def aclose(self) -> None:
         self.conn.close()
