@@ -103,7 +103,8 @@ class Fields:
     def choice(self, key: _Str, choices: tuple[_Str | None, ...], default: Any = _MISSING) -> Any:
         value = self.str(key, default)
         if value not in choices:
-            raise self.error(f"{self.what}.{key} must be one of {', '.join(choices)}, not {value!r}", key)
+            names = ", ".join(c for c in choices if c)
+            raise self.error(f"{self.what}.{key} must be one of {names}, not {value!r}", key)
         return value
 
     def str_list(self, key: _Str, default: Any = _MISSING) -> Any:
