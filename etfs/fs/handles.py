@@ -1,0 +1,296 @@
+"""Open files of the mount: server handles, readahead and write-behind.
+
+The kernel sends reads of at most 128 KiB (more with a larger bdi read_ahead_kb) and, without
+writeback caching, writes of whatever size the application used.  Each such request as one
+round trip would cap throughput at a fraction of the link, so an `OpenFile`:
+
+* reads ahead: while access is sequential it keeps up to `READAHEAD_BLOCKS` blocks of
+  `READ_BLOCK` bytes in flight or cached and serves kernel reads from them; a random read is
+  passed through as is.
+* writes behind: contiguous writes are coalesced into `WRITE_BLOCK`-sized `Write` requests sent
+  in background tasks, at most `WRITES_IN_FLIGHT` at a time (the handler waits for a slot: that
+  is the back-pressure).  The first error is kept and raised by the next write, `flush`,
+  `fsync` or `release`, like a local filesystem's deferred write errors.
+
+Server-side handles die with their connection; a handle whose connection generation changed
+is reopened by path (without O_TRUNC/O_CREAT/O_EXCL) before use, and a request whose
+connection broke while in flight is retried once on the new connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import trio
+
+from etfs.client import ConnectionLost, ServerClient
+from etfs.protocol import messages as m
+
+from .inodes import Node
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+READ_BLOCK = 1024 * 1024
+READAHEAD_BLOCKS = 4
+WRITE_BLOCK = 1024 * 1024
+WRITES_IN_FLIGHT = 4
+# Flags the server keeps for a reopen: never truncate or create again.
+_REOPEN_MASK = ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL)
+
+
+@dataclass
+class _Block:
+    index: int
+    ready: trio.Event = field(default_factory=trio.Event)
+    data: bytes = b""
+    error: OSError | None = None
+
+
+class OpenFile:
+    """One open file handle of the mount (what ``fh`` numbers stand for).
+
+    The copy hook (`etfs.fs.copy`) relies on: ``server``, ``path``, ``inode``, ``flags``,
+    ``bytes_written`` and ``await flush()``.
+    """
+
+    def __init__(
+        self,
+        fh: int,
+        node: Node,
+        flags: int,
+        client: ServerClient,
+        opened: m.Opened,
+        generation: int,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.fh = fh
+        self.node = node
+        self.flags = flags
+        self.bytes_written = 0
+        self.attr = opened.attr
+        self._client = client
+        self._handle = opened.handle
+        self._generation = generation
+        self._nursery = nursery
+        self._reopen_lock = trio.Lock()
+        self._closed = False
+        # write-behind
+        self._buf = bytearray()
+        self._buf_off = 0
+        self._inflight: dict[int, tuple[int, int]] = {}
+        self._inflight_ids = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._slots = trio.Semaphore(WRITES_IN_FLIGHT)
+        self._error: OSError | None = None
+        self.dirty_end = 0  # end of the furthest write not yet known to be on the server
+        # readahead
+        self._blocks: dict[int, _Block] = {}
+        self._last_end = 0
+        self._eof_block: int | None = None
+
+    # --- identity (read by the copy hook) -----------------------------------------------------
+    @property
+    def server(self) -> str:
+        return self.node.server
+
+    @property
+    def path(self) -> str:
+        return self.node.path
+
+    @property
+    def inode(self) -> int:
+        return self.node.inode
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._buf) or bool(self._inflight)
+
+    # --- server calls with reopen ---------------------------------------------------------------
+    async def _current_handle(self) -> int:
+        live = await self._client.connection()
+        if live.generation == self._generation:
+            return self._handle
+        async with self._reopen_lock:
+            live = await self._client.connection()
+            if live.generation != self._generation:
+                try:
+                    opened = await self._client.call(
+                        m.Open, m.Opened, path=self.path, flags=self.flags & _REOPEN_MASK & ~os.O_APPEND
+                    )
+                except OSError as exc:
+                    log.warning("%s:%s: reopen after reconnect failed: %s", self.server, self.path, exc)
+                    raise OSError(errno.EIO, f"cannot reopen {self.path} after reconnect: {exc}") from None
+                log.info("%s:%s: reopened after reconnect", self.server, self.path)
+                self._handle = opened.handle
+                self._generation = live.generation
+        return self._handle
+
+    async def call(self, req: type[m.Request], result: type[T] | None, **fields: Any) -> T:
+        """A request on this file's server handle (``handle=`` is filled in), retried once on reset."""
+        for attempt in (1, 2):
+            handle = await self._current_handle()
+            try:
+                return await self._client.call(req, result, handle=handle, **fields)
+            except ConnectionLost as exc:
+                if exc.errno != errno.ECONNRESET or attempt == 2:
+                    raise
+                log.info("%s:%s: connection reset during %s; retrying", self.server, self.path, req.__name__)
+        raise AssertionError("unreachable")
+
+    # --- reading ----------------------------------------------------------------------------------
+    def drop_readahead(self) -> None:
+        self._blocks.clear()
+        self._eof_block = None
+
+    def _sequential(self, off: int) -> bool:
+        if (off // READ_BLOCK) in self._blocks:
+            return True
+        return abs(off - self._last_end) <= READ_BLOCK
+
+    def _fetch(self, index: int) -> _Block:
+        blk = self._blocks.get(index)
+        if blk is None:
+            blk = self._blocks[index] = _Block(index)
+            self._nursery.start_soon(self._fetch_task, blk)
+        return blk
+
+    async def _fetch_task(self, blk: _Block) -> None:
+        try:
+            blk.data = await self.call(m.Read, bytes, offset=blk.index * READ_BLOCK, size=READ_BLOCK)
+        except OSError as exc:
+            blk.error = exc
+        finally:
+            blk.ready.set()
+
+    async def read(self, off: int, size: int) -> bytes:
+        if self._buf or self._inflight:
+            await self.flush()  # read what we wrote
+        if not self._sequential(off):
+            self.drop_readahead()
+            self._last_end = off + size
+            return await self.call(m.Read, bytes, offset=off, size=size)
+        out = bytearray()
+        pos, end = off, off + size
+        while pos < end:
+            index = pos // READ_BLOCK
+            if self._eof_block is not None and index > self._eof_block:
+                self._eof_block = None  # the file may have grown: look again
+            last = index + READAHEAD_BLOCKS
+            if self._eof_block is not None:
+                last = min(last, self._eof_block)
+            for i in range(index, last + 1):
+                self._fetch(i)
+            blk = self._blocks[index]
+            await blk.ready.wait()
+            if blk.error is not None:
+                self.drop_readahead()
+                raise blk.error
+            start = pos - index * READ_BLOCK
+            chunk = memoryview(blk.data)[start : end - index * READ_BLOCK]
+            out += chunk
+            if len(blk.data) < READ_BLOCK:
+                # End of file (for now): later reads refetch this block in case the file grows.
+                self._eof_block = index
+                self._blocks.pop(index, None)
+                break
+            pos += len(chunk)
+        for i in [i for i in self._blocks if i < pos // READ_BLOCK]:
+            del self._blocks[i]
+        self._last_end = off + len(out)
+        return bytes(out)
+
+    # --- writing ----------------------------------------------------------------------------------
+    def _take_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    async def write(self, off: int, data: bytes) -> int:
+        self._take_error()
+        self.drop_readahead()
+        if self._buf and off == self._buf_off + len(self._buf) and len(self._buf) < WRITE_BLOCK:
+            self._buf += data
+        else:
+            if self._buf:
+                await self._send_buffer()
+            self._buf = bytearray(data)
+            self._buf_off = off
+        self.dirty_end = max(self.dirty_end, off + len(data))
+        self.bytes_written += len(data)
+        if len(self._buf) >= WRITE_BLOCK:
+            await self._send_buffer()
+        return len(data)
+
+    async def _send_buffer(self) -> None:
+        data, off = bytes(self._buf), self._buf_off
+        self._buf = bytearray()
+        if not data:
+            return
+        end = off + len(data)
+        # Overlapping writes must reach the server in order: wait for the earlier ones.
+        if any(s < end and off < e for s, e in self._inflight.values()):
+            await self._drain()
+        await self._slots.acquire()
+        self._inflight_ids += 1
+        wid = self._inflight_ids
+        self._inflight[wid] = (off, end)
+        self._idle = trio.Event()
+        self._nursery.start_soon(self._write_task, wid, off, data)
+
+    async def _write_task(self, wid: int, off: int, data: bytes) -> None:
+        try:
+            await self.call(m.Write, int, offset=off, data=data)
+        except OSError as exc:
+            log.warning(
+                "%s:%s: write of %d bytes at %d failed: %s", self.server, self.path, len(data), off, exc
+            )
+            if self._error is None:
+                self._error = exc
+        finally:
+            self._slots.release()
+            self._inflight.pop(wid, None)
+            if not self._inflight:
+                self._idle.set()
+
+    async def _drain(self) -> None:
+        while self._inflight:
+            await self._idle.wait()
+
+    async def flush(self) -> None:
+        """Send buffered writes, wait for all in flight, raise the first error since the last flush."""
+        if self._buf:
+            await self._send_buffer()
+        await self._drain()
+        self.dirty_end = 0
+        self._take_error()
+
+    async def fsync(self, datasync: bool) -> None:
+        await self.flush()
+        await self.call(m.Fsync, None, datasync=datasync)
+
+    async def close(self) -> None:
+        """Flush and close the server handle; the flush error (if any) is raised after closing."""
+        if self._closed:
+            return
+        self._closed = True
+        error: OSError | None = None
+        try:
+            await self.flush()
+        except OSError as exc:
+            error = exc
+        self.drop_readahead()
+        live = self._client._live
+        # Only close a handle of the live connection: an old generation's handle died with it.
+        if live is not None and not live.closed and live.generation == self._generation:
+            try:
+                await self._client.call(m.Close, None, handle=self._handle)
+            except OSError as exc:
+                log.debug("%s:%s: close failed: %s", self.server, self.path, exc)
+        if error is not None:
+            raise error

@@ -1,0 +1,180 @@
+"""The inode table: kernel inode numbers <-> (server, export-relative path), with lookup counts.
+
+Inode 1 is the mount root, inodes 2..N+1 are the configured servers' top directories (fixed,
+never forgotten); every other inode is allocated on first sight of a path and lives while the
+kernel holds a lookup reference to it (``lookup`` and readdirplus entries add one, ``forget``
+takes them away).  Inode numbers are never reused, so the FUSE generation can stay 0.
+
+Paths move with renames (`rename` rewrites a whole subtree) and are detached on unlink/rmdir
+so a new file under the old name gets a new inode while the old one lives on until forgotten.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+from etfs.protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+
+
+@dataclass
+class Node:
+    """One inode: where it lives, how often the kernel references it, its cached attributes."""
+
+    inode: int
+    server: str  # "" for the mount root
+    path: str  # export-relative, "/" for a server's top directory
+    lookups: int = 0
+    attr: m.Attr | None = None
+    attr_expires: float = 0.0
+    # False once unlinked/replaced: the node keeps its last path but no longer owns it.
+    linked: bool = True
+    pinned: bool = False  # root and server directories are never forgotten
+    open_files: set[int] = field(default_factory=set)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.server, self.path)
+
+
+def join(parent: str, name: str) -> str:
+    """Child path of an export-relative directory path."""
+    return ("/" if parent == "/" else parent + "/") + name
+
+
+def parent_of(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+class InodeTable:
+    """Typed mapping between inode numbers and remote paths (see the module docstring)."""
+
+    def __init__(self, servers: list[str]) -> None:
+        self._nodes: dict[int, Node] = {}
+        self._by_key: dict[tuple[str, str], int] = {}
+        root = Node(ROOT_INODE, "", "/", pinned=True)
+        self._nodes[ROOT_INODE] = root
+        self.server_inodes: dict[str, int] = {}
+        for i, name in enumerate(servers):
+            node = Node(ROOT_INODE + 1 + i, name, "/", pinned=True)
+            self._nodes[node.inode] = node
+            self._by_key[node.key] = node.inode
+            self.server_inodes[name] = node.inode
+        self._next = itertools.count(ROOT_INODE + 1 + len(servers))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, inode: int) -> Node | None:
+        return self._nodes.get(inode)
+
+    def find(self, server: str, path: str) -> Node | None:
+        inode = self._by_key.get((server, path))
+        return None if inode is None else self._nodes[inode]
+
+    def server_of(self, inode: int) -> str | None:
+        """The server directory name for a top-level server inode, else None."""
+        node = self._nodes.get(inode)
+        return node.server if node is not None and node.pinned and node.server else None
+
+    def ensure(self, server: str, path: str) -> Node:
+        """The node for a path, allocating a new inode on first sight (lookup count 0)."""
+        inode = self._by_key.get((server, path))
+        if inode is not None:
+            return self._nodes[inode]
+        node = Node(next(self._next), server, path)
+        self._nodes[node.inode] = node
+        self._by_key[node.key] = node.inode
+        return node
+
+    def set_attr(self, node: Node, attr: m.Attr, ttl: float) -> None:
+        node.attr = attr
+        node.attr_expires = time.monotonic() + ttl
+
+    def fresh_attr(self, node: Node) -> m.Attr | None:
+        if node.attr is not None and time.monotonic() < node.attr_expires:
+            return node.attr
+        return None
+
+    def expire(self, node: Node) -> None:
+        node.attr_expires = 0.0
+
+    def forget(self, inode: int, nlookup: int) -> None:
+        node = self._nodes.get(inode)
+        if node is None:
+            log.warning("forget of unknown inode %d", inode)
+            return
+        node.lookups -= nlookup
+        if node.lookups < 0:
+            log.warning("inode %d: lookup count went negative", inode)
+            node.lookups = 0
+        self.discard_if_unused(node)
+
+    def discard_if_unused(self, node: Node) -> None:
+        """Drop a node nobody references (no kernel lookups, no open files)."""
+        if node.pinned or node.lookups > 0 or node.open_files:
+            return
+        self._nodes.pop(node.inode, None)
+        if node.linked and self._by_key.get(node.key) == node.inode:
+            del self._by_key[node.key]
+
+    def detach(self, server: str, path: str) -> Node | None:
+        """The path is gone (unlink, rmdir, replaced by a rename): its node no longer owns it."""
+        inode = self._by_key.pop((server, path), None)
+        if inode is None:
+            return None
+        node = self._nodes[inode]
+        node.linked = False
+        node.attr = None
+        self.discard_if_unused(node)
+        return node
+
+    def rename(self, server: str, old: str, new: str) -> None:
+        """Move a path and everything beneath it (directories keep their inodes)."""
+        self.detach(server, new)
+        prefix = old + "/"
+        moved = [
+            (key, ino)
+            for key, ino in self._by_key.items()
+            if key[0] == server and (key[1] == old or key[1].startswith(prefix))
+        ]
+        for key, _ in moved:
+            del self._by_key[key]
+        for key, ino in moved:
+            new_path = new + key[1][len(old) :]
+            node = self._nodes[ino]
+            node.path = new_path
+            self.expire(node)
+            stale = self._by_key.get((server, new_path))
+            if stale is not None and stale != ino:
+                self._nodes[stale].linked = False
+            self._by_key[(server, new_path)] = ino
+
+    def exchange(self, server: str, a: str, b: str) -> None:
+        """RENAME_EXCHANGE: the two subtrees swap paths."""
+        tmp = f"\0exchange\0{a}"
+        self.rename_keep(server, a, tmp)
+        self.rename_keep(server, b, a)
+        self.rename_keep(server, tmp, b)
+
+    def rename_keep(self, server: str, old: str, new: str) -> None:
+        """Like `rename` without detaching the target (for exchange's temporary name)."""
+        prefix = old + "/"
+        moved = [
+            (key, ino)
+            for key, ino in self._by_key.items()
+            if key[0] == server and (key[1] == old or key[1].startswith(prefix))
+        ]
+        for key, _ in moved:
+            del self._by_key[key]
+        for key, ino in moved:
+            node = self._nodes[ino]
+            node.path = new + key[1][len(old) :]
+            self.expire(node)
+            self._by_key[(server, node.path)] = ino

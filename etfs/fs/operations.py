@@ -1,0 +1,642 @@
+"""`EtfsOperations`: the pyfuse3 request handlers of the etfs mount.
+
+The mount root lists the configured servers as directories; below them every inode stands
+for (server, export-relative path) (see `inodes`).  Handlers talk to servers through the
+`Pool`'s pipelined `ServerClient`s and never block the trio loop.
+
+Error habit (as in S3QL): handlers raise only `pyfuse3.FUSEError`.  The code inside them lets
+`OSError` (`RemoteError`/`ConnectionLost` carry the server's or the transport's errno) travel
+up, and the `_edge` decorator converts it in this one place; anything else is a bug, logged
+with its traceback and answered with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import math
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from etfs.client import ConnectionLost, Pool, ServerClient
+from etfs.config import ClientConfig
+from etfs.protocol import messages as m
+
+from .handles import OpenFile
+from .inodes import ROOT_INODE, InodeTable, Node, join
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+LIST_PAGE = 1000
+BLKSIZE = 1024 * 1024  # st_blksize: makes cp and friends use 1 MiB buffers
+XATTR_ETFS = "user.etfs."
+ETFS_XATTRS = ("user.etfs.server", "user.etfs.path", "user.etfs.checksum")
+# pyfuse3 resolves UTIME_NOW to the daemon's clock before calling setattr; a time this close
+# to "now" is sent as "now" so the server stamps it with its own clock.
+_NOW_SLACK_NS = 200_000_000
+# Requests that are safe to repeat after the connection reset under them.
+_IDEMPOTENT = (m.Stat, m.List, m.Readlink, m.StatFs, m.GetXattr, m.ListXattr, m.SetAttr, m.Checksum)
+
+
+def _edge(
+    fn: Callable[Concatenate[EtfsOperations, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[EtfsOperations, P], Coroutine[Any, Any, R]]:
+    """Convert every error leaving a handler into `pyfuse3.FUSEError` (the only place that does)."""
+
+    @functools.wraps(fn)
+    async def handler(self: EtfsOperations, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            if code == errno.ECONNRESET:
+                code = errno.EIO  # applications understand EIO for a broken transport
+            log.debug("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(code) from None
+        except UnicodeError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        except trio.TooSlowError:
+            raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+@dataclass
+class DirHandle:
+    """An open directory: the listing snapshot fetched page by page (offsets index into it)."""
+
+    node: Node
+    entries: list[m.Entry] = field(default_factory=list)
+    after: str = ""
+    more: bool = True
+
+
+def _fs_name(name: bytes) -> str:
+    return name.decode("utf-8")
+
+
+class EtfsOperations(pyfuse3.Operations):
+    """The filesystem (see the module docstring)."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False  # write-behind is ours: the server's size must stay truthful
+    enable_acl = False
+
+    def __init__(self, config: ClientConfig, pool: Pool, nursery: trio.Nursery) -> None:
+        super().__init__()
+        self.config = config
+        self.pool = pool
+        self._nursery = nursery
+        self.table = InodeTable(list(config.servers))
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, DirHandle] = {}
+        self._fh = itertools.count(1)
+        self._started_ns = time.time_ns()
+        self._uid = os.geteuid()
+        self._gid = os.getegid()
+
+    # --- API for the copy hook and the daemon -------------------------------------------------
+    def file_handle(self, fh: int) -> OpenFile:
+        """The open file behind a kernel file handle (KeyError if there is none)."""
+        return self._files[fh]
+
+    def inode_for(self, server: str, path: str) -> int | None:
+        node = self.table.find(server, path)
+        return None if node is None else node.inode
+
+    def invalidate(self, inode: int) -> None:
+        """Forget cached attributes of an inode here and in the kernel (data too).
+
+        The kernel notification runs in a worker thread from a task: called synchronously
+        from a handler touching that inode it could wait for that very handler.
+        """
+        node = self.table.get(inode)
+        if node is not None:
+            self.table.expire(node)
+            for fh in node.open_files:
+                f = self._files.get(fh)
+                if f is not None:
+                    f.drop_readahead()
+        self._nursery.start_soon(self._notify_kernel, inode)
+
+    async def _notify_kernel(self, inode: int) -> None:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTCONN):  # kernel does not know it / unmounted
+                log.debug("invalidate_inode(%d): %s", inode, exc)
+        except Exception:  # pyfuse3 raises RuntimeError-like errors after unmount
+            log.debug("invalidate_inode(%d) failed", inode, exc_info=True)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _client(self, server: str) -> ServerClient:
+        return self.pool[server]
+
+    async def _call(self, server: str, req: type[m.Request], result: type[T] | None, **fields: Any) -> T:
+        client = self._client(server)
+        try:
+            return await client.call(req, result, **fields)
+        except ConnectionLost as exc:
+            if exc.errno != errno.ECONNRESET or req not in _IDEMPOTENT:
+                raise
+        return await client.call(req, result, **fields)
+
+    def _node(self, inode: int) -> Node:
+        node = self.table.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def _remote(self, inode: int) -> Node:
+        """A node below a server directory (or the server directory itself)."""
+        node = self._node(inode)
+        if not node.server:
+            raise pyfuse3.FUSEError(errno.EPERM)  # the mount root is not on any server
+        return node
+
+    def _dir_attr(self, nlink: int = 2) -> m.Attr:
+        t = self._started_ns
+        return m.Attr(0, stat.S_IFDIR | 0o755, nlink, self._uid, self._gid, 0, 0, t, t, t)
+
+    def _entry(self, node: Node, attr: m.Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.inode
+        e.generation = 0
+        e.entry_timeout = self.config.cache.entry_ttl
+        e.attr_timeout = self.config.cache.attr_ttl
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = 0
+        size = attr.size
+        blocks = attr.blocks
+        if stat.S_ISREG(attr.mode):
+            size = max(size, self._pending_size(node))
+            # cp treats st_blocks*512 < size as sparse and never uses copy_file_range then.
+            blocks = max(blocks, math.ceil(size / 512))
+        e.st_size = size
+        e.st_blocks = blocks
+        e.st_blksize = BLKSIZE
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        return e
+
+    def _pending_size(self, node: Node) -> int:
+        """End of data written through open files but maybe not yet on the server."""
+        end = 0
+        for fh in node.open_files:
+            f = self._files.get(fh)
+            if f is not None and f.dirty:
+                end = max(end, f.dirty_end)
+        return end
+
+    async def _flush_inode(self, node: Node, except_fh: int | None = None) -> None:
+        """Make writes of every open file of an inode visible on the server."""
+        for fh in list(node.open_files):
+            f = self._files.get(fh)
+            if f is not None and fh != except_fh and f.dirty:
+                await f.flush()
+
+    def _remember(self, node: Node, attr: m.Attr) -> pyfuse3.EntryAttributes:
+        self.table.set_attr(node, attr, self.config.cache.attr_ttl)
+        return self._entry(node, attr)
+
+    async def _attr(self, node: Node) -> m.Attr:
+        if node.inode == ROOT_INODE:
+            return self._dir_attr(2 + len(self.config.servers))
+        cached = self.table.fresh_attr(node)
+        if cached is not None:
+            return cached
+        if not node.linked and node.attr is not None:
+            return node.attr  # unlinked but still open: its path now names something else
+        try:
+            attr = await self._call(node.server, m.Stat, m.Attr, path=node.path)
+        except ConnectionLost:
+            if node.pinned:
+                # A down server's directory still exists in the root (so bind mounts and
+                # `ls -l` of the root work); using it fails fast instead.
+                return node.attr or self._dir_attr()
+            raise
+        self.table.set_attr(node, attr, self.config.cache.attr_ttl)
+        return attr
+
+    def _child(self, parent: Node, name: bytes) -> tuple[str, str]:
+        if not parent.server:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return parent.server, join(parent.path, _fs_name(name))
+
+    def _new_entry(self, server: str, path: str, attr: m.Attr) -> pyfuse3.EntryAttributes:
+        """An entry the kernel will hold a reference to (lookup count + 1)."""
+        node = self.table.ensure(server, path)
+        node.lookups += 1
+        return self._remember(node, attr)
+
+    def _parent_changed(self, parent: Node) -> None:
+        self.table.expire(parent)
+
+    # --- lookup / attributes ------------------------------------------------------------------
+    @_edge
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if not parent.server:
+            inode = self.table.server_inodes.get(_fs_name(name))
+            if inode is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            node = self._node(inode)
+            node.lookups += 1
+            return self._entry(node, await self._attr(node))
+        server, path = self._child(parent, name)
+        node_or_none = self.table.find(server, path)
+        if node_or_none is not None and (cached := self.table.fresh_attr(node_or_none)) is not None:
+            node_or_none.lookups += 1
+            return self._entry(node_or_none, cached)
+        try:
+            attr = await self._call(server, m.Stat, m.Attr, path=path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0  # cached by the kernel as "does not exist" for negative_ttl
+            negative.entry_timeout = self.config.cache.negative_ttl
+            return negative
+        return self._new_entry(server, path, attr)
+
+    @_edge
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, nlookup in inode_list:
+            self.table.forget(inode, nlookup)
+
+    @_edge
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        return self._entry(node, await self._attr(node))
+
+    @_edge
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._remote(inode)
+        if node.pinned:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        req: dict[str, Any] = {}
+        if fields.update_size:
+            await self._flush_inode(node)
+            for ofh in node.open_files:
+                f = self._files.get(ofh)
+                if f is not None:
+                    f.drop_readahead()
+            req["size"] = attr.st_size
+        if fields.update_mode:
+            req["mode"] = attr.st_mode & 0o7777
+        if fields.update_uid:
+            req["uid"] = attr.st_uid
+        if fields.update_gid:
+            req["gid"] = attr.st_gid
+        now = time.time_ns()
+        if fields.update_atime:
+            if abs(attr.st_atime_ns - now) < _NOW_SLACK_NS:
+                req["atime_now"] = True
+            else:
+                req["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            if abs(attr.st_mtime_ns - now) < _NOW_SLACK_NS:
+                req["mtime_now"] = True
+            else:
+                req["mtime_ns"] = attr.st_mtime_ns
+        if not req:  # e.g. ctime only
+            return self._entry(node, await self._attr(node))
+        new = await self._call(node.server, m.SetAttr, m.Attr, path=node.path, **req)
+        return self._remember(node, new)
+
+    # --- directories --------------------------------------------------------------------------
+    @_edge
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        fh = next(self._fh)
+        self._dirs[fh] = DirHandle(node)
+        return fh
+
+    @_edge
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self._dirs[fh]
+        node = h.node
+        if not node.server:
+            names = list(self.config.servers)
+            for i in range(start_id, len(names)):
+                child = self._node(self.table.server_inodes[names[i]])
+                attr = child.attr or self._dir_attr()
+                if not pyfuse3.readdir_reply(token, names[i].encode(), self._entry(child, attr), i + 1):
+                    return
+                child.lookups += 1
+            return
+        if start_id == 0:  # (re)start: a fresh listing
+            h.entries, h.after, h.more = [], "", True
+        i = start_id
+        ttl = self.config.cache.dir_ttl
+        while True:
+            if i >= len(h.entries):
+                if not h.more:
+                    return
+                page = await self._call(
+                    node.server, m.List, m.ListPage, path=node.path, after=h.after, limit=LIST_PAGE
+                )
+                h.entries.extend(page.entries)
+                h.more = page.more and bool(page.entries)
+                if page.entries:
+                    h.after = page.entries[-1].name
+                continue
+            ent = h.entries[i]
+            child = self.table.ensure(node.server, join(node.path, ent.name))
+            self.table.set_attr(child, ent.attr, ttl)
+            if not pyfuse3.readdir_reply(token, ent.name.encode(), self._entry(child, ent.attr), i + 1):
+                self.table.discard_if_unused(child)
+                return
+            child.lookups += 1
+            i += 1
+
+    @_edge
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_edge
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    @_edge
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        server, path = self._child(parent, name)
+        attr = await self._call(server, m.Mkdir, m.Attr, path=path, mode=mode & 0o7777)
+        self._parent_changed(parent)
+        return self._new_entry(server, path, attr)
+
+    @_edge
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        server, path = self._child(parent, name)
+        await self._call(server, m.Rmdir, None, path=path)
+        self.table.detach(server, path)
+        self._parent_changed(parent)
+
+    @_edge
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        server, path = self._child(parent, name)
+        await self._call(server, m.Unlink, None, path=path)
+        self.table.detach(server, path)
+        self._parent_changed(parent)
+
+    @_edge
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old_parent = self._node(parent_inode_old)
+        new_parent = self._node(parent_inode_new)
+        if not old_parent.server or not new_parent.server:
+            raise pyfuse3.FUSEError(errno.EPERM)  # server directories cannot move
+        if old_parent.server != new_parent.server:
+            # The VFS then lets mv copy and unlink (the copy goes server to server).
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        server, old = self._child(old_parent, name_old)
+        _, new = self._child(new_parent, name_new)
+        noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        await self._call(server, m.Rename, None, old=old, new=new, noreplace=noreplace, exchange=exchange)
+        if exchange:
+            self.table.exchange(server, old, new)
+        else:
+            self.table.rename(server, old, new)
+        self._parent_changed(old_parent)
+        self._parent_changed(new_parent)
+
+    # --- links --------------------------------------------------------------------------------
+    @_edge
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        server, path = self._child(parent, name)
+        attr = await self._call(server, m.Symlink, m.Attr, path=path, target=os.fsdecode(target))
+        self._parent_changed(parent)
+        return self._new_entry(server, path, attr)
+
+    @_edge
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._remote(inode)
+        target = await self._call(node.server, m.Readlink, str, path=node.path)
+        return os.fsencode(target)
+
+    @_edge
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self._remote(inode)
+        parent = self._node(new_parent_inode)
+        server, path = self._child(parent, new_name)
+        if server != node.server:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        attr = await self._call(server, m.Link, m.Attr, old=node.path, new=path)
+        self.table.expire(node)  # its nlink changed
+        self._parent_changed(parent)
+        # Inodes are per path, so the new name gets its own inode number.
+        return self._new_entry(server, path, attr)
+
+    # --- files --------------------------------------------------------------------------------
+    def _register(self, node: Node, flags: int, opened: m.Opened) -> pyfuse3.FileInfo:
+        client = self._client(node.server)
+        live = client._live
+        generation = live.generation if live is not None else client.generation
+        fh = next(self._fh)
+        self._files[fh] = OpenFile(fh, node, flags, client, opened, generation, self._nursery)
+        node.open_files.add(fh)
+        self.table.set_attr(node, opened.attr, self.config.cache.attr_ttl)
+        # keep_cache=False: each open re-reads, so changes made on the server show up.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    @staticmethod
+    def _server_flags(flags: int) -> int:
+        # The kernel computes offsets for O_APPEND itself; the server must write where told
+        # (write-behind may have several writes in flight, an O_APPEND fd would reorder them).
+        return flags & ~os.O_APPEND
+
+    @_edge
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._remote(inode)
+        if node.pinned:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC:
+            await self._flush_inode(node)
+        opened = await self._call(
+            node.server, m.Open, m.Opened, path=node.path, flags=self._server_flags(flags)
+        )
+        return self._register(node, flags, opened)
+
+    @_edge
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._node(parent_inode)
+        server, path = self._child(parent, name)
+        opened = await self._call(
+            server, m.Create, m.Opened, path=path, mode=mode & 0o7777, flags=self._server_flags(flags)
+        )
+        self._parent_changed(parent)
+        entry = self._new_entry(server, path, opened.attr)
+        node = self._node(entry.st_ino)
+        return self._register(node, flags, opened), entry
+
+    @_edge
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self._files[fh]
+        await self._flush_inode(f.node, except_fh=fh)
+        return await f.read(off, size)
+
+    @_edge
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        f = self._files[fh]
+        n = await f.write(off, buf)
+        self.table.expire(f.node)
+        return n
+
+    @_edge
+    async def flush(self, fh: int) -> None:
+        f = self._files[fh]
+        await f.flush()
+        self.table.expire(f.node)
+
+    @_edge
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._files[fh].fsync(datasync)
+
+    @_edge
+    async def release(self, fh: int) -> None:
+        f = self._files.pop(fh, None)
+        if f is None:
+            return
+        try:
+            await f.close()
+        except OSError as exc:
+            # close(2) has already returned; a late write error can only be logged.
+            log.warning("%s:%s: error at release: %s", f.server, f.path, exc)
+        finally:
+            f.node.open_files.discard(fh)
+            self.table.expire(f.node)
+            self.table.discard_if_unused(f.node)
+
+    # --- filesystem ---------------------------------------------------------------------------
+    @_edge
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        # pyfuse3 does not say which inode statfs is for: report the sum over reachable servers.
+        frsize = 4096
+        total = [0, 0, 0, 0, 0]
+        namemax = 255
+
+        async def one(server: str) -> None:
+            nonlocal namemax
+            try:
+                with trio.fail_after(self.config.connect_timeout):
+                    s = await self._call(server, m.StatFs, m.FsStats)
+            except (OSError, trio.TooSlowError) as exc:
+                log.debug("statfs of %s: %s", server, exc)
+                return
+            scale = s.frsize / frsize
+            total[0] += int(s.blocks * scale)
+            total[1] += int(s.bfree * scale)
+            total[2] += int(s.bavail * scale)
+            total[3] += s.files
+            total[4] += s.ffree
+            namemax = min(namemax, s.namemax)
+
+        async with trio.open_nursery() as nursery:
+            for server in self.config.servers:
+                nursery.start_soon(one, server)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = BLKSIZE
+        out.f_frsize = frsize
+        out.f_blocks, out.f_bfree, out.f_bavail, out.f_files, out.f_ffree = total
+        out.f_favail = total[4]
+        out.f_namemax = namemax
+        return out
+
+    # --- extended attributes ------------------------------------------------------------------
+    @_edge
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        key = _fs_name(name)
+        if not node.server or not key.startswith("user."):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        if key.startswith(XATTR_ETFS):
+            if key == "user.etfs.server":
+                return node.server.encode()
+            if key == "user.etfs.path":
+                return node.path.encode()
+            if key == "user.etfs.checksum":
+                await self._flush_inode(node)
+                digest = await self._call(node.server, m.Checksum, str, path=node.path)
+                return f"xxh3-128:{digest}".encode()
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return await self._call(node.server, m.GetXattr, bytes, path=node.path, name=key)
+
+    @_edge
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        node = self._node(inode)
+        if not node.server:
+            return []
+        names = await self._call(node.server, m.ListXattr, list[str], path=node.path)
+        ours = list(ETFS_XATTRS if stat.S_ISREG((node.attr or self._dir_attr()).mode) else ETFS_XATTRS[:2])
+        return [n.encode() for n in ours + [n for n in names if not n.startswith(XATTR_ETFS)]]
+
+    @_edge
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._remote(inode)
+        key = _fs_name(name)
+        if key.startswith(XATTR_ETFS):
+            raise pyfuse3.FUSEError(errno.EPERM)  # etfs information is read-only
+        if not key.startswith("user."):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        await self._call(node.server, m.SetXattr, None, path=node.path, name=key, value=value)
+
+    @_edge
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._remote(inode)
+        key = _fs_name(name)
+        if key.startswith(XATTR_ETFS):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if not key.startswith("user."):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        await self._call(node.server, m.RemoveXattr, None, path=node.path, name=key)

@@ -1,0 +1,457 @@
+"""`etfs mount` / `etfs umount`: run the FUSE daemon and set up the per-server mountpoints.
+
+Topology (DESIGN-NOTES section 1): ONE pyfuse3 mount at ``config.root`` whose top-level
+directories are the servers, so a `cp` between two servers stays on one FUSE superblock and
+reaches the daemon as one copy_file_range request.  Each server's configured ``mountpoint`` is a
+bind mount of ``ROOT/NAME`` (root) or a symlink to it (anyone else).
+
+Without ``--foreground`` the command re-executes itself with ``--foreground`` in a new session
+and returns only once the mount answers (or prints the daemon's error and exits 1).  The daemon
+writes ``<root's parent>/daemon.json`` (pid, root, config, mountpoints) so `etfs umount`, `etfs
+status` and friends can find it, and removes it at exit.  SIGINT/SIGTERM unmount everything.
+Leftovers of a crashed daemon (ENOTCONN on stat) are cleaned up at the next mount.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from etfs.config import ClientConfig, load_client_config
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+READ_AHEAD_KB = 1024
+FUSE_OPTIONS = ("fsname=etfs", "subtype=etfs", "noatime")
+
+
+# --- helpers shared by mount and umount --------------------------------------------------------
+def registry_path(root: Path) -> Path:
+    return root.parent / "daemon.json"
+
+
+def read_registry(root: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(registry_path(root).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mounted_paths() -> set[str]:
+    out = set()
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 1:
+                    out.add(parts[1].replace("\\040", " ").replace("\\011", "\t"))
+    except OSError:
+        pass
+    return out
+
+
+def _is_mounted(path: Path) -> bool:
+    # /proc only: os.path.ismount stats, which hangs on a FUSE mount nobody serves.
+    return str(path) in _mounted_paths()
+
+
+def _stale(path: Path) -> bool:
+    """A mount whose daemon is gone: stat says ENOTCONN (or ECONNABORTED after an abort)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+_MNT_DETACH = 2
+
+
+def detach(path: Path) -> bool:
+    """umount2(path, MNT_DETACH) without any stat of the path.
+
+    umount(8) stats its argument first, which hangs on a FUSE mount whose loop is not
+    serving requests any more (our own teardown, or a stuck daemon).  Needs root.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(str(path)), _MNT_DETACH) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err not in (errno.EINVAL, errno.ENOENT):
+        log.warning("umount2(%s): %s", path, os.strerror(err))
+    return False
+
+
+def force_unmount(path: Path) -> None:
+    """Lazily unmount whatever is mounted at path (FUSE or bind); quiet when nothing is."""
+    if os.geteuid() == 0:
+        detach(path)
+    if (_is_mounted(path) or _stale(path)) and shutil.which("fusermount3"):
+        cmd = ["fusermount3", "-u", "-z", str(path)]
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def _mountpoints(config: ClientConfig) -> dict[str, Path]:
+    return {name: e.mountpoint for name, e in config.servers.items() if e.mountpoint is not None}
+
+
+def cleanup_stale(config: ClientConfig) -> None:
+    """Remove mounts and the registry left by a daemon that died without unmounting."""
+    root = config.root
+    reg = read_registry(root)
+    if reg is not None and isinstance(reg.get("pid"), int) and pid_alive(reg["pid"]):
+        if _is_mounted(root) and not _stale(root):
+            raise RuntimeError(
+                f"{root} is already mounted by etfs (pid {reg['pid']}); run 'etfs umount' first"
+            )
+    for path in [*_mountpoints(config).values(), root]:
+        if (
+            _stale(path)
+            or (path == root and _is_mounted(path))
+            or (path != root and _bind_of_root(path, root))
+        ):
+            log.warning("cleaning up a stale mount at %s", path)
+            force_unmount(path)
+    if reg is not None and not (isinstance(reg.get("pid"), int) and pid_alive(reg["pid"])):
+        registry_path(root).unlink(missing_ok=True)
+
+
+def _bind_of_root(path: Path, root: Path) -> bool:
+    """Is path a mount point of ours (a bind mount of the etfs filesystem) whose daemon is gone?"""
+    if str(path) not in _mounted_paths():
+        return False
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) > 4 and fields[4] == str(path):
+                    return right.split()[0].startswith("fuse") and "etfs" in right
+    except OSError:
+        pass
+    return False
+
+
+# --- etfs mount ---------------------------------------------------------------------------------
+def cmd_mount(args: argparse.Namespace) -> int:
+    config = load_client_config(args.config)
+    if args.foreground:
+        return run_foreground(config, args.log_file)
+    return _start_background(config, args)
+
+
+def _start_background(config: ClientConfig, args: argparse.Namespace) -> int:
+    try:
+        cleanup_stale(config)
+    except RuntimeError as exc:
+        print(f"etfs mount: {exc}", file=sys.stderr)
+        return 1
+    config.root.parent.mkdir(parents=True, exist_ok=True)
+    log_file: Path = args.log_file or config.root.parent / "daemon.log"
+    cmd = [sys.executable, "-m", "etfs.cli"]
+    if getattr(args, "verbose", False):
+        cmd.append("-v")
+    cmd += ["mount", "-c", str(Path(args.config).resolve()), "--foreground", "--log-file", str(log_file)]
+    with open(log_file, "ab") as logf:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            print(f"etfs mount: the daemon exited with status {code}; see {log_file}:", file=sys.stderr)
+            print(_tail(log_file), file=sys.stderr)
+            return 1
+        if _ready(config, proc.pid):
+            print(f"etfs: mounted {config.root} (pid {proc.pid})")
+            return 0
+        time.sleep(0.05)
+    print(
+        f"etfs mount: the mount did not become ready in {READY_TIMEOUT:.0f}s; see {log_file}", file=sys.stderr
+    )
+    proc.terminate()
+    return 1
+
+
+def _ready(config: ClientConfig, pid: int) -> bool:
+    reg = read_registry(config.root)
+    if reg is None or reg.get("pid") != pid or not os.path.ismount(config.root):
+        return False
+    try:
+        os.stat(config.root)
+    except OSError:
+        return False
+    return True
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _setup_logging(log_file: Path | None) -> None:
+    if log_file is None:
+        return
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root_logger = logging.getLogger()
+    for h in list(root_logger.handlers):
+        root_logger.removeHandler(h)
+    root_logger.addHandler(handler)
+    if root_logger.level > logging.INFO or root_logger.level == logging.NOTSET:
+        root_logger.setLevel(logging.INFO)
+
+
+def run_foreground(config: ClientConfig, log_file: Path | None = None) -> int:
+    """Mount, serve until unmounted or signalled, clean up; the daemon's body."""
+    _setup_logging(log_file)
+    try:
+        cleanup_stale(config)
+    except RuntimeError as exc:
+        print(f"etfs mount: {exc}", file=sys.stderr)
+        return 1
+    try:
+        from etfs import copyrange
+
+        copyrange.install()
+    except Exception as exc:
+        log.warning(
+            "copy_file_range hook unavailable (%s): cp between servers will go through this client", exc
+        )
+    root = config.root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"etfs mount: cannot create {root}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        trio.run(_serve, config)
+    except KeyboardInterrupt:
+        pass
+    except (OSError, RuntimeError) as exc:
+        log.error("mount failed: %s", exc)
+        print(f"etfs mount: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(config: ClientConfig) -> None:
+    import pyfuse3
+
+    from etfs.client import Pool
+    from etfs.fs import EtfsOperations
+    from etfs.transfer.service import run_client_services
+
+    root = config.root
+    options = set(FUSE_OPTIONS)
+    if os.geteuid() == 0:
+        options.add("allow_other")  # the daemon is root, users of the mountpoints are not
+    async with trio.open_nursery() as nursery:
+        pool = Pool(config, nursery)
+        ops = EtfsOperations(config, pool, nursery)
+        pyfuse3.init(ops, str(root), options)
+        mounted = True
+        links: list[Path] = []
+        binds: list[Path] = []
+        try:
+            try:
+                from etfs import copyrange
+
+                copyrange.require_installed()
+            except Exception as exc:
+                log.warning(
+                    "copy_file_range is not installed (%s): cp between servers goes through the client", exc
+                )
+            await nursery.start(run_client_services, ops, pool, config)
+            # Everything that stats the mount must run while pyfuse3.main serves requests.
+            nursery.start_soon(_after_mount, config, binds, links)
+            nursery.start_soon(_watch_signals, config, binds, links, pyfuse3.terminate)
+            await pyfuse3.main()
+        finally:
+            with trio.CancelScope(shield=True):
+                _teardown(config, binds, links)
+                if mounted:
+                    try:
+                        pyfuse3.close(unmount=True)
+                    except Exception as exc:
+                        log.warning("pyfuse3.close: %s", exc)
+                    if _is_mounted(root):
+                        force_unmount(root)
+                await pool.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(config: ClientConfig, binds: list[Path], links: list[Path], terminate: Any) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for sig in signals:
+            log.info("received %s: unmounting", signal.Signals(sig).name)
+            # Mountpoints first, while the FUSE loop still answers (unmounting may stat them).
+            await trio.to_thread.run_sync(_teardown, config, binds, links)
+            terminate()
+            return
+
+
+async def _after_mount(config: ClientConfig, binds: list[Path], links: list[Path]) -> None:
+    root = config.root
+    st = await trio.to_thread.run_sync(os.stat, root)
+    if os.geteuid() == 0:
+        _raise_readahead(st.st_dev)
+    for name, mp in _mountpoints(config).items():
+        target = root / name
+        try:
+            if os.geteuid() == 0:
+                await _bind(target, mp)
+                binds.append(mp)
+            else:
+                _symlink(target, mp)
+                links.append(mp)
+        except OSError as exc:
+            log.error("cannot set up mountpoint %s for %s: %s", mp, name, exc)
+    reg = {
+        "pid": os.getpid(),
+        "root": str(root),
+        "config": str(config.file.resolve()),
+        "mountpoints": {n: str(p) for n, p in _mountpoints(config).items()},
+        "bind_mounts": [str(p) for p in binds],
+        "symlinks": [str(p) for p in links],
+        "started": time.time(),
+    }
+    path = registry_path(root)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(reg, indent=1) + "\n")
+    tmp.rename(path)
+    log.info("etfs mounted at %s (%d servers)", root, len(config.servers))
+
+
+def _raise_readahead(dev: int) -> None:
+    # DESIGN-NOTES: read_ahead_kb=1024 lets the kernel read ahead in 1 MiB (0.96 -> 1.55 GB/s).
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        bdi.write_text(f"{READ_AHEAD_KB}\n")
+    except OSError as exc:
+        log.warning("cannot raise %s: %s", bdi, exc)
+
+
+async def _bind(target: Path, mp: Path) -> None:
+    if mp.is_symlink():
+        mp.unlink()
+    mp.mkdir(parents=True, exist_ok=True)
+    result = await trio.run_process(
+        ["mount", "--bind", str(target), str(mp)], capture_stdout=True, capture_stderr=True, check=False
+    )
+    if result.returncode != 0:
+        raise OSError(errno.EIO, result.stderr.decode(errors="replace").strip() or "mount --bind failed")
+
+
+def _symlink(target: Path, mp: Path) -> None:
+    mp.parent.mkdir(parents=True, exist_ok=True)
+    if mp.is_symlink():
+        mp.unlink()
+    elif mp.is_dir():
+        mp.rmdir()  # only an empty directory can be replaced (OSError otherwise)
+    mp.symlink_to(target)
+
+
+def _teardown(config: ClientConfig, binds: list[Path], links: list[Path]) -> None:
+    while binds:
+        detach(binds.pop())
+    while links:
+        mp = links.pop()
+        try:
+            if mp.is_symlink():
+                mp.unlink()
+        except OSError:
+            pass
+    reg = read_registry(config.root)
+    if reg is not None and reg.get("pid") == os.getpid():
+        registry_path(config.root).unlink(missing_ok=True)
+
+
+# --- etfs umount --------------------------------------------------------------------------------
+def _find_registry(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None, ClientConfig | None]:
+    if args.config is not None:
+        config = load_client_config(args.config)
+        return config.root, read_registry(config.root), config
+    if args.mountpoint is None:
+        raise RuntimeError("give -c CONFIG or a mountpoint")
+    target = Path(os.path.abspath(args.mountpoint))
+    candidates = [target]
+    if target.is_symlink():
+        candidates.append(Path(os.path.realpath(target)).parent)
+    candidates += [Path(p) for p in _mounted_paths()]
+    for root in candidates:
+        reg = read_registry(root)
+        if reg is None:
+            continue
+        if str(target) == reg.get("root") or str(target) in reg.get("mountpoints", {}).values():
+            return Path(reg["root"]), reg, None
+    return target, None, None
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    try:
+        root, reg, config = _find_registry(args)
+    except RuntimeError as exc:
+        print(f"etfs umount: {exc}", file=sys.stderr)
+        return 2
+    pid = reg.get("pid") if reg else None
+    if isinstance(pid, int) and pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(pid):
+            print(f"etfs umount: daemon {pid} did not exit; unmounting lazily", file=sys.stderr)
+    # Whatever is left (crashed or stuck daemon): lazy unmounts.
+    mps = [Path(p) for p in (reg or {}).get("mountpoints", {}).values()]
+    if config is not None:
+        mps += list(_mountpoints(config).values())
+    for mp in mps:
+        if _is_mounted(mp) or _stale(mp):
+            force_unmount(mp)
+        elif mp.is_symlink() and os.path.realpath(mp).startswith(str(root) + "/"):
+            mp.unlink()
+    if _is_mounted(root) or _stale(root):
+        force_unmount(root)
+    if reg is not None and not (isinstance(pid, int) and pid_alive(pid)):
+        registry_path(root).unlink(missing_ok=True)
+    if _is_mounted(root):
+        print(f"etfs umount: {root} is still mounted", file=sys.stderr)
+        return 1
+    if reg is None and config is None:
+        print(f"etfs umount: no etfs mount found for {args.mountpoint}", file=sys.stderr)
+        return 1
+    return 0
