@@ -322,10 +322,16 @@ class Transfer:
             h.update((dig or 0).to_bytes(8, "big"))
         return "xxh3-64-tree:" + h.hexdigest()
 
-    def fetch_stream(self, sock: socket.socket, queue: BlockQueue) -> None:
-        """Destination side of one data connection: request blocks, receive, verify, journal."""
+    def fetch_stream(self, sock: socket.socket, queue: BlockQueue, receiver: str) -> None:
+        """Destination side of one data connection: request blocks, receive, verify, journal.
+
+        ``receiver`` "splice" moves socket -> pipe -> file without a user-space copy and
+        re-reads the block from the page cache to hash it; "recv_write" receives into a
+        buffer, writes it and hashes the buffer.
+        """
         buf = bytearray(self.block_size)
         view = memoryview(buf)
+        pipe = native.Pipe() if receiver == "splice" else None
         flags = d.FLAG_DIGEST if self.verify else 0
         inflight: list[int] = []
         try:
@@ -344,9 +350,14 @@ class Transfer:
                 got_off, got_len, status = d.BLOCK.unpack(_recv_exact(sock, d.BLOCK.size))
                 if status or got_off != offset or got_len != length:
                     raise TransferError(errno.EIO, f"source refused block at {offset} (status {status})")
-                native.recv_write(sock.fileno(), self.part_fd, offset, length, view)
+                if pipe is not None:
+                    native.splice_recv(sock.fileno(), self.part_fd, offset, length, pipe)
+                else:
+                    native.recv_write(sock.fileno(), self.part_fd, offset, length, view)
                 (theirs,) = d.DIGEST.unpack(_recv_exact(sock, d.DIGEST.size))
                 if self.verify:
+                    if pipe is not None and os.preadv(self.part_fd, [view[:length]], offset) != length:
+                        raise TransferError(errno.EIO, f"short read-back of block at {offset}")
                     ours = xxhash.xxh3_64_intdigest(view[:length])
                     if ours != theirs:
                         tries = queue.put_back(index)
@@ -368,6 +379,8 @@ class Transfer:
                 self.block_done(index, ours)
             sock.sendall(d.REQUEST.pack(0, 0, d.FLAG_DONE))
         finally:
+            if pipe is not None:
+                pipe.close()
             for index in inflight:
                 queue.put_back(index)
 
@@ -785,7 +798,9 @@ class TransferService:
                     )
                 t.sockets.append(sock)
                 try:
-                    await trio.to_thread.run_sync(t.fetch_stream, sock, queue, limiter=self.data_threads)
+                    await trio.to_thread.run_sync(
+                        t.fetch_stream, sock, queue, self.config.receiver, limiter=self.data_threads
+                    )
                 finally:
                     sock.close()
             except trio.TooSlowError:
@@ -869,9 +884,7 @@ class TransferService:
             os.utime(proc, ns=(t.cap.mtime_ns, t.cap.mtime_ns))
         with root.parent(t.part) as (pfd, pname), root.parent(rec.path) as (dfd, dname):
             if req.mode == "new":
-                # link() never replaces: an atomic "rename unless the name exists" for files.
-                os.link(pname, dname, src_dir_fd=pfd, dst_dir_fd=dfd, follow_symlinks=False)
-                os.unlink(pname, dir_fd=pfd)
+                native.renameat2(pfd, pname, dfd, dname, native.RENAME_NOREPLACE)
             else:
                 os.rename(pname, dname, src_dir_fd=pfd, dst_dir_fd=dfd)
         for p in (t.restart, t.journal):

@@ -38,6 +38,8 @@ from typing import Any, TypeAlias
 from etfs._sendfile_cffi._native import ffi, lib
 
 __all__ = [
+    "RENAME_EXCHANGE",
+    "RENAME_NOREPLACE",
     "RESOLVE_BENEATH",
     "RESOLVE_CACHED",
     "RESOLVE_IN_ROOT",
@@ -48,6 +50,7 @@ __all__ = [
     "openat2",
     "read_send",
     "recv_write",
+    "renameat2",
     "sendfile",
     "splice_recv",
 ]
@@ -236,3 +239,12 @@ def openat2(
     if b"\0" in bpath:
         raise ValueError("embedded null byte in path")
     return _check(lib.etfs_openat2(dirfd, bpath, flags | os.O_CLOEXEC, mode, resolve))
+
+
+RENAME_NOREPLACE: int = int(lib.RENAME_NOREPLACE)
+RENAME_EXCHANGE: int = int(lib.RENAME_EXCHANGE)
+
+
+def renameat2(olddirfd: int, oldpath: str, newdirfd: int, newpath: str, flags: int = 0) -> None:
+    """``renameat2(2)``: rename with ``RENAME_NOREPLACE`` (fail with EEXIST) or ``RENAME_EXCHANGE``."""
+    _check(lib.etfs_renameat2(olddirfd, os.fsencode(oldpath), newdirfd, os.fsencode(newpath), flags))

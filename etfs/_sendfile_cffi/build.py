@@ -42,6 +42,9 @@ long long etfs_recv_write(int sock_fd, int file_fd, long long offset, long long 
 long long etfs_splice_recv(int sock_fd, int file_fd, long long offset, long long count,
                            int pipe_r, int pipe_w);
 int etfs_openat2(int dirfd, const char *path, int flags, int mode, unsigned long long resolve);
+int etfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags);
+#define RENAME_NOREPLACE ...
+#define RENAME_EXCHANGE ...
 """
 
 C_SOURCE = r"""
@@ -360,6 +363,19 @@ long long etfs_splice_recv(int sock_fd, int file_fd, long long offset, long long
         }
     }
     return done;
+}
+
+/* renameat2 through syscall(): glibc's wrapper needs <stdio.h> with _GNU_SOURCE and is
+   newer than some headers; the syscall itself exists since Linux 3.15. */
+#ifndef RENAME_NOREPLACE
+#  define RENAME_NOREPLACE (1 << 0)
+#endif
+#ifndef RENAME_EXCHANGE
+#  define RENAME_EXCHANGE (1 << 1)
+#endif
+int etfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags)
+{
+    return (int)syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);
 }
 
 int etfs_openat2(int dirfd, const char *path, int flags, int mode, unsigned long long resolve)
