@@ -65,10 +65,44 @@ class ExportRoot:
         try:
             return native.openat2(self.fd, rel, flags | os.O_CLOEXEC, mode, RESOLVE)
         except OSError as exc:
-            if exc.errno in (errno.EXDEV, errno.ELOOP) and not flags & os.O_NOFOLLOW:
-                # EXDEV: resolution would leave the export.  ELOOP here may be a magic link.
-                raise EscapeError(path, "leads outside the export (symlink)") from None
+            # EXDEV: resolution would leave the export (also when only the final component is
+            # followed-free: an intermediate symlink pointing out).  ELOOP: a magic link, a loop,
+            # or (with O_NOFOLLOW) a symlink as the last component, which we never follow.
+            if exc.errno in (errno.EXDEV, errno.ELOOP):
+                raise EscapeError(path, "leads outside the export (or through a symlink)") from None
             raise
+
+    def real_path(self, fd: int) -> str:
+        """The export-relative path an open fd really refers to (after following symlinks)."""
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        root = str(self.path)
+        if target == root:
+            return "/"
+        if not target.startswith(root.rstrip("/") + "/"):
+            raise EscapeError(target, "resolves outside the export")
+        return "/" + target[len(root.rstrip("/")) + 1 :]
+
+    def resolve_parent(self, path: str) -> str:
+        """``path`` with the symlinks in its parent directories resolved (beneath the export).
+
+        The ACL is checked on this path too: a symlink inside a granted prefix that points
+        elsewhere in the export must not widen the user's rights.  When the parent does not
+        exist the path is returned unchanged (the operation itself will fail).
+        """
+        parent, name = split(path)
+        if not name:
+            return path
+        try:
+            fd = self.open(parent, os.O_PATH | os.O_DIRECTORY)
+        except EscapeError:
+            raise
+        except OSError:
+            return path
+        try:
+            real = self.real_path(fd)
+        finally:
+            os.close(fd)
+        return (real.rstrip("/") + "/" + name) if real != "/" else "/" + name
 
     @contextmanager
     def parent(self, path: str) -> Iterator[tuple[int, str]]:

@@ -73,6 +73,9 @@ class Session:
     def check(self, path: str, right: Right) -> str:
         path = normalize(path)
         self.acl.check(self.user, self.groups, path, right)
+        real = self.root.resolve_parent(path)
+        if real != path:  # reached through a symlinked directory: the target needs the right too
+            self.acl.check(self.user, self.groups, real, right)
         return path
 
     def _handle(self, hid: int) -> Handle:
@@ -109,12 +112,16 @@ class Session:
         path = normalize(req.path)
         if path != "/" and not self.acl.visible(self.user, self.groups, path):
             self.acl.check(self.user, self.groups, path, Right.LIST)
+        real = self.root.resolve_parent(path)
+        if real != path and not self.acl.visible(self.user, self.groups, real):
+            self.acl.check(self.user, self.groups, real, Right.LIST)
         return to_attr(self.root.lstat(path))
 
     def op_list(self, req: m.List) -> m.ListPage:
         path = self.check(req.path, Right.LIST)
         limit = max(1, min(req.limit, LIST_MAX))
-        with self.root.opened(path, os.O_RDONLY | os.O_DIRECTORY) as dfd:
+        # O_NOFOLLOW: a symlink to a directory elsewhere is not listed through (see `check`).
+        with self.root.opened(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW) as dfd:
             names = sorted(n for n in os.listdir(dfd) if n > req.after)
             entries = []
             for name in names[:limit]:
