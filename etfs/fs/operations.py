@@ -600,16 +600,16 @@ class EtfsOperations(pyfuse3.Operations):
         key = _fs_name(name)
         if not node.server or not key.startswith("user."):
             raise pyfuse3.FUSEError(errno.ENODATA)
-        if key.startswith(XATTR_ETFS):
-            if key == "user.etfs.server":
-                return node.server.encode()
-            if key == "user.etfs.path":
-                return node.path.encode()
-            if key == "user.etfs.checksum":
-                await self._flush_inode(node)
-                digest = await self._call(node.server, m.Checksum, str, path=node.path)
-                return f"xxh3-128:{digest}".encode()
-            raise pyfuse3.FUSEError(errno.ENODATA)
+        # Computed attributes; the server's own user.etfs.* (digest, transfer_id, source of a
+        # transfer) pass through below.
+        if key == "user.etfs.server":
+            return node.server.encode()
+        if key == "user.etfs.path":
+            return node.path.encode()
+        if key == "user.etfs.checksum":
+            await self._flush_inode(node)
+            digest = await self._call(node.server, m.Checksum, str, path=node.path)
+            return f"xxh3-128:{digest}".encode()
         return await self._call(node.server, m.GetXattr, bytes, path=node.path, name=key)
 
     @_edge
@@ -617,16 +617,17 @@ class EtfsOperations(pyfuse3.Operations):
         node = self._node(inode)
         if not node.server:
             return []
+        # The computed user.etfs.* are readable but not listed: `mv` and `cp -a` copy every
+        # listed attribute (and the checksum would read the whole file).
         names = await self._call(node.server, m.ListXattr, list[str], path=node.path)
-        ours = list(ETFS_XATTRS if stat.S_ISREG((node.attr or self._dir_attr()).mode) else ETFS_XATTRS[:2])
-        return [n.encode() for n in ours + [n for n in names if not n.startswith(XATTR_ETFS)]]
+        return [n.encode() for n in names if n not in ETFS_XATTRS]
 
     @_edge
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._remote(inode)
         key = _fs_name(name)
-        if key.startswith(XATTR_ETFS):
-            raise pyfuse3.FUSEError(errno.EPERM)  # etfs information is read-only
+        if key in ETFS_XATTRS:
+            raise pyfuse3.FUSEError(errno.EPERM)  # computed etfs information is read-only
         if not key.startswith("user."):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         await self._call(node.server, m.SetXattr, None, path=node.path, name=key, value=value)
@@ -635,7 +636,7 @@ class EtfsOperations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._remote(inode)
         key = _fs_name(name)
-        if key.startswith(XATTR_ETFS):
+        if key in ETFS_XATTRS:
             raise pyfuse3.FUSEError(errno.EPERM)
         if not key.startswith("user."):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
