@@ -18,7 +18,7 @@ import trio
 
 from etfs.protocol import auth
 from etfs.protocol import messages as m
-from etfs.protocol.connection import RemoteProtocolError, Role
+from etfs.protocol.connection import LocalProtocolError, RemoteProtocolError, Role
 from etfs.protocol.trio_stream import MessageStream
 
 from .config import ServerConfig
@@ -191,8 +191,8 @@ class EtfsServer:
                 reply = error_reply(req.id, exc)
             try:
                 await ms.send(reply)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+                pass  # the connection died (or hit a fatal protocol error) while we worked
         finally:
             limit.release()
 

@@ -1,0 +1,213 @@
+"""A real `etfs-server` process: command line, file operations, pipelining, bad requests,
+and 100 concurrent clients."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+from server_helpers import (
+    REPO,
+    RawClient,
+    ServerFactory,
+    ServerProcess,
+    Setup,
+    server_factory,
+    standard_setup,
+)
+
+from etfs.client.connection import RemoteError, ServerClient
+from etfs.protocol import messages as m
+
+__all__ = ["server_factory"]  # fixture re-exported for pytest
+
+
+def test_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "etfs_server.main", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0
+    assert "usage: etfs-server" in out.stdout and "--config" in out.stdout and "--port-file" in out.stdout
+    assert out.stderr == ""
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Setup]]:
+    setup = standard_setup(tmp_path_factory.mktemp("srv"))
+    sp = ServerProcess(setup.config, setup.dir)
+    try:
+        sp.start()
+        yield sp, setup
+    finally:
+        sp.stop()
+    sp.assert_healthy(r"bad request", r"protocol error")
+
+
+async def test_file_operations(srv: tuple[ServerProcess, Setup], nursery: trio.Nursery) -> None:
+    sp, setup = srv
+    c = sp.client(nursery, "alice", setup.keys["alice"])
+    await c.call(m.Mkdir, path="/tmp/ops", mode=0o755)
+    o = await c.call(m.Create, m.Opened, path="/tmp/ops/a.txt", mode=0o640, flags=os.O_RDWR | os.O_EXCL)
+    assert await c.call(m.Write, int, handle=o.handle, offset=0, data=b"hello world") == 11
+    await c.call(m.Fsync, handle=o.handle)
+    assert await c.call(m.Read, bytes, handle=o.handle, offset=6, size=100) == b"world"
+    await c.call(m.Close, handle=o.handle)
+    with pytest.raises(RemoteError) as ei:
+        await c.call(m.Close, handle=o.handle)
+    assert ei.value.errno == errno.EBADF
+    attr = await c.call(m.Stat, m.Attr, path="/tmp/ops/a.txt")
+    assert attr.size == 11 and attr.mode & 0o777 == 0o640
+    await c.call(m.Rename, old="/tmp/ops/a.txt", new="/tmp/ops/b.txt")
+    page = await c.call(m.List, m.ListPage, path="/tmp/ops")
+    assert [e.name for e in page.entries] == ["b.txt"] and not page.more
+    await c.call(m.SetAttr, m.Attr, path="/tmp/ops/b.txt", size=5)
+    assert (setup.export / "tmp/ops/b.txt").read_bytes() == b"hello"
+    await c.call(m.Symlink, path="/tmp/ops/l", target="b.txt")
+    assert await c.call(m.Readlink, str, path="/tmp/ops/l") == "b.txt"
+    await c.call(m.Link, old="/tmp/ops/b.txt", new="/tmp/ops/c.txt")
+    assert (await c.call(m.Stat, m.Attr, path="/tmp/ops/c.txt")).nlink == 2
+    assert len(await c.call(m.Checksum, str, path="/tmp/ops/c.txt")) == 32
+    with pytest.raises(RemoteError) as ei:
+        await c.call(m.Create, path="/tmp/ops/b.txt", mode=0o644, flags=os.O_RDWR | os.O_EXCL)
+    assert ei.value.errno == errno.EEXIST
+    with pytest.raises(RemoteError) as ei:
+        await c.call(m.Stat, path="/tmp/ops/missing")
+    assert ei.value.errno == errno.ENOENT
+    for name in ("b.txt", "c.txt", "l"):
+        await c.call(m.Unlink, path=f"/tmp/ops/{name}")
+    await c.call(m.Rmdir, path="/tmp/ops")
+    assert (await c.call(m.StatFs, m.FsStats)).bsize > 0
+    await c.aclose()
+
+
+async def test_pipelined_requests_on_live_server(
+    srv: tuple[ServerProcess, Setup], nursery: trio.Nursery
+) -> None:
+    """Many requests in flight on one connection; each reply is matched to its caller by id."""
+    sp, setup = srv
+    for i in range(40):
+        (setup.export / "tmp" / f"p{i}").write_bytes(b"x" * i)
+    c = sp.client(nursery, "alice", setup.keys["alice"])
+    sizes: dict[int, int] = {}
+
+    async def one(i: int) -> None:
+        sizes[i] = (await c.call(m.Stat, m.Attr, path=f"/tmp/p{i}")).size
+
+    async with trio.open_nursery() as n:
+        for i in range(40):
+            n.start_soon(one, i)
+    assert sizes == {i: i for i in range(40)}
+    await c.aclose()
+
+
+async def bad_request_round(raw: RawClient, body: bytes, rid: int) -> None:
+    await raw.send_body(body)
+    reply = await raw.receive()
+    assert isinstance(reply, m.Err), reply
+    assert reply.errno == errno.EPROTO and reply.id == rid, reply
+
+
+async def test_malformed_requests_get_eproto_with_id(srv: tuple[ServerProcess, Setup]) -> None:
+    sp, setup = srv
+    raw = await RawClient.connect(sp.control_port)
+    try:
+        await raw.login("alice", setup.keys["alice"])
+        enc = msgspec.msgpack.encode
+        await bad_request_round(raw, enc({"t": "frobnicate", "id": 5}), 5)
+        await bad_request_round(raw, enc({"t": "stat", "id": 6, "path": 42}), 6)
+        await bad_request_round(raw, enc({"t": "read", "id": 7, "handle": "h", "offset": 0, "size": 1}), 7)
+        await bad_request_round(
+            raw, enc({"t": "hello", "version": 1, "user": "a", "export": "", "nonce": b""}), 0
+        )
+        await bad_request_round(raw, b"\xc1", 0)
+        # the connection still works
+        await raw.send(m.Ping(8))
+        assert await raw.receive() == m.Ok(8, None)
+    finally:
+        await raw.aclose()
+
+
+async def test_oversized_frame_closes_only_that_connection(
+    srv: tuple[ServerProcess, Setup], nursery: trio.Nursery
+) -> None:
+    sp, setup = srv
+    other = sp.client(nursery, "alice", setup.keys["alice"])
+    await other.call(m.Ping)
+    raw = await RawClient.connect(sp.control_port)
+    try:
+        await raw.login("alice", setup.keys["alice"])
+        await raw.send_raw((25 * 2**20).to_bytes(4, "big") + b"\0" * 100)
+        reply = await raw.receive()
+        assert isinstance(reply, m.Err) and reply.id == 0 and reply.errno == errno.EPROTO
+        assert await raw.receive() is None
+    finally:
+        await raw.aclose()
+    assert await other.call(m.Ping) is None  # the same old connection of another client
+    assert sp.alive()
+
+
+async def test_abrupt_disconnects_do_not_hurt(
+    srv: tuple[ServerProcess, Setup], nursery: trio.Nursery
+) -> None:
+    sp, setup = srv
+    for _ in range(5):
+        raw = await RawClient.connect(sp.control_port)
+        await raw.login("alice", setup.keys["alice"])
+        await raw.send(m.Stat(1, "/tmp"))
+        await raw.send_raw(b"\0\0")  # half a header, then gone
+        await raw.aclose()
+    c = sp.client(nursery, "alice", setup.keys["alice"])
+    assert await c.call(m.Ping) is None
+    await c.aclose()
+
+
+async def test_hundred_concurrent_clients(server_factory: ServerFactory, tmp_path: Path) -> None:
+    setup = standard_setup(tmp_path / "many")
+    sp = server_factory(setup.config)
+    n_clients = 100
+    errors: list[str] = []
+
+    async def session(i: int, nursery: trio.Nursery) -> None:
+        c: ServerClient = sp.client(nursery, "alice", setup.keys["alice"])
+        d = f"/tmp/c{i}"
+        payload = os.urandom(1000 + i * 37)
+        await c.call(m.Mkdir, path=d, mode=0o755)
+        for j in range(3):
+            o = await c.call(m.Create, m.Opened, path=f"{d}/f{j}", mode=0o644, flags=os.O_RDWR | os.O_EXCL)
+            half = len(payload) // 2
+            await c.call(m.Write, int, handle=o.handle, offset=0, data=payload[:half])
+            await c.call(m.Write, int, handle=o.handle, offset=half, data=payload[half:])
+            await c.call(m.Close, handle=o.handle)
+        await c.call(m.Rename, old=f"{d}/f0", new=f"{d}/renamed")
+        await c.call(m.Unlink, path=f"{d}/f1")
+        page = await c.call(m.List, m.ListPage, path=d)
+        if [e.name for e in page.entries] != ["f2", "renamed"]:
+            errors.append(f"client {i}: listing {page}")
+        for name in ("f2", "renamed"):
+            attr = await c.call(m.Stat, m.Attr, path=f"{d}/{name}")
+            o = await c.call(m.Open, m.Opened, path=f"{d}/{name}", flags=os.O_RDONLY)
+            data = await c.call(m.Read, bytes, handle=o.handle, offset=0, size=len(payload) + 10)
+            await c.call(m.Close, handle=o.handle)
+            if attr.size != len(payload) or data != payload:
+                errors.append(f"client {i}: {name} has wrong data")
+        await c.aclose()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(n_clients):
+                nursery.start_soon(session, i, nursery)
+    assert not errors, errors[:5]
+    assert len(list((setup.export / "tmp").iterdir())) == n_clients
+    assert sp.alive()
+    sp.assert_healthy()
