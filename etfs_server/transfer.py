@@ -260,22 +260,45 @@ def serve_blocks(sock: socket.socket, fd: int, size: int, sender: str, block_lim
 
 
 class BlockQueue:
-    """Blocks still to fetch, shared by the stream threads of one transfer."""
+    """Blocks still to fetch, shared by the stream threads of one transfer.
+
+    A stream that finds the queue empty while other streams still have blocks in flight
+    waits: if one of them fails, its blocks come back here for the survivors.
+    """
 
     def __init__(self, todo: list[int]) -> None:
         self._todo = list(reversed(todo))
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self.closed = False
         self.retries: dict[int, int] = {}
 
-    def take(self) -> int | None:
-        with self._lock:
-            return self._todo.pop() if self._todo else None
+    def take(self, wait: bool) -> int | None:
+        with self._cond:
+            while not self._todo and wait and self._inflight and not self.closed:
+                self._cond.wait(0.5)
+            if not self._todo or self.closed:
+                return None
+            self._inflight += 1
+            return self._todo.pop()
+
+    def done(self, index: int) -> None:
+        with self._cond:
+            self._inflight -= 1
+            self._cond.notify_all()
 
     def put_back(self, index: int) -> int:
-        with self._lock:
+        with self._cond:
+            self._inflight -= 1
             self._todo.append(index)
             self.retries[index] = self.retries.get(index, 0) + 1
+            self._cond.notify_all()
             return self.retries[index]
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
 
 
 # --- one transfer on the destination ---------------------------------------------------------------
@@ -302,6 +325,7 @@ class Transfer:
         self.part_fd = -1
         self.journal_fd = -1
         self.cancel_scope: trio.CancelScope | None = None
+        self.queue: BlockQueue | None = None
 
     def block_range(self, index: int) -> tuple[int, int]:
         offset = index * self.block_size
@@ -337,7 +361,7 @@ class Transfer:
         try:
             while True:
                 while len(inflight) < PIPELINE and not self.cancelled:
-                    index = queue.take()
+                    index = queue.take(wait=not inflight)
                     if index is None:
                         break
                     offset, length = self.block_range(index)
@@ -377,6 +401,7 @@ class Transfer:
                 else:
                     ours = theirs
                 self.block_done(index, ours)
+                queue.done(index)
             sock.sendall(d.REQUEST.pack(0, 0, d.FLAG_DONE))
         finally:
             if pipe is not None:
@@ -777,7 +802,7 @@ class TransferService:
         todo = [i for i in range(t.nblocks) if t.digests[i] is None]
         if not todo:
             return
-        queue = BlockQueue(todo)
+        queue = t.queue = BlockQueue(todo)
         nstreams = min(t.rec.streams, len(todo))
         errors: list[OSError] = []
 
@@ -895,6 +920,8 @@ class TransferService:
             return
         t.cancelled = True
         t.rec.reason, t.rec.errno = reason, code
+        if t.queue is not None:
+            t.queue.close()
         for sock in list(t.sockets):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
