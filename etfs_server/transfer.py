@@ -760,6 +760,11 @@ class TransferService:
             log.exception("transfer %s crashed", rec.id)
             rec.state, rec.errno, rec.reason = "failed", errno.EIO, f"internal error: {exc!r}"
         finally:
+            if rec.state == "failed" and (
+                rec.errno in (errno.ENOSPC, errno.ESTALE) or all(dg is None for dg in t.digests)
+            ):
+                # Nothing worth resuming (no block arrived, or the source changed): leave no trace.
+                self._cleanup_part(t)
             if rec.state == "failed":
                 log.warning(
                     "transfer %s %s -> %s failed: %s", rec.id, rec.source, rec.destination, rec.reason
