@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 READ_BLOCK = 1024 * 1024
-READAHEAD_BLOCKS = 4
+READAHEAD_BLOCKS = 8
 WRITE_BLOCK = 1024 * 1024
-WRITES_IN_FLIGHT = 4
+WRITES_IN_FLIGHT = 8
 # Flags the server keeps for a reopen: never truncate or create again.
 _REOPEN_MASK = ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL)
 
