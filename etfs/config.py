@@ -32,6 +32,19 @@ class ConfigError(Exception):
 _constructor = yaml.constructor.SafeConstructor()
 
 
+def _construct(node: yaml.Node, file: Path) -> Any:
+    """A node's Python value; a bad value (``!!int abc``, ``!!python/object``) is a `ConfigError`."""
+    try:
+        return _constructor.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(file, node.start_mark.line + 1, f"bad value: {problem}") from None
+    finally:
+        # A failed construction leaves state behind that would break the next one.
+        _constructor.constructed_objects.clear()
+        _constructor.recursive_objects.clear()
+
+
 # Fields has methods named str/int/...; these aliases keep annotations inside it unambiguous.
 _Str = str
 _Int = int
@@ -48,7 +61,7 @@ class Fields:
             raise ConfigError(file, self.line, f"{what} must be a mapping")
         self._items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         for key_node, value_node in node.value:
-            key = _constructor.construct_object(key_node, deep=True)
+            key = _construct(key_node, file)
             if not isinstance(key, str):
                 raise ConfigError(file, key_node.start_mark.line + 1, f"{what}: keys must be strings")
             if key in self._items:
@@ -75,7 +88,7 @@ class Fields:
             if default is _MISSING:
                 raise self.error(f"{self.what}: missing required key {key!r}")
             return default
-        value = _constructor.construct_object(self.node(key), deep=True)
+        value = _construct(self.node(key), self.file)
         if isinstance(value, bool) and bool not in types:
             ok = False
         else:
@@ -112,7 +125,7 @@ class Fields:
             if default is _MISSING:
                 raise self.error(f"{self.what}: missing required key {key!r}")
             return default
-        value = _constructor.construct_object(self.node(key), deep=True)
+        value = _construct(self.node(key), self.file)
         if isinstance(value, str):
             return [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -228,7 +241,7 @@ class TransferDefaults:
     direction: str = "pull"
     third_party: str = "auto"
     verify: bool = True
-    block_size: int = 8 * 1024 * 1024
+    block_size: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)

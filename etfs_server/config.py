@@ -45,7 +45,7 @@ class ServerConfig:
     max_transfers: int = 16
     max_streams: int = 16
     capability_ttl: float = 300.0
-    block_size: int = 8 * 1024 * 1024
+    block_size: int = 4 * 1024 * 1024
     sender: str = "read_send"  # or "sendfile"
     receiver: str = "splice"  # or "recv_write" (bench/raw_pair.py: splice ~2x faster on loopback)
     handshake_timeout: float = 10.0  # seconds a new connection has to authenticate
