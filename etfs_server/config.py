@@ -127,7 +127,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
             max_transfers=tr.int("max_active", 16, minimum=1),
             max_streams=tr.int("max_streams", 16, minimum=1),
             capability_ttl=tr.float("capability_ttl", 300.0),
-            block_size=tr.int("block_size_mib", 8, minimum=1) * 2**20,
+            block_size=tr.int("block_size_mib", 4, minimum=1) * 2**20,
             sender=tr.choice("sender", ("read_send", "sendfile"), "read_send"),
             receiver=tr.choice("receiver", ("recv_write", "splice"), "splice"),
         )
