@@ -107,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"etfs-server: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        # trio wraps a failure to bind (address not ours, port in use) in exception groups.
+        matched, rest = group.split(OSError)
+        if matched is None or rest is not None:
+            raise
+        first: BaseException = matched
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        print(f"etfs-server: cannot listen: {first}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,292 @@
+"""Configuration errors: `etfs-server -c broken.yaml` and `etfs.config.load_client_config` say what
+is wrong in one line naming the file (and the line), exit 2, no traceback.  The commented
+`server.example.yaml` loads and starts."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from server_helpers import REPO, make_key
+
+from etfs.config import ConfigError, load_client_config
+from etfs_server.config import load_server_config
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    (tmp_path / "export" / "tmp").mkdir(parents=True)
+    make_key(tmp_path / "alice.key")
+    return tmp_path
+
+
+def good_server_yaml(base: Path) -> str:
+    return f"""\
+name: cfgtest
+listen: 127.0.0.1:0
+state_dir: {base}/state
+users:
+  alice:
+    key_file: alice.key
+    groups: [staff]
+exports:
+  main:
+    path: {base}/export
+    acl:
+      - who: alice
+        path: /tmp
+        rights: [read, write, list]
+"""
+
+
+# (case id, change to the good YAML, expected line or None, text in the message).  A change is the
+# whole file, "+TEXT" (appended, so at line 15), or "OLD => NEW" (first occurrence replaced).
+SERVER_CASES: list[tuple[str, str, int | None, str]] = [
+    ("yaml syntax", "name: cfgtest\nlisten: [127.0.0.1:0\n", 3, "YAML syntax error"),
+    ("yaml tab indent", "name: cfgtest\nusers:\n\talice: {}\n", 3, "YAML syntax error"),
+    ("unknown top key", "+colour: blue", 15, "unknown key 'colour'"),
+    (
+        "unknown user key",
+        "    groups: [staff] =>     groups: [staff]\n    shell: /bin/sh",
+        8,
+        "unknown key 'shell'",
+    ),
+    (
+        "unknown rule key",
+        "        rights: [read, write, list] =>         rights: all\n        when: never",
+        15,
+        "'when'",
+    ),
+    ("wrong type listen", "listen: 127.0.0.1:0 => listen: 7070", 2, "listen must be a string, not int"),
+    ("wrong type groups", "groups: [staff] => groups: 5", 7, "groups must be a string or a list of strings"),
+    ("wrong type name", "name: cfgtest => name: [a, b]", 1, "name must be a string"),
+    ("wrong type handshake", "+handshake_timeout: soon", 15, "handshake_timeout must be a number"),
+    ("missing name", "name: cfgtest => nom: cfgtest", 1, "missing required key 'name'"),
+    ("missing export path", "/export\n => /nonexistent/xyz\n", 10, "is not a directory"),
+    ("unreadable key file", "key_file: alice.key => key_file: missing.key", 6, "cannot read key file"),
+    ("key file is a directory", "key_file: alice.key => key_file: export", 6, "cannot read key file"),
+    ("short key", "key_file: alice.key => key_file: short.key", 6, "at least 16 are needed"),
+    ("bad acl right", "rights: [read, write, list] => rights: [read, fly]", 14, "unknown right 'fly'"),
+    ("bad acl path", "path: /tmp\n => path: tmp\n", 13, "absolute path inside the export"),
+    ("acl dotdot path", "path: /tmp\n => path: /tmp/../etc\n", 13, "absolute path inside the export"),
+    ("acl rule without who", "- who: alice => - comment: none", 12, "needs 'who'"),
+    ("bad address port", "listen: 127.0.0.1:0 => listen: 127.0.0.1:99999", 2, "port out of range"),
+    ("bad address text", "listen: 127.0.0.1:0 => listen: 'localhost:http'", 2, "bad port in address"),
+    ("bad data address", "+data_listen: ':7071'", 15, "no host in address"),
+    ("no exports", "exports: => unused_exports:", 1, "no exports configured"),
+    ("empty exports", "+exports_extra: 1", 15, "unknown key 'exports_extra'"),
+    ("exports not mapping", "exports: => exports: [a]\nx:", 8, "must be a mapping"),
+    ("duplicate key", "+name: again", 15, "duplicate key 'name'"),
+    ("bad tls file", "+tls: {cert_file: /nonexistent.pem, key_file: /nonexistent.pem}", 15, "cannot read"),
+    ("tls missing key", "+tls: {cert_file: alice.key}", 15, "missing required key 'key_file'"),
+    ("bad transfer sender", "+transfer: {sender: carrier-pigeon}", 15, "sender must be one of"),
+    ("bad transfer streams", "+transfer: {max_streams: 0}", 15, "max_streams must be at least 1"),
+    ("bad handshake timeout", "+handshake_timeout: -1", 15, "positive number"),
+    ("empty file", "", None, "the file is empty"),
+    ("top level list", "- a\n- b\n", 1, "must be a mapping"),
+    ("bad yaml tag", "name: cfgtest => name: !!int abc", 1, "bad value"),
+    ("python tag", "name: cfgtest => name: !!python/object:os.system x", 1, "bad value"),
+]
+
+
+def make_variant(base: Path, spec: str) -> str:
+    good = good_server_yaml(base)
+    (base / "short.key").write_text("short\n")
+    if spec.startswith("+"):
+        return good + spec[1:] + "\n"
+    if " => " in spec:
+        old, new = spec.split(" => ", 1)
+        assert old in good, old
+        return good.replace(old, new, 1)
+    return spec
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i + 1 for i, ln in enumerate(text.splitlines()) if needle in ln)
+
+
+def run_server(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "etfs_server.main", "-c", str(config), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_good_config_loads(base: Path) -> None:
+    (base / "server.yaml").write_text(good_server_yaml(base))
+    cfg = load_server_config(base / "server.yaml")
+    assert cfg.name == "cfgtest" and cfg.listen == ("127.0.0.1", 0)
+    assert cfg.data_listen == ("127.0.0.1", 0)  # port 0 for control: also pick one for data
+    assert cfg.users["alice"].groups == frozenset({"staff"})
+    assert cfg.exports["main"].path == (base / "export").resolve()
+
+
+@pytest.mark.parametrize(
+    ("spec", "line", "text"), [c[1:] for c in SERVER_CASES], ids=[c[0] for c in SERVER_CASES]
+)
+def test_server_config_errors(base: Path, spec: str, line: int | None, text: str) -> None:
+    cfg = base / "broken.yaml"
+    content = make_variant(base, spec)
+    cfg.write_text(content)
+    out = run_server(cfg)
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    msg = lines[0]
+    assert msg.startswith(f"etfs-server: {cfg}"), msg
+    if line is not None:
+        assert re.match(rf"etfs-server: {re.escape(str(cfg))}:{line}: ", msg), (msg, content)
+    assert text in msg
+    assert out.stdout == ""
+    # the library raises ConfigError with the same text
+    with pytest.raises(ConfigError) as ei:
+        load_server_config(cfg)
+    assert str(ei.value) == msg.removeprefix("etfs-server: ")
+
+
+def test_missing_config_file(base: Path) -> None:
+    out = run_server(base / "nope.yaml")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "nope.yaml: cannot read" in out.stderr
+
+
+def test_bad_listen_flag(base: Path) -> None:
+    (base / "server.yaml").write_text(good_server_yaml(base))
+    out = run_server(base / "server.yaml", "--listen", "localhost:notaport")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "bad port" in out.stderr
+
+
+def test_unbindable_address_fails_cleanly(base: Path) -> None:
+    (base / "server.yaml").write_text(good_server_yaml(base))
+    out = run_server(base / "server.yaml", "--listen", "192.0.2.1:0")  # TEST-NET-1: not an address of ours
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "etfs-server:" in out.stderr.strip().splitlines()[-1]
+
+
+def test_example_config_is_valid_and_documents_every_field(tmp_path: Path) -> None:
+    example = REPO / "server.example.yaml"
+    text = example.read_text()
+    # Every field load_server_config reads is mentioned (as key) in the example.
+    for key in (
+        "name:",
+        "listen:",
+        "data_listen:",
+        "advertise:",
+        "state_dir:",
+        "handshake_timeout:",
+        "users:",
+        "key_file:",
+        "groups:",
+        "exports:",
+        "path:",
+        "acl:",
+        "who:",
+        "rights:",
+        "tls:",
+        "cert_file:",
+        "transfer:",
+        "max_active:",
+        "max_streams:",
+        "capability_ttl:",
+        "block_size_mib:",
+        "sender:",
+        "receiver:",
+    ):
+        assert key in text, key
+    # It loads once its paths exist (rewrite the absolute paths into tmp_path).
+    (tmp_path / "srv" / "tmp").mkdir(parents=True)
+    make_key(tmp_path / "alice.key")
+    make_key(tmp_path / "bob.key")
+    rewritten = (
+        text.replace("/srv/etfs/data", str(tmp_path / "srv"))
+        .replace("/etc/etfs/keys/", str(tmp_path) + "/")
+        .replace("/var/lib/etfs/jive", str(tmp_path / "state"))
+    )
+    (tmp_path / "server.yaml").write_text(rewritten)
+    cfg = load_server_config(tmp_path / "server.yaml")
+    rules = cfg.exports["data"].acl.rules
+    assert rules and all(r.prefix == "/tmp" or r.prefix.startswith("/tmp/") for r in rules)
+    assert cfg.tls is None
+
+
+# --- the client's mountpoints.yaml ------------------------------------------------------------------
+def good_client_yaml(base: Path) -> str:
+    return f"""\
+root: {base}/root
+servers:
+  jive:
+    address: 127.0.0.1:7070
+    user: alice
+    key_file: alice.key
+transfer:
+  streams: 4
+"""
+
+
+CLIENT_CASES: list[tuple[str, str, int | None, str]] = [
+    ("yaml syntax", "servers: {jive: [\n", 2, "YAML syntax error"),
+    ("unknown key", "+colour: red", 9, "unknown key 'colour'"),
+    ("unknown server key", "@servers.jive.+passwd: x", 7, "unknown key 'passwd'"),
+    ("wrong type", "+connect_timeout: soon", 9, "connect_timeout must be a number"),
+    ("wrong type streams", "+cache: {attr_ttl: [1]}", 9, "attr_ttl must be a number"),
+    ("bad address", "@servers.jive.address: 127.0.0.1:123456", 4, "port out of range"),
+    ("unreadable key file", "@servers.jive.key_file: missing.key", 6, "cannot read"),
+    ("no servers", "root: /r\n", 1, "no servers configured"),
+    (
+        "bad direction",
+        "+pairs: [{source: jive, destination: jive, direction: sideways}]",
+        9,
+        "direction must be one of",
+    ),
+    ("unknown pair server", "+pairs: [{source: jive, destination: onsala}]", 9, "unknown server 'onsala'"),
+    ("too many streams", "@transfer.streams: 65", 8, "at most 64"),
+    ("empty", "", None, "empty"),
+]
+
+
+def client_variant(base: Path, spec: str) -> str:
+    good = good_client_yaml(base)
+    if spec.startswith("+"):
+        return good + spec[1:] + "\n"
+    if spec.startswith("@servers.jive.+"):
+        return good.replace(
+            "    key_file: alice.key\n", "    key_file: alice.key\n    " + spec.split(".+", 1)[1] + "\n"
+        )
+    if spec.startswith("@"):
+        dotted, _, value = spec[1:].partition(": ")
+        key = dotted.split(".")[-1]
+        return re.sub(rf"(?m)^(\s*){key}: .*$", lambda mt: f"{mt.group(1)}{key}: {value}", good, count=1)
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "line", "text"), [c[1:] for c in CLIENT_CASES], ids=[c[0] for c in CLIENT_CASES]
+)
+def test_client_config_errors(base: Path, spec: str, line: int | None, text: str) -> None:
+    cfg = base / "mountpoints.yaml"
+    content = client_variant(base, spec)
+    cfg.write_text(content)
+    with pytest.raises(ConfigError) as ei:
+        load_client_config(cfg)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert msg.startswith(str(cfg)), msg
+    if line is not None:
+        assert msg.startswith(f"{cfg}:{line}: "), (msg, content)
+    assert text in msg, msg
+
+
+def test_good_client_config(base: Path) -> None:
+    (base / "mountpoints.yaml").write_text(good_client_yaml(base))
+    cfg = load_client_config(base / "mountpoints.yaml")
+    assert cfg.servers["jive"].addresses == (("127.0.0.1", 7070),)
+    assert cfg.servers["jive"].key_file == base / "alice.key"
