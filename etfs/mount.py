@@ -246,7 +246,9 @@ def run_foreground(config: ClientConfig, log_file: Path | None = None) -> int:
     try:
         from etfs import copyrange
 
-        copyrange.install()
+        # ETFS_COPYRANGE=0 mounts without the hook (to measure what it costs ordinary I/O).
+        if os.environ.get("ETFS_COPYRANGE", "1") != "0":
+            copyrange.install()
     except Exception as exc:
         log.warning(
             "copy_file_range hook unavailable (%s): cp between servers will go through this client", exc

@@ -47,7 +47,7 @@ from etfs.protocol import messages as m
 
 from .acl import Right
 from .config import ServerConfig
-from .exports import ExportRoot, normalize, split
+from .exports import ExportRoot, split
 from .handlers import Session, file_digest
 
 log = logging.getLogger(__name__)
@@ -1007,6 +1007,3 @@ class TransferService:
 
         return await trio.to_thread.run_sync(copy, limiter=self.data_threads)
 
-
-def normalize_path(path: str) -> str:
-    return normalize(path)
