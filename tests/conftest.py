@@ -253,11 +253,12 @@ def start_mount(tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> Ite
         mountpoints: bool = True,
         base: Path | None = None,
         preexec: list[str] | None = None,
+        key: Path | None = None,
     ) -> Mount:
         base = base or tmp_path_factory.mktemp("mount")
         root = base / "mnt" / ".etfs"
         mps = {s.name: base / "mnt" / s.name for s in servers} if mountpoints else {}
-        cfg = write_client_config(base / "mountpoints.yaml", servers, key_file, root, mps)
+        cfg = write_client_config(base / "mountpoints.yaml", servers, key or key_file, root, mps)
         m = Mount(cfg, root, mps, base / "mount.log", preexec=preexec or [])
         started.append(m)
         m.start()

@@ -8,16 +8,19 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Env, mounted, wait_for
+from conftest import PY, Env, MountFactory, ServerFactory, env, mounted, wait_for, write_client_config
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
@@ -307,3 +310,183 @@ def test_concurrent_readers_and_writers(area: tuple[Path, Path, Path]) -> None:
 def test_df(etfs_env: Env) -> None:
     out = sh("df", "-P", etfs_env.dir("jive")).splitlines()
     assert len(out) == 2 and int(out[1].split()[1]) > 0
+
+
+# --- resilience ---------------------------------------------------------------------------------
+def test_server_killed_and_restarted(start_server: ServerFactory, start_mount: MountFactory) -> None:
+    alpha, beta = start_server("alpha"), start_server("beta")
+    m = start_mount([alpha, beta])
+    a, b = m.dir("alpha") / "tmp", m.dir("beta") / "tmp"
+    data = os.urandom(3 * 1024 * 1024)
+    (a / "keep.bin").write_bytes(data)
+    held = open(a / "keep.bin", "rb")
+    try:
+        assert held.read(1000) == data[:1000]
+        alpha.kill()
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as exc:
+            os.listdir(a)
+        assert time.monotonic() - t0 < 5, "a dead server must fail fast"
+        assert exc.value.errno in (errno.EHOSTDOWN, errno.EIO, errno.ECONNREFUSED, errno.ETIMEDOUT)
+        # the other server, and the mount root, are unaffected
+        (b / "still.txt").write_text("fine")
+        assert (beta.export / "tmp" / "still.txt").read_text() == "fine"
+        assert sorted(os.listdir(m.root)) == ["alpha", "beta"]
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            (a / "new.txt").write_text("x")
+        assert time.monotonic() - t0 < 5
+        alpha.start()  # same port
+
+        def back() -> bool:
+            try:
+                return "keep.bin" in os.listdir(a)
+            except OSError:
+                return False
+
+        wait_for(back, 30, "alpha to come back")
+        # the file opened before the restart is reopened transparently
+        held.seek(2 * 1024 * 1024)
+        assert held.read(1000) == data[2 * 1024 * 1024 : 2 * 1024 * 1024 + 1000]
+        (a / "after.txt").write_text("back")
+        assert (alpha.export / "tmp" / "after.txt").read_text() == "back"
+    finally:
+        held.close()
+
+
+def test_write_error_surfaces_at_close(start_server: ServerFactory, start_mount: MountFactory) -> None:
+    srv = start_server("gamma", acl=[{"who": "tester", "path": "/", "rights": ["list", "read", "write"]}])
+    m = start_mount([srv])
+    path = m.dir("gamma") / "tmp" / "w.bin"
+    f = open(path, "wb")
+    f.write(b"x" * 100_000)
+    f.flush()  # now in the daemon's write-behind buffer, not yet on the server
+    srv.kill()
+    try:
+        with pytest.raises(OSError):
+            f.close()  # the deferred write error is reported by close(2) (FUSE flush)
+    finally:
+        srv.start()
+    assert os.path.getsize(srv.export / "tmp" / "w.bin") == 0
+
+
+# --- non-root mode and the CLI ------------------------------------------------------------------
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+# The test Python may live under root's home: let the daemon run by "nobody" traverse it.
+NOBODY_PY = [*NOBODY, "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+# Unprivileged FUSE needs /dev/fuse open to others (Debian's default 0666; fusermount3 opens it
+# as the calling user).  Some VMs ship it 0600: then no unprivileged mount can work at all.
+_USER_FUSE = os.path.exists("/dev/fuse") and os.stat("/dev/fuse").st_mode & 0o006 == 0o006
+
+
+@pytest.mark.skipif(
+    not ROOT or not all(shutil.which(t) for t in ("setpriv", "unshare", "mknod")),
+    reason="needs root, setpriv, unshare",
+)
+def test_nonroot_mount_uses_symlinks(start_server: ServerFactory, key_file: Path) -> None:
+    """`etfs mount` run by "nobody": the mount goes through fusermount3, mountpoints are symlinks.
+
+    Runs in a private mount namespace, where /dev/fuse may be replaced by a 0666 node if this
+    machine's is 0600 (then fusermount3, which opens it as the calling user, would refuse).
+    """
+    srv = start_server("delta")
+    os.chown(srv.export / "tmp", 65534, 65534)
+    base = Path(tempfile.mkdtemp(prefix="etfs-nonroot-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        os.chown(base, 65534, 65534)
+        key = base / "tester.key"
+        shutil.copy(key_file, key)
+        os.chown(key, 65534, 65534)
+        root, mp = base / "mnt" / ".etfs", base / "mnt" / "delta"
+        cfg = write_client_config(base / "mountpoints.yaml", [srv], key, root, {"delta": mp})
+        etfs = " ".join([*NOBODY_PY, PY, "-m", "etfs.cli"])
+        nobody = " ".join(NOBODY)
+        fix_dev = (
+            "" if _USER_FUSE else f"mknod -m 666 {base}/fuse c 10 229; mount --bind {base}/fuse /dev/fuse; "
+        )
+        script = f"""set -e
+{fix_dev}
+{etfs} mount -c {cfg}
+trap '{etfs} umount {mp} || true; fusermount3 -u -z {root} 2>/dev/null || true' EXIT
+test -L {mp}
+test "$(readlink {mp})" = "{root}/delta"
+grep -q " {root} fuse.etfs " /proc/self/mounts
+! grep -q " {mp} " /proc/self/mounts
+grep -qF '"bind_mounts": []' {base}/mnt/daemon.json
+{nobody} sh -c 'set -e; cd {mp}/tmp; echo hello > x; cat x; mkdir d; mv x d/y; ls -l d >/dev/null; cat d/y'
+{etfs} umount {mp}
+trap - EXIT
+test ! -e {mp}
+! grep -q " {root} " /proc/self/mounts
+echo NONROOT-OK
+"""
+        r = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            env=env(),
+            cwd="/",
+            timeout=90,
+        )
+        log = (base / "mnt" / "daemon.log").read_text() if (base / "mnt" / "daemon.log").exists() else ""
+        assert r.returncode == 0 and "NONROOT-OK" in r.stdout, f"{r.stdout}\n{r.stderr}\n{log}"
+        assert r.stdout.count("hello") == 2
+        assert (srv.export / "tmp" / "d" / "y").read_text() == "hello\n"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_cli_background_mount_stale_cleanup_and_umount(
+    start_server: ServerFactory, tmp_path: Path, key_file: Path
+) -> None:
+    srv = start_server("eps")
+    root = tmp_path / "mnt" / ".etfs"
+    mp = tmp_path / "mnt" / "eps"
+    cfg = write_client_config(tmp_path / "mountpoints.yaml", [srv], key_file, root, {"eps": mp})
+    registry = tmp_path / "mnt" / "daemon.json"
+    pids: list[int] = []
+
+    def etfs(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        cmd = [PY, "-m", "etfs.cli", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=60)
+
+    try:
+        r = etfs("mount", "-c", cfg)
+        assert r.returncode == 0, r.stderr
+        pids.append(json.loads(registry.read_text())["pid"])
+        assert mounted(root) and (mp / "tmp").is_dir()
+        # a second mount of the same config refuses clearly
+        r = etfs("mount", "-c", cfg)
+        assert r.returncode == 1 and "already mounted" in r.stderr
+        # crash the daemon: its mounts go stale (ENOTCONN)
+        os.kill(pids[0], signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{pids[0]}").exists(), 10, "daemon to die")
+        with pytest.raises(OSError) as exc:
+            os.stat(root)
+        assert exc.value.errno == errno.ENOTCONN
+        r = etfs("mount", "-c", cfg)  # cleans up and mounts again
+        assert r.returncode == 0, r.stderr
+        pids.append(json.loads(registry.read_text())["pid"])
+        (mp / "tmp" / "again.txt").write_text("ok")
+        assert (srv.export / "tmp" / "again.txt").read_text() == "ok"
+        r = etfs("umount", mp)
+        assert r.returncode == 0, r.stderr
+        assert not mounted(root) and not mounted(mp) and not registry.exists()
+        wait_for(lambda: not Path(f"/proc/{pids[1]}").exists(), 10, "daemon to exit")
+        # a broken config is one clear line
+        (tmp_path / "bad.yaml").write_text(
+            "servers:\n  x:\n    address: 1.2.3.4\n    user: u\n    key_file: /nope\n"
+        )
+        r = etfs("mount", "-c", tmp_path / "bad.yaml")
+        assert r.returncode == 2 and "bad.yaml:5" in r.stderr
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in (mp, root):
+            for cmd in (["fusermount3", "-u", "-z", str(p)], ["umount", "-l", str(p)]):
+                if mounted(p):
+                    subprocess.run(cmd, capture_output=True, check=False)
