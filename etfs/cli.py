@@ -17,7 +17,7 @@ from etfs.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="etfs",
-        description="e-transfer filesystem: etfs servers as directories; cp between them goes server to server.",
+        description="e-transfer filesystem: servers as directories; cp between them goes server to server.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
 
     cp = sub.add_parser("cp", help="copy files; between two servers the data goes server to server")
-    cp.add_argument("sources", nargs="+", metavar="SRC", help="paths under etfs mountpoints, SERVER:PATH or local")
+    cp.add_argument(
+        "sources", nargs="+", metavar="SRC", help="paths under etfs mountpoints, SERVER:PATH or local"
+    )
     cp.add_argument("destination", metavar="DST")
     cp.add_argument("-r", "--recursive", action="store_true")
     cp.add_argument("--mode", choices=("new", "overwrite", "resume", "skip-existing"), default="overwrite")
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument("--mount", type=Path, help="the mount root, if several mounts run")
+    status.add_argument("--server", help="list the transfer records a server keeps (they survive restarts)")
     return p
 
 

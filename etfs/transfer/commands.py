@@ -294,16 +294,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     except CommandError as exc:
         print(f"etfs: {exc}", file=sys.stderr)
         return 1
+    request: dict[str, Any] = {"op": "status"}
+    if args.server:
+        request = {"op": "server-records", "server": args.server}
     while True:
         try:
-            s = _request(mount["socket"], {"op": "status"})
+            s = _request(mount["socket"], request)
             with s:
                 reply = next(iter(_lines(s)), None)
         except CommandError as exc:
             print(f"etfs: {exc}", file=sys.stderr)
             return 1
         if reply is None or "transfers" not in reply:
-            print("etfs: the mount daemon gave no status", file=sys.stderr)
+            message = reply.get("message") if reply else None
+            print(f"etfs: {message or 'the mount daemon gave no status'}", file=sys.stderr)
             return 1
         if args.json:
             print(json.dumps(reply), flush=True)
@@ -317,7 +321,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 pct = 100.0 * t["bytes_done"] / t["bytes_total"] if t["bytes_total"] else 100.0
                 print(
                     f"{t['id']:>12} {t['state']:<10} {pct:5.1f}% {_fmt_bytes(t['bytes_done']):>10} "
-                    f"{t['kind']:<11} streams={t['streams']} via-client={_fmt_bytes(t['bytes_via_client'])} "
+                    f"{t.get('kind', t.get('direction', '')):<11} streams={t['streams']} "
+                    f"via-client={_fmt_bytes(t.get('bytes_via_client', 0))} "
                     f"{t['source']} -> {t['destination']}" + (f"  ({t['reason']})" if t["reason"] else "")
                 )
         if not args.watch:

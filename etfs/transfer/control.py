@@ -19,7 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
+
+from etfs.protocol import messages as m
 
 from .engine import ClientTransfer, TransferEngine
 
@@ -100,6 +103,19 @@ class ControlServer:
         op = req.get("op")
         if op == "status":
             await _send(stream, {"transfers": self.engine.status()})
+            return
+        if op == "server-records":
+            # The records a server persisted (they survive its restarts), newest first.
+            name = req["server"]
+            if name not in self.engine.config.servers:
+                raise ValueError(f"unknown server {name!r}")
+            try:
+                infos = await self.engine.pool[name].call(m.TransferList, list[m.TransferInfo])
+            except OSError as exc:
+                await _send(stream, {"event": "error", "errno": exc.errno or errno.EIO, "message": str(exc)})
+                return
+            rows = sorted((msgspec.structs.asdict(i) for i in infos), key=lambda r: -r["started"])
+            await _send(stream, {"server": name, "transfers": rows})
             return
         if op != "copy":
             raise ValueError(f"unknown op {op!r}")
