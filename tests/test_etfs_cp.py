@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import PY, Env, env
+from conftest import PY, Env, env, wait_for
 from test_cp_mounts import daemon_io, digest, random_file, status
 
 
@@ -113,3 +113,32 @@ def test_status_human_and_no_mount(etfs_env: Env) -> None:
     r = etfs(e, "status", "--mount", "/nonexistent/etfs-root")
     assert r.returncode != 0 and "no running etfs mount" in r.stderr
     assert os.path.isdir(e.dir("jive"))
+
+
+def test_server_records_survive_restart(etfs_env: Env) -> None:
+    e = etfs_env
+    src = e.export("jive") / "tmp" / "recorded"
+    random_file(src, 5 * 2**20, seed=21)
+    m = ["--mount", str(e.mount.root)]
+    assert etfs(e, "cp", *m, "jive:/tmp/recorded", "onsala:/tmp/recorded").returncode == 0
+
+    def records() -> list[dict[str, object]]:
+        r = etfs(e, "status", *m, "--server", "onsala", "--json")
+        assert r.returncode == 0, r.stderr
+        return [t for t in json.loads(r.stdout)["transfers"] if t["destination"] == "onsala:/tmp/recorded"]
+
+    [before] = records()
+    assert before["state"] == "done" and before["digest"]
+    onsala = e.servers["onsala"]
+    onsala.kill()
+    onsala.start()
+
+    def back() -> bool:
+        try:
+            return bool(records())
+        except AssertionError:
+            return False
+
+    wait_for(back, 20, "onsala to come back")
+    [after] = records()
+    assert after == before
