@@ -111,7 +111,8 @@ def _request_id_of(body: bytes) -> int:
     """Best effort: the id of an undecodable request, so its error can be matched."""
     try:
         raw = msgspec.msgpack.decode(body)
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, ValueError, RecursionError):
+        # ValueError: msgspec raises UnicodeDecodeError for a str that is not UTF-8.
         return 0
     if isinstance(raw, dict):
         rid = raw.get("id")
@@ -164,7 +165,8 @@ class Connection:
             return NEED_DATA
         try:
             msg = self._decoder.decode(body)
-        except msgspec.MsgspecError as exc:
+        except (msgspec.MsgspecError, ValueError, RecursionError) as exc:
+            # ValueError: UnicodeDecodeError for non-UTF-8 text; RecursionError: absurd nesting.
             # The frame boundary is intact, only this message is bad.
             fatal = self.state is not State.READY
             raise RemoteProtocolError(
@@ -188,7 +190,7 @@ class Connection:
             text = f"{type(msg).__name__} not allowed in state {self.state.value}"
             if incoming:
                 fatal = self.state is not State.READY
-                rid = msg.id if isinstance(msg, m.Request) else 0
+                rid = msg.id if isinstance(msg, m.Request) and 0 < msg.id < 2**63 else 0
                 raise RemoteProtocolError(text, fatal=fatal, request_id=rid)
             raise LocalProtocolError(text)
         # Handshake progress: Hello/Challenge -> AUTH, Welcome -> READY.
