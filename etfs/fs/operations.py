@@ -548,15 +548,22 @@ class EtfsOperations(pyfuse3.Operations):
         f = self._files.pop(fh, None)
         if f is None:
             return
+        f.node.open_files.discard(fh)
+        self.table.expire(f.node)
+        if f.dirty:
+            await self._close(f)  # data still to send: keep close(2) honest about it
+        else:
+            # Usually FLUSH already sent everything; the server-side Close need not delay
+            # the next file (cp -r of many small files).
+            self._nursery.start_soon(self._close, f)
+        self.table.discard_if_unused(f.node)
+
+    async def _close(self, f: OpenFile) -> None:
         try:
             await f.close()
         except OSError as exc:
             # close(2) has already returned; a late write error can only be logged.
             log.warning("%s:%s: error at release: %s", f.server, f.path, exc)
-        finally:
-            f.node.open_files.discard(fh)
-            self.table.expire(f.node)
-            self.table.discard_if_unused(f.node)
 
     # --- filesystem ---------------------------------------------------------------------------
     @_edge
