@@ -180,12 +180,14 @@ class Session:
         h = self._handle(req.handle)
         if not h.readable:
             raise OSError(errno.EBADF, "file handle not open for reading")
+        _check_range(req.offset, req.size)
         return os.pread(h.fd, min(req.size, MAX_IO), req.offset)
 
     def op_write(self, req: m.Write) -> int:
         h = self._handle(req.handle)
         if not h.writable:
             raise OSError(errno.EBADF, "file handle not open for writing")
+        _check_range(req.offset, len(req.data))
         view = memoryview(req.data)
         done = 0
         while done < len(view):
@@ -245,6 +247,7 @@ class Session:
     def op_setattr(self, req: m.SetAttr) -> m.Attr:
         path = self.check(req.path, Right.WRITE)
         if req.size is not None:
+            _check_range(0, req.size)
             with self.root.opened(path, os.O_WRONLY | os.O_NOFOLLOW) as fd:
                 os.ftruncate(fd, req.size)
         with self.root.opened(path) as pfd:
@@ -268,6 +271,9 @@ class Session:
     # --- checksums and xattrs ---------------------------------------------------------------------
     def op_checksum(self, req: m.Checksum) -> str:
         path = self.check(req.path, Right.READ)
+        _check_range(req.offset, max(req.length, 0))
+        if req.length < -1:
+            raise OSError(errno.EINVAL, f"length {req.length} out of range")
         with self.root.opened(path, os.O_RDONLY | os.O_NOFOLLOW) as fd:
             return file_digest(fd, req.offset, req.length)
 
@@ -299,6 +305,15 @@ class Session:
         _check_xattr_name(req.name)
         with self.root.opened(path) as fd:
             os.removexattr(f"/proc/self/fd/{fd}", req.name)
+
+
+MAX_OFFSET = 2**63 - 1
+
+
+def _check_range(offset: int, length: int) -> None:
+    """Client-supplied offsets and sizes: EINVAL instead of a ValueError/OverflowError in the syscall."""
+    if not (0 <= offset <= MAX_OFFSET and 0 <= length <= MAX_OFFSET and offset + length <= MAX_OFFSET):
+        raise OSError(errno.EINVAL, f"offset {offset} / size {length} out of range")
 
 
 def _check_xattr_name(name: str) -> None:

@@ -46,6 +46,8 @@ def error_reply(rid: int, exc: BaseException) -> m.Err:
         if exc.filename is not None and str(exc.filename) not in text:
             text = f"{text}: {exc.filename}"
         return m.Err(rid, code, text)
+    if isinstance(exc, OverflowError):  # a client's number too large for a syscall (uid, time...)
+        return m.Err(rid, errno.EINVAL, f"value out of range: {exc}")
     log.error("internal error in request %d", rid, exc_info=exc)
     return m.Err(rid, errno.EIO, f"internal server error: {type(exc).__name__}")
 

@@ -211,3 +211,43 @@ async def test_hundred_concurrent_clients(server_factory: ServerFactory, tmp_pat
     assert len(list((setup.export / "tmp").iterdir())) == n_clients
     assert sp.alive()
     sp.assert_healthy()
+
+
+async def test_out_of_range_io_arguments_are_einval(
+    srv: tuple[ServerProcess, Setup], nursery: trio.Nursery
+) -> None:
+    """Negative or absurd offsets/sizes are the client's mistake (EINVAL), not an internal error."""
+    sp, setup = srv
+    c = sp.client(nursery, "alice", setup.keys["alice"])
+    o = await c.call(m.Create, m.Opened, path="/tmp/range.txt", mode=0o644, flags=os.O_RDWR)
+    bad: list[tuple[type[m.Request], dict[str, object]]] = [
+        (m.Read, {"handle": o.handle, "offset": 0, "size": -1}),
+        (m.Read, {"handle": o.handle, "offset": -5, "size": 1}),
+        (m.Read, {"handle": o.handle, "offset": 2**63, "size": 1}),
+        (m.Write, {"handle": o.handle, "offset": -1, "data": b"x"}),
+        (m.Write, {"handle": o.handle, "offset": 2**64 - 1, "data": b"x"}),
+        (m.SetAttr, {"path": "/tmp/range.txt", "size": -1}),
+        (m.Checksum, {"path": "/tmp/range.txt", "offset": -1}),
+    ]
+    for req, fields in bad:
+        with pytest.raises(RemoteError) as ei:
+            await c.call(req, **fields)
+        assert ei.value.errno in (errno.EINVAL, errno.EFBIG, errno.EOVERFLOW), (
+            req.__name__,
+            fields,
+            ei.value,
+        )
+    await c.call(m.Close, handle=o.handle)
+    await c.aclose()
+
+
+async def test_out_of_range_setattr_values(srv: tuple[ServerProcess, Setup], nursery: trio.Nursery) -> None:
+    sp, setup = srv
+    c = sp.client(nursery, "alice", setup.keys["alice"])
+    o = await c.call(m.Create, m.Opened, path="/tmp/range2.txt", mode=0o644, flags=os.O_RDWR)
+    await c.call(m.Close, handle=o.handle)
+    for fields in ({"uid": 2**64 - 1}, {"gid": 2**40}):
+        with pytest.raises(RemoteError) as ei:
+            await c.call(m.SetAttr, path="/tmp/range2.txt", **fields)
+        assert ei.value.errno in (errno.EINVAL, errno.EOVERFLOW), (fields, ei.value)
+    await c.aclose()
