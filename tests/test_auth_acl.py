@@ -7,6 +7,7 @@ import errno
 import os
 import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -235,7 +236,7 @@ async def test_tls_client_without_ca_fails_cleanly(
 
 
 # --- ACL -------------------------------------------------------------------------------------------
-ACL_RULES = [
+ACL_RULES: list[dict[str, Any]] = [
     {"who": "alice", "path": "/tmp", "rights": "all"},
     {"who": "@staff", "path": "/private", "rights": ["read", "list"]},
     {"who": "@ops", "path": "/tmp/ops", "rights": ["read", "list"]},

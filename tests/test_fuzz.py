@@ -78,7 +78,7 @@ msgpack_values: st.SearchStrategy[Any] = st.recursive(
     ),
     max_leaves=12,
 )
-REQUEST_TAGS = sorted(t.__struct_config__.tag for t in m.Request.__subclasses__())  # type: ignore[attr-defined]
+REQUEST_TAGS: list[str] = sorted(str(t.__struct_config__.tag) for t in m.Request.__subclasses__())
 ALL_TAGS = [*REQUEST_TAGS, "hello", "prove", "challenge", "welcome", "ok", "err"]
 
 valid_messages: st.SearchStrategy[m.Message] = st.one_of(

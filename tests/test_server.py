@@ -251,3 +251,14 @@ async def test_out_of_range_setattr_values(srv: tuple[ServerProcess, Setup], nur
             await c.call(m.SetAttr, path="/tmp/range2.txt", **fields)
         assert ei.value.errno in (errno.EINVAL, errno.EOVERFLOW), (fields, ei.value)
     await c.aclose()
+
+
+def test_sigterm_shuts_down_cleanly(server_factory: ServerFactory, tmp_path: Path) -> None:
+    setup = standard_setup(tmp_path / "term")
+    sp = server_factory(setup.config)
+    proc = sp.proc
+    assert proc is not None
+    proc.terminate()
+    assert proc.wait(timeout=10) == 0
+    assert "received SIGTERM, shutting down" in sp.log()
+    sp.assert_healthy()

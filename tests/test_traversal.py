@@ -110,7 +110,7 @@ async def fails(
 ) -> int:
     """The request must fail with one of ``allowed``; returns the errno."""
     try:
-        value = await c.call(req, **fields)
+        value: Any = await c.call(req, **fields)
     except RemoteError as exc:
         assert exc.errno in allowed, f"{req.__name__}{fields}: {exc}"
         return exc.errno or 0
