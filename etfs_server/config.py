@@ -30,6 +30,9 @@ class Export:
 class TLSServerOptions:
     cert_file: Path
     key_file: Path
+    # CA that signed the *other servers'* certificates: data connections this server opens
+    # (pull from a source, push to a destination) verify the peer with it.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,10 @@ def load_server_config(path: str | Path) -> ServerConfig:
         raise top.error("config: no exports configured (an 'exports:' mapping is required)")
     tls = None
     if (t := top.mapping("tls")) is not None:
-        tls = TLSServerOptions(cert_file=t.path("cert_file"), key_file=t.path("key_file"))
-        for p in (tls.cert_file, tls.key_file):
+        tls = TLSServerOptions(
+            cert_file=t.path("cert_file"), key_file=t.path("key_file"), ca_file=t.path("ca_file", None)
+        )
+        for p in (tls.cert_file, tls.key_file, *([tls.ca_file] if tls.ca_file else [])):
             if not os.access(p, os.R_OK):
                 raise t.error(f"{t.what}: cannot read {p}")
         t.done()

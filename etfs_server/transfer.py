@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import stat as st
 import threading
 import time
@@ -48,7 +49,7 @@ from etfs.protocol import messages as m
 from .acl import Right
 from .config import ServerConfig
 from .exports import ExportRoot, split
-from .handlers import Session, file_digest
+from .handlers import Session
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,16 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from the socket (the TLS path, where splice and recv+write cannot be used)."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionResetError(errno.ECONNRESET, "peer closed the data connection")
+        got += n
+
+
 def _recv_frame(sock: socket.socket, limit: int = 65536) -> bytes:
     (length,) = d.LENGTH.unpack(_recv_exact(sock, d.LENGTH.size))
     if length > limit:
@@ -236,16 +247,17 @@ def serve_blocks(sock: socket.socket, fd: int, size: int, sender: str, block_lim
         offset, length, flags = d.REQUEST.unpack(raw)
         if flags & d.FLAG_DONE:
             return sent
-        if flags & d.FLAG_TREE_DIGEST:
-            digest = file_digest(fd)
-            payload = digest.encode()
-            sock.sendall(d.BLOCK.pack(0, len(payload), 0) + payload)
-            continue
         if offset > size or length > block_limit or offset + length > size:
             sock.sendall(d.BLOCK.pack(offset, 0, d.STATUS_RANGE))
             continue
         sock.sendall(d.BLOCK.pack(offset, length, 0))
-        if sender == "sendfile":
+        if isinstance(sock, ssl.SSLSocket):
+            # TLS: the bytes must pass through user space to be encrypted.
+            n = os.preadv(fd, [view[:length]], offset)
+            if n == length:
+                sock.sendall(view[:length])
+            digest_value = xxhash.xxh3_64_intdigest(view[:length]) if flags & d.FLAG_DIGEST else 0
+        elif sender == "sendfile":
             n = native.sendfile(sock.fileno(), fd, offset, length)
             digest_value = (
                 xxhash.xxh3_64_intdigest(os.pread(fd, length, offset)) if flags & d.FLAG_DIGEST else 0
@@ -374,13 +386,20 @@ class Transfer:
                 got_off, got_len, status = d.BLOCK.unpack(_recv_exact(sock, d.BLOCK.size))
                 if status or got_off != offset or got_len != length:
                     raise TransferError(errno.EIO, f"source refused block at {offset} (status {status})")
-                if pipe is not None:
+                if isinstance(sock, ssl.SSLSocket):
+                    _recv_into(sock, view[:length])
+                    os.pwrite(self.part_fd, view[:length], offset)
+                elif pipe is not None:
                     native.splice_recv(sock.fileno(), self.part_fd, offset, length, pipe)
                 else:
                     native.recv_write(sock.fileno(), self.part_fd, offset, length, view)
                 (theirs,) = d.DIGEST.unpack(_recv_exact(sock, d.DIGEST.size))
                 if self.verify:
-                    if pipe is not None and os.preadv(self.part_fd, [view[:length]], offset) != length:
+                    if (
+                        pipe is not None
+                        and not isinstance(sock, ssl.SSLSocket)
+                        and os.preadv(self.part_fd, [view[:length]], offset) != length
+                    ):
                         raise TransferError(errno.EIO, f"short read-back of block at {offset}")
                     ours = xxhash.xxh3_64_intdigest(view[:length])
                     if ours != theirs:
@@ -419,6 +438,21 @@ class TransferService:
         self.config = config
         self.roots = roots
         self.signer = Signer.load(config.state_dir)
+        # Data connections use TLS when this server has a certificate; sendfile and splice
+        # then give way to read+send / recv+write through the TLS layer.
+        self.tls_server: ssl.SSLContext | None = None
+        self.tls_client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        self.tls_client.check_hostname = False  # peers are named by address; the CA vouches
+        if config.tls is not None:
+            self.tls_server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.tls_server.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
+        if config.tls is not None and config.tls.ca_file is not None:
+            self.tls_client.load_verify_locations(str(config.tls.ca_file))
+        elif config.tls is not None:
+            log.warning(
+                "tls.ca_file not set: data connections to other servers are encrypted but not verified"
+            )
+            self.tls_client.verify_mode = ssl.CERT_NONE
         self.store = RecordStore(config.state_dir)
         self.records: dict[str, Record] = {r.id: r for r in self.store.load_all()}
         self.active: dict[str, Transfer] = {}
@@ -469,11 +503,16 @@ class TransferService:
     async def op_transferoffer(self, session: Session, req: m.TransferOffer) -> m.Capability:
         path = session.check(req.path, Right.TRANSFER_OUT)
 
-        def look() -> os.stat_result:
+        def look() -> tuple[str, os.stat_result]:
             with session.root.opened(path, os.O_RDONLY | os.O_NOFOLLOW) as fd:
-                return os.fstat(fd)
+                # The file we actually opened (a parent may have been swapped for a symlink
+                # since the check): the ACL must allow it, and the capability names it.
+                real = session.root.real_path(fd)
+                if real != path:
+                    session.acl.check(session.user, session.groups, real, Right.TRANSFER_OUT)
+                return real, os.fstat(fd)
 
-        s = await trio.to_thread.run_sync(look)
+        path, s = await trio.to_thread.run_sync(look)
         if not st.S_ISREG(s.st_mode):
             raise TransferError(
                 errno.EISDIR if st.S_ISDIR(s.st_mode) else errno.EINVAL, f"{path} is not a regular file"
@@ -500,6 +539,7 @@ class TransferService:
             data_host=self.config.advertise_host,
             data_port=self.data_port,
             expires=body.expires,
+            data_tls=self.tls_server is not None,
         )
 
     def _open_source(self, token: bytes) -> tuple[CapabilityBody, int]:
@@ -531,14 +571,11 @@ class TransferService:
         def connect_one(stream: int) -> None:
             body, fd = self._open_source(req.capability.token)
             try:
-                sock = socket.create_connection((req.host, req.port), timeout=CONNECT_TIMEOUT)
+                sock = self._connect_data(req.host, req.port, req.tls)
             except OSError:
                 os.close(fd)
                 raise
             with sock:
-                _set_timeouts(sock, DATA_TIMEOUT)
-                sock.settimeout(None)
-                _set_timeouts(sock, DATA_TIMEOUT)
                 sock.sendall(
                     d.encode(
                         d.DataHello(
@@ -557,25 +594,42 @@ class TransferService:
         for i in range(streams):
             self._nursery.start_soon(run_one, i)
 
+    def _connect_data(self, host: str, port: int, tls: bool) -> socket.socket:
+        """A data connection to another server's data port (blocking, bounded by timeouts)."""
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        try:
+            sock.settimeout(None)
+            _set_timeouts(sock, DATA_TIMEOUT)
+            if tls:
+                sock = self.tls_client.wrap_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     async def handle_data_connection(self, stream: trio.SocketStream) -> None:
         """A data connection arrived: a pull (we are the source) or a push (we are the destination)."""
         tsock = stream.socket
         sock = socket.socket(fileno=tsock.detach())
         sock.setblocking(True)
         peer = "?"
+        handed_over = False
         try:
             host, port = sock.getpeername()[:2]
             peer = f"{host}:{port}"
-            await trio.to_thread.run_sync(
+            handed_over = await trio.to_thread.run_sync(
                 self._data_connection, sock, limiter=self.data_threads, abandon_on_cancel=True
             )
         except (OSError, msgspec.MsgspecError) as exc:
             log.warning("data connection from %s: %s", peer, exc)
         finally:
-            sock.close()
+            if not handed_over:
+                sock.close()
 
-    def _data_connection(self, sock: socket.socket) -> None:
-        _set_timeouts(sock, 10.0)  # the hello must come quickly
+    def _data_connection(self, plain: socket.socket) -> bool:
+        """Serve a pull, or hand a push connection to its transfer (then True: do not close it)."""
+        _set_timeouts(plain, 10.0)  # the hello must come quickly
+        sock = self.tls_server.wrap_socket(plain, server_side=True) if self.tls_server else plain
         hello = d.decode_hello(_recv_frame(sock))
         _set_timeouts(sock, DATA_TIMEOUT)
         if hello.kind == "pull":
@@ -587,7 +641,7 @@ class TransferService:
                 )
                 raise
             self._serve_source(sock, body, fd)
-            return
+            return False
         transfer = self.active.get(hello.transfer_id)
         if (
             transfer is None
@@ -595,8 +649,8 @@ class TransferService:
             or transfer.push_sockets is None
         ):
             raise TransferError(errno.EACCES, "push refused: unknown transfer or wrong ticket")
-        dup = socket.socket(fileno=os.dup(sock.fileno()))
-        trio.from_thread.run_sync(transfer.push_sockets.send_nowait, dup)
+        trio.from_thread.run_sync(transfer.push_sockets.send_nowait, sock)
+        return True
 
     # --- destination role -------------------------------------------------------------------------
     async def op_transferstart(self, session: Session, req: m.TransferStart) -> m.TransferStarted:
@@ -644,6 +698,7 @@ class TransferService:
             self.data_port,
             False,
             resumed,
+            data_tls=self.tls_server is not None,
         )
 
     def _prepare(self, t: Transfer, req: m.TransferStart) -> int:
@@ -866,7 +921,9 @@ class TransferService:
     def _connect_source(self, t: Transfer, req: m.TransferStart, stream: int) -> socket.socket:
         cap = t.cap
         try:
-            sock = socket.create_connection((cap.data_host, cap.data_port), timeout=CONNECT_TIMEOUT)
+            sock = self._connect_data(cap.data_host, cap.data_port, cap.data_tls)
+        except ssl.SSLError as exc:
+            raise TransferError(errno.EACCES, f"TLS with the source's data port failed: {exc}") from None
         except OSError as exc:
             raise TransferError(
                 exc.errno or errno.EHOSTUNREACH,
@@ -874,8 +931,6 @@ class TransferService:
                 f"{exc.strerror or exc}",
             ) from None
         try:
-            sock.settimeout(None)
-            _set_timeouts(sock, DATA_TIMEOUT)
             sock.sendall(
                 d.encode(
                     d.DataHello(kind="pull", token=cap.token, transfer_id=cap.transfer_id, stream=stream)
@@ -1006,4 +1061,3 @@ class TransferService:
             return rec.info()
 
         return await trio.to_thread.run_sync(copy, limiter=self.data_threads)
-

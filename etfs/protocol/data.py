@@ -26,7 +26,6 @@ JOURNAL = struct.Struct(">IQ")  # block index, digest: one entry per finished bl
 
 FLAG_DIGEST = 1  # send the block's xxh3-64 in the trailer
 FLAG_DONE = 2  # no more requests on this connection
-FLAG_TREE_DIGEST = 4  # answer with the digest of the whole file instead of a block
 STATUS_RANGE = 1  # the requested range is outside the file
 
 

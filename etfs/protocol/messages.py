@@ -121,6 +121,7 @@ class Capability(msgspec.Struct, frozen=True):
     data_host: str
     data_port: int
     expires: float
+    data_tls: bool = False  # the source's data port speaks TLS
 
 
 class TransferInfo(msgspec.Struct, frozen=True):
@@ -309,6 +310,7 @@ class TransferStarted(msgspec.Struct, frozen=True):
     data_port: int
     skipped: bool
     resumed_bytes: int
+    data_tls: bool = False  # the destination's data port speaks TLS (push)
 
 
 class TransferPush(Request, frozen=True):
@@ -319,6 +321,7 @@ class TransferPush(Request, frozen=True):
     host: str
     port: int
     streams: int
+    tls: bool = False
 
 
 class TransferWait(Request, frozen=True):

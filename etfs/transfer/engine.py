@@ -204,6 +204,11 @@ class TransferEngine:
         preserve_times: bool,
     ) -> None:
         src, dst = self.pool[src_server], self.pool[dst_server]
+        if mode == "skip-existing":
+            mode = await self._skip_check(src, src_path, dst, dst_path)
+            if mode == "skipped":
+                self._end(t, "skipped", "destination has the same size, time and digest")
+                return
         attempt = 0
         while True:
             attempt += 1
@@ -220,6 +225,30 @@ class TransferEngine:
                 log.warning("transfer %s: %s; resuming", t.id, exc.strerror)
                 mode = "resume" if mode != "new" or t.bytes_done else mode
                 await trio.sleep(min(2.0, 0.2 * 2**attempt))
+
+    async def _skip_check(self, src: ServerClient, src_path: str, dst: ServerClient, dst_path: str) -> str:
+        """skip-existing: "skipped" when size, mtime and digest match, else "overwrite".
+
+        Each server digests its own copy, so the check moves no file data over the network.
+        """
+        try:
+            dattr = await dst.call(m.Stat, m.Attr, path=dst_path)
+        except RemoteError as exc:
+            if exc.errno == errno.ENOENT:
+                return "overwrite"
+            raise
+        sattr = await src.call(m.Stat, m.Attr, path=src_path)
+        if (sattr.size, sattr.mtime_ns) != (dattr.size, dattr.mtime_ns):
+            return "overwrite"
+        digests: dict[str, str] = {}
+
+        async def digest(name: str, client: ServerClient, path: str) -> None:
+            digests[name] = await client.call(m.Checksum, str, path=path)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(digest, "src", src, src_path)
+            nursery.start_soon(digest, "dst", dst, dst_path)
+        return "skipped" if digests["src"] == digests["dst"] else "overwrite"
 
     async def _third_party_once(
         self,
@@ -265,6 +294,7 @@ class TransferEngine:
                     host=dhost,
                     port=started.data_port,
                     streams=opts.streams,
+                    tls=started.data_tls,
                 )
             while True:
                 info = await dst.call(
@@ -307,19 +337,17 @@ class TransferEngine:
     ) -> None:
         """Copy through the client: pipelined reads from the source, writes into a part file."""
         src, dst = self.pool[src_server], self.pool[dst_server]
-        if mode in ("new", "skip-existing"):
+        if mode == "skip-existing" and await self._skip_check(src, src_path, dst, dst_path) == "skipped":
+            self._end(t, "skipped", "destination has the same size, time and digest")
+            return
+        if mode == "new":
             try:
-                existing = await dst.call(m.Stat, m.Attr, path=dst_path)
+                await dst.call(m.Stat, m.Attr, path=dst_path)
             except RemoteError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
             else:
-                if mode == "new":
-                    raise TransferFailed(errno.EEXIST, f"destination {dst_path} exists (mode new)")
-                sattr = await src.call(m.Stat, m.Attr, path=src_path)
-                if (existing.size, existing.mtime_ns) == (sattr.size, sattr.mtime_ns):
-                    self._end(t, "skipped", "destination has the same size and modification time")
-                    return
+                raise TransferFailed(errno.EEXIST, f"destination {dst_path} exists (mode new)")
         sfile = await src.call(m.Open, m.Opened, path=src_path, flags=os.O_RDONLY)
         size = sfile.attr.size
         t.bytes_total = size

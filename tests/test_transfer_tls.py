@@ -1,0 +1,112 @@
+"""TLS on both connections: control (client <-> server) and data (server <-> server).
+
+Two real servers with certificates from one test CA (trustme); each verifies the other's
+data port with `tls.ca_file`.  A plaintext data hello to a TLS data port gets nowhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+from server_helpers import ServerProcess, make_key, write_server_yaml
+
+from etfs.client import Pool
+from etfs.config import ClientConfig, ServerEntry, TLSClientOptions
+from etfs.protocol import data as d
+from etfs.transfer.engine import TransferEngine
+
+
+@pytest.fixture
+def tls_pair(tmp_path: Path) -> Iterator[tuple[dict[str, ServerProcess], ClientConfig, trustme.CA]]:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    make_key(tmp_path / "u.key")
+    servers: dict[str, ServerProcess] = {}
+    try:
+        yield _start(tmp_path, ca, ca_file, servers)
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+def _start(
+    tmp_path: Path, ca: trustme.CA, ca_file: Path, servers: dict[str, ServerProcess]
+) -> tuple[dict[str, ServerProcess], ClientConfig, trustme.CA]:
+    for name in ("jive", "onsala"):
+        d_ = tmp_path / name
+        (d_ / "export" / "tmp").mkdir(parents=True)
+        pem = d_ / "server.pem"
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+        cfg = write_server_yaml(
+            d_ / "server.yaml",
+            name=name,
+            exports={
+                name: {"path": str(d_ / "export"), "acl": [{"who": "u", "path": "/", "rights": ["all"]}]}
+            },
+            users={"u": {"key_file": str(tmp_path / "u.key")}},
+            extra={"tls": {"cert_file": str(pem), "key_file": str(pem), "ca_file": str(ca_file)}},
+        )
+        servers[name] = ServerProcess(cfg, d_).start()
+    tls = TLSClientOptions(ca_file=ca_file, server_hostname="127.0.0.1")
+    config = ClientConfig(
+        file=tmp_path / "mountpoints.yaml",
+        root=tmp_path / "root",
+        servers={
+            n: ServerEntry(n, (("127.0.0.1", s.control_port),), "u", tmp_path / "u.key", tls=tls)
+            for n, s in servers.items()
+        },
+    )
+    return servers, config, ca
+
+
+@pytest.mark.parametrize("direction", ["pull", "push"])
+async def test_transfer_over_tls(
+    tls_pair: tuple[dict[str, ServerProcess], ClientConfig, trustme.CA], direction: str
+) -> None:
+    servers, config, _ = tls_pair
+    src = servers["jive"].config.parent / "export" / "tmp" / "f"
+    data = os.urandom(9 * 2**20 + 5)
+    src.write_bytes(data)
+    async with trio.open_nursery() as nursery:
+        pool = Pool(config, nursery)
+        t = await TransferEngine(pool, config).copy(
+            "jive", "/tmp/f", "onsala", "/tmp/f", streams=3, direction=direction
+        )
+        assert t.state == "done" and t.bytes_via_client == 0
+        nursery.cancel_scope.cancel()
+    got = (servers["onsala"].config.parent / "export" / "tmp" / "f").read_bytes()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+def test_plaintext_data_hello_is_refused(
+    tls_pair: tuple[dict[str, ServerProcess], ClientConfig, trustme.CA],
+) -> None:
+    servers, _, ca = tls_pair
+    port = servers["jive"].data_port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(d.encode(d.DataHello(kind="pull", token=b"x" * 40, transfer_id="t", stream=0)))
+        try:
+            reply = s.recv(100)
+        except (ConnectionResetError, TimeoutError):
+            reply = b""
+        # A TLS server answers garbage with a TLS alert record (type 21) or just closes.
+        assert reply == b"" or reply[:1] == b"\x15", reply
+    # With TLS and the CA, the same port speaks (and refuses the bogus capability properly).
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw) as s:
+        s.sendall(d.encode(d.DataHello(kind="pull", token=b"x" * 40, transfer_id="t", stream=0)))
+        head = s.recv(4)
+        body = s.recv(d.LENGTH.unpack(head)[0])
+        reply = d.decode_reply(body)
+        assert isinstance(reply, d.DataError) and reply.errno == 13
