@@ -123,7 +123,7 @@ class Bench:
             check=True,
         )
         recs = [t for t in json.loads(out.stdout)["transfers"] if t["destination"] == destination]
-        return recs[-1]  # type: ignore[no-any-return]
+        return recs[-1]
 
 
 def setup(lab: NetLab, base: Path, streams: int) -> Bench:

@@ -83,7 +83,7 @@ def status(mount: NsMount) -> list[dict[str, object]]:
         timeout=30,
         check=True,
     )
-    return json.loads(out.stdout)["transfers"]  # type: ignore[no-any-return]
+    return json.loads(out.stdout)["transfers"]
 
 
 def transfers_to(mount: NsMount, destination: str) -> list[dict[str, object]]:
