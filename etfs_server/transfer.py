@@ -263,7 +263,7 @@ def serve_blocks(sock: socket.socket, fd: int, size: int, sender: str, block_lim
                 xxhash.xxh3_64_intdigest(os.pread(fd, length, offset)) if flags & d.FLAG_DIGEST else 0
             )
         else:
-            n = native.read_send(fd, sock.fileno(), offset, length, view)
+            n = native.read_send(fd, sock.fileno(), offset, length, buf)
             digest_value = xxhash.xxh3_64_intdigest(view[:length]) if flags & d.FLAG_DIGEST else 0
         if n != length:
             raise TransferError(errno.EIO, f"source file shrank while sending (got {n} of {length} bytes)")
@@ -392,7 +392,7 @@ class Transfer:
                 elif pipe is not None:
                     native.splice_recv(sock.fileno(), self.part_fd, offset, length, pipe)
                 else:
-                    native.recv_write(sock.fileno(), self.part_fd, offset, length, view)
+                    native.recv_write(sock.fileno(), self.part_fd, offset, length, buf)
                 (theirs,) = d.DIGEST.unpack(_recv_exact(sock, d.DIGEST.size))
                 if self.verify:
                     if (
