@@ -208,7 +208,9 @@ class Bench:
         dst = base / "seq.bin"
 
         def rm() -> None:
-            (self.export / "seq.bin").unlink(missing_ok=True)
+            # Through the mount under test: deleting behind its back would leave the kernel's
+            # cached entry (entry_ttl) pointing at a file that is gone.
+            dst.unlink(missing_ok=True)
 
         def write() -> None:
             run("dd", "if=/dev/zero", f"of={dst}", "bs=1M", f"count={size}", "conv=fsync", "status=none")
@@ -233,7 +235,7 @@ class Bench:
         dst = base / "tree"
 
         def rm() -> None:
-            shutil.rmtree(self.export / "tree", ignore_errors=True)
+            shutil.rmtree(dst, ignore_errors=True)
 
         t = timed(lambda: run("cp", "-r", tree, dst), rm, self.args.runs)
         self.results.append((f"cp -r {self.args.files} files", label, t))

@@ -229,14 +229,20 @@ class EtfsOperations(pyfuse3.Operations):
             return cached
         if not node.linked and node.attr is not None:
             return node.attr  # unlinked but still open: its path now names something else
-        try:
-            attr = await self._call(node.server, m.Stat, m.Attr, path=node.path)
-        except ConnectionLost:
-            if node.pinned:
-                # A down server's directory still exists in the root (so bind mounts and
-                # `ls -l` of the root work); using it fails fast instead.
+        if node.pinned:
+            # A down or hung server's directory still exists in the root (so bind mounts and
+            # `ls -l` of the root never wait for it); using its contents fails instead.
+            attr_or_none: m.Attr | None = None
+            with trio.move_on_after(self.config.connect_timeout):
+                try:
+                    attr_or_none = await self._call(node.server, m.Stat, m.Attr, path=node.path)
+                except ConnectionLost:
+                    pass
+            if attr_or_none is None:
                 return node.attr or self._dir_attr()
-            raise
+            attr = attr_or_none
+        else:
+            attr = await self._call(node.server, m.Stat, m.Attr, path=node.path)
         self.table.set_attr(node, attr, self.config.cache.attr_ttl)
         return attr
 
