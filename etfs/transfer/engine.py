@@ -72,6 +72,19 @@ class ClientTransfer:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class CopySpec:
+    """What one `TransferEngine.copy` call asked for, with the pair's settings resolved."""
+
+    src_server: str
+    src_path: str
+    dst_server: str
+    dst_path: str
+    mode: str
+    opts: TransferDefaults
+    preserve_times: bool = False
+
+
 def part_name(path: str) -> str:
     parent, _, name = path.rpartition("/")
     return f"{parent}/.{name}.etfs-part"
@@ -139,21 +152,17 @@ class TransferEngine:
             verify=opts.verify if verify is None else verify,
             block_size=opts.block_size,
         )
+        spec = CopySpec(src_server, src_path, dst_server, dst_path, mode, opts, preserve_times)
         source, destination = f"{src_server}:{src_path}", f"{dst_server}:{dst_path}"
         if src_server == dst_server:
             t = self._new(source, destination, kind="local", mode=mode, streams=0, direction="local")
-            return await self._guard(t, self._local(t, src_server, src_path, dst_path, mode))
+            return await self._guard(t, self._local(t, spec))
         if opts.third_party == "never":
             t = self._new(source, destination, kind="relay", mode=mode, direction="client")
-            return await self._guard(
-                t, self._relay(t, src_server, src_path, dst_server, dst_path, mode, opts)
-            )
+            return await self._guard(t, self._relay(t, spec))
         t = self._new(source, destination, mode=mode, streams=opts.streams, direction=opts.direction)
         try:
-            return await self._guard(
-                t,
-                self._third_party(t, src_server, src_path, dst_server, dst_path, mode, opts, preserve_times),
-            )
+            return await self._guard(t, self._third_party(t, spec))
         except TransferFailed as exc:
             if opts.third_party == "auto" and exc.errno in UNREACHABLE and t.bytes_done == 0:
                 log.warning(
@@ -164,9 +173,7 @@ class TransferEngine:
                 )
                 t.reason = f"fell back to a copy through the client: {exc.strerror}"
                 r = self._new(source, destination, kind="relay", mode=mode, direction="client")
-                return await self._guard(
-                    r, self._relay(r, src_server, src_path, dst_server, dst_path, mode, opts)
-                )
+                return await self._guard(r, self._relay(r, spec))
             raise
 
     async def _guard(self, t: ClientTransfer, work: Any) -> ClientTransfer:
@@ -187,25 +194,18 @@ class TransferEngine:
         return t
 
     # --- kinds of copy ----------------------------------------------------------------------------
-    async def _local(self, t: ClientTransfer, server: str, src: str, dst: str, mode: str) -> None:
-        info = await self.pool[server].call(m.LocalCopy, m.TransferInfo, src=src, dst=dst, mode=mode)
+    async def _local(self, t: ClientTransfer, spec: CopySpec) -> None:
+        info = await self.pool[spec.src_server].call(
+            m.LocalCopy, m.TransferInfo, src=spec.src_path, dst=spec.dst_path, mode=spec.mode
+        )
         t.server_transfer_id = info.id
         t.bytes_total = t.bytes_done = info.bytes_done
 
-    async def _third_party(
-        self,
-        t: ClientTransfer,
-        src_server: str,
-        src_path: str,
-        dst_server: str,
-        dst_path: str,
-        mode: str,
-        opts: TransferDefaults,
-        preserve_times: bool,
-    ) -> None:
-        src, dst = self.pool[src_server], self.pool[dst_server]
+    async def _third_party(self, t: ClientTransfer, spec: CopySpec) -> None:
+        src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
+        mode = spec.mode
         if mode == "skip-existing":
-            mode = await self._skip_check(src, src_path, dst, dst_path)
+            mode = await self._skip_check(src, spec.src_path, dst, spec.dst_path)
             if mode == "skipped":
                 self._end(t, "skipped", "destination has the same size, time and digest")
                 return
@@ -213,7 +213,7 @@ class TransferEngine:
         while True:
             attempt += 1
             try:
-                await self._third_party_once(t, src, dst, src_path, dst_path, mode, opts, preserve_times)
+                await self._third_party_once(t, src, dst, spec, mode)
                 return
             except ConnectionLost as exc:
                 # Our control connection broke; the destination stopped the transfer but kept
@@ -255,13 +255,11 @@ class TransferEngine:
         t: ClientTransfer,
         src: ServerClient,
         dst: ServerClient,
-        src_path: str,
-        dst_path: str,
+        spec: CopySpec,
         mode: str,
-        opts: TransferDefaults,
-        preserve_times: bool,
     ) -> None:
-        cap = await src.call(m.TransferOffer, m.Capability, path=src_path)
+        opts = spec.opts
+        cap = await src.call(m.TransferOffer, m.Capability, path=spec.src_path)
         t.bytes_total = cap.size
         host = self._data_host(src.name, src, cap.data_host, await src.peer())
         cap = msgspec.structs.replace(cap, data_host=host)
@@ -270,13 +268,13 @@ class TransferEngine:
             m.TransferStarted,
             capability=cap,
             source_name=src.name,
-            path=dst_path,
+            path=spec.dst_path,
             mode=mode,
             streams=opts.streams,
             direction=opts.direction,
             verify=opts.verify,
             block_size=opts.block_size,
-            preserve_times=preserve_times,
+            preserve_times=spec.preserve_times,
         )
         t.server_transfer_id = started.transfer_id
         if started.skipped:
@@ -325,18 +323,10 @@ class TransferEngine:
                     pass
             raise
 
-    async def _relay(
-        self,
-        t: ClientTransfer,
-        src_server: str,
-        src_path: str,
-        dst_server: str,
-        dst_path: str,
-        mode: str,
-        opts: TransferDefaults,
-    ) -> None:
+    async def _relay(self, t: ClientTransfer, spec: CopySpec) -> None:
         """Copy through the client: pipelined reads from the source, writes into a part file."""
-        src, dst = self.pool[src_server], self.pool[dst_server]
+        src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
+        src_path, dst_path, mode, opts = spec.src_path, spec.dst_path, spec.mode, spec.opts
         if mode == "skip-existing" and await self._skip_check(src, src_path, dst, dst_path) == "skipped":
             self._end(t, "skipped", "destination has the same size, time and digest")
             return
