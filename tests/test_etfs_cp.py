@@ -142,3 +142,16 @@ def test_server_records_survive_restart(etfs_env: Env) -> None:
     wait_for(back, 20, "onsala to come back")
     [after] = records()
     assert after == before
+
+
+def test_progress_bar_on_a_tty(etfs_env: Env) -> None:
+    """On a terminal `etfs cp` draws a progress bar (rich); `script` gives it a pty."""
+    e = etfs_env
+    random_file(e.export("jive") / "tmp" / "tty.bin", 64 * 2**20, seed=31)
+    cmd = f"{PY} -m etfs.cli cp --mount {e.mount.root} jive:/tmp/tty.bin onsala:/tmp/tty.bin"
+    r = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, env=env(), timeout=120
+    )
+    assert r.returncode == 0, r.stdout
+    assert "tty.bin" in r.stdout and "━" in r.stdout and "MB" in r.stdout, r.stdout
+    assert digest(e.export("onsala") / "tmp" / "tty.bin") == digest(e.export("jive") / "tmp" / "tty.bin")

@@ -109,6 +109,7 @@ class Reporter:
         self.lock = threading.Lock()
         self.progress: Any = None
         if not as_json and sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
             self.progress = Progress(
@@ -116,6 +117,7 @@ class Reporter:
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
+                console=Console(stderr=True),
                 transient=False,
             )
             self.progress.start()
