@@ -189,9 +189,13 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serve
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert.private_key_and_cert_chain_pem.write_to_path(str(base / "server.pem"))
-    setup = standard_setup(
-        base, extra={"tls": {"cert_file": str(base / "server.pem"), "key_file": str(base / "server.pem")}}
-    )
+    ca.cert_pem.write_to_path(str(base / "ca.pem"))
+    tls = {
+        "cert_file": str(base / "server.pem"),
+        "key_file": str(base / "server.pem"),
+        "ca_file": str(base / "ca.pem"),
+    }
+    setup = standard_setup(base, extra={"tls": tls})
     sp = ServerProcess(setup.config, setup.dir)
     try:
         sp.start()

@@ -15,6 +15,7 @@ on the servers.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -204,11 +205,14 @@ class TransferEngine:
     async def _third_party(self, t: ClientTransfer, spec: CopySpec) -> None:
         src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
         mode = spec.mode
-        if mode == "skip-existing":
-            mode = await self._skip_check(src, spec.src_path, dst, spec.dst_path)
-            if mode == "skipped":
-                self._end(t, "skipped", "destination has the same size, time and digest")
-                return
+        if (
+            mode == "skip-existing"
+            and await self._skip_check(src, spec.src_path, dst, spec.dst_path) != "skipped"
+        ):
+            # Different after all: copy, and stamp the source's time so the next run can skip.
+            mode = "overwrite"
+            spec = dataclasses.replace(spec, preserve_times=True)
+        # (when the digests match, the destination still gets the order and records the skip)
         attempt = 0
         while True:
             attempt += 1
@@ -388,6 +392,9 @@ class TransferEngine:
                 if theirs != digest.hexdigest():
                     raise TransferFailed(errno.EIO, "verification failed: the destination's digest differs")
                 t.digest = "xxh3-128:" + theirs
+            if spec.preserve_times or mode == "skip-existing":
+                mtime = sfile.attr.mtime_ns
+                await dst.call(m.SetAttr, m.Attr, path=part, atime_ns=mtime, mtime_ns=mtime)
             await dst.call(m.Rename, None, old=part, new=dst_path, noreplace=mode == "new")
             ok = True
         finally:
