@@ -381,7 +381,7 @@ class Transfer:
                     inflight.append(index)
                 if not inflight:
                     break
-                index = inflight.pop(0)
+                index = inflight[0]  # stays in flight (put back on error) until it is done
                 offset, length = self.block_range(index)
                 got_off, got_len, status = d.BLOCK.unpack(_recv_exact(sock, d.BLOCK.size))
                 if status or got_off != offset or got_len != length:
@@ -403,6 +403,7 @@ class Transfer:
                         raise TransferError(errno.EIO, f"short read-back of block at {offset}")
                     ours = xxhash.xxh3_64_intdigest(view[:length])
                     if ours != theirs:
+                        inflight.pop(0)
                         tries = queue.put_back(index)
                         self.rec.bytes_resent += length
                         log.warning(
@@ -419,6 +420,7 @@ class Transfer:
                         continue
                 else:
                     ours = theirs
+                inflight.pop(0)
                 self.block_done(index, ours)
                 queue.done(index)
             sock.sendall(d.REQUEST.pack(0, 0, d.FLAG_DONE))
