@@ -234,8 +234,14 @@ def _set_timeouts(sock: socket.socket, seconds: float) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def serve_blocks(sock: socket.socket, fd: int, size: int, sender: str, block_limit: int) -> int:
-    """Source side of one data connection: answer block requests until the peer is done."""
+def serve_blocks(
+    sock: socket.socket, fd: int, size: int, sender: str, block_limit: int, mtime_ns: int = -1
+) -> int:
+    """Source side of one data connection: answer block requests until the peer is done.
+
+    Before each block the file is checked against the capability's size and mtime: a file
+    changed under a transfer is answered with STATUS_STALE instead of a mix of versions.
+    """
     buf = bytearray(block_limit)
     view = memoryview(buf)
     sent = 0
@@ -247,6 +253,10 @@ def serve_blocks(sock: socket.socket, fd: int, size: int, sender: str, block_lim
         offset, length, flags = d.REQUEST.unpack(raw)
         if flags & d.FLAG_DONE:
             return sent
+        now = os.fstat(fd)
+        if now.st_size != size or (mtime_ns >= 0 and now.st_mtime_ns != mtime_ns):
+            sock.sendall(d.BLOCK.pack(offset, 0, d.STATUS_STALE))
+            continue
         if offset > size or length > block_limit or offset + length > size:
             sock.sendall(d.BLOCK.pack(offset, 0, d.STATUS_RANGE))
             continue
@@ -384,6 +394,8 @@ class Transfer:
                 index = inflight[0]  # stays in flight (put back on error) until it is done
                 offset, length = self.block_range(index)
                 got_off, got_len, status = d.BLOCK.unpack(_recv_exact(sock, d.BLOCK.size))
+                if status == d.STATUS_STALE:
+                    raise TransferError(errno.ESTALE, f"source {self.cap.path} changed during the transfer")
                 if status or got_off != offset or got_len != length:
                     raise TransferError(errno.EIO, f"source refused block at {offset} (status {status})")
                 if isinstance(sock, ssl.SSLSocket):
@@ -559,7 +571,7 @@ class TransferService:
     def _serve_source(self, sock: socket.socket, body: CapabilityBody, fd: int) -> None:
         try:
             sock.sendall(d.encode(d.DataReady(size=body.size, mtime_ns=body.mtime_ns)))
-            sent = serve_blocks(sock, fd, body.size, self.config.sender, d.MAX_BLOCK)
+            sent = serve_blocks(sock, fd, body.size, self.config.sender, d.MAX_BLOCK, body.mtime_ns)
             log.debug("transfer %s: stream served %d bytes of %s", body.transfer_id, sent, body.path)
         finally:
             os.close(fd)
@@ -915,7 +927,9 @@ class TransferService:
         if missing:
             if t.cancelled:
                 raise TransferError(t.rec.errno or errno.EINTR, t.rec.reason or "cancelled")
-            first = errors[0] if errors else TransferError(errno.EIO, "streams ended early")
+            # A changed source explains every other stream's failure (the source may just drop those).
+            stale = [e for e in errors if e.errno == errno.ESTALE]
+            first = (stale or errors or [TransferError(errno.EIO, "streams ended early")])[0]
             raise TransferError(
                 first.errno or errno.EIO, f"{len(missing)} blocks missing: {first.strerror or first}"
             )

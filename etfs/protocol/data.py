@@ -27,6 +27,7 @@ JOURNAL = struct.Struct(">IQ")  # block index, digest: one entry per finished bl
 FLAG_DIGEST = 1  # send the block's xxh3-64 in the trailer
 FLAG_DONE = 2  # no more requests on this connection
 STATUS_RANGE = 1  # the requested range is outside the file
+STATUS_STALE = 2  # the source file changed (size or mtime) since the capability was issued
 
 
 class DataHello(msgspec.Struct, frozen=True, tag_field="t", tag="hello"):
