@@ -30,6 +30,8 @@ from etfs.client import RemoteError
 from etfs.protocol import messages as m
 from etfs.transfer.engine import ClientTransfer, TransferFailed
 
+pytestmark = pytest.mark.timeout(120)
+
 __all__ = ["cluster"]  # the fixture, re-exported for pytest
 
 SMALL_BLOCK = 256 * 1024

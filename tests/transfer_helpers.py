@@ -163,11 +163,20 @@ class Cluster:
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
 
-    def add(self, name: str, transfer: dict[str, Any] | None = None, **extra: Any) -> Node:
+    def add(
+        self,
+        name: str,
+        transfer: dict[str, Any] | None = None,
+        pre_start: Callable[[Path], None] | None = None,
+        **extra: Any,
+    ) -> Node:
+        """Start server ``name``; ``pre_start(export)`` runs first (e.g. to mount a filesystem there)."""
         assert self.key_file is not None
         base = self.base / name
         export = base / "export"
         export.mkdir(parents=True)
+        if pre_start is not None:
+            pre_start(export)
         doc_extra: dict[str, Any] = dict(extra)
         if transfer:
             doc_extra["transfer"] = transfer
@@ -256,6 +265,28 @@ def running_transfer(engine: TransferEngine) -> ClientTransfer | None:
         if t.state not in ("done", "failed", "skipped", "cancelled"):
             return t
     return None
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[Path, str], None]]:
+    """``tmpfs(path, "20m")`` mounts a small tmpfs on ``path``; unmounted (lazily) at teardown."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> None:
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(path)
+
+    try:
+        yield mount
+    finally:
+        for p in reversed(mounted):
+            subprocess.run(["umount", "-l", str(p)], capture_output=True, check=False)
 
 
 # --- the proxy -----------------------------------------------------------------------------------------
@@ -710,6 +741,7 @@ __all__ = [
     "proxied_source",
     "running_transfer",
     "sha256",
+    "tmpfs",
     "wait_until",
     "wait_until_async",
 ]
