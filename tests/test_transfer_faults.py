@@ -108,7 +108,9 @@ async def test_all_streams_cut_fails_and_resumes(pair: Cluster) -> None:
             first = proxy.block_bytes
             t = await engine.copy("jive", "/f", "onsala", "/g", mode="resume", policy="always")
     assert_identical(pair["onsala"], "/g", expect, t)
-    assert proxy.block_bytes - first <= 12 * MIB - first + 2 * BLOCK
+    # Lost at the cut: per stream the block being received plus, with 2 requests pipelined,
+    # one whose data passed the proxy but whose digest trailer did not.
+    assert proxy.block_bytes - first <= 12 * MIB - first + 2 * 2 * BLOCK
 
 
 # --- resume after a killed server or client --------------------------------------------------------------

@@ -311,6 +311,7 @@ class TransferStarted(msgspec.Struct, frozen=True):
     skipped: bool
     resumed_bytes: int
     data_tls: bool = False  # the destination's data port speaks TLS (push)
+    streams: int = -1  # data connections the destination will use (-1: not said, older server)
 
 
 class TransferPush(Request, frozen=True):

@@ -295,7 +295,7 @@ class TransferEngine:
                     ticket=started.ticket,
                     host=dhost,
                     port=started.data_port,
-                    streams=opts.streams,
+                    streams=started.streams if started.streams >= 0 else opts.streams,
                     tls=started.data_tls,
                 )
             while True:
