@@ -439,6 +439,9 @@ class Transfer:
                 else:
                     ours = theirs
                 inflight.pop(0)
+                # Start writing this block to disk now: the fdatasync before the rename then
+                # waits for the last blocks only (it took 0.3 s of 0.9 s for 512 MiB otherwise).
+                native.sync_file_range(self.part_fd, offset, length)
                 self.block_done(index, ours)
                 queue.done(index)
             sock.sendall(d.REQUEST.pack(0, 0, d.FLAG_DONE))
@@ -817,16 +820,20 @@ class TransferService:
 
     async def _run(self, t: Transfer, req: m.TransferStart) -> None:
         rec = t.rec
+        timing = [0.0, 0.0]  # seconds receiving, seconds committing (fsync, xattrs, rename)
         try:
             with trio.CancelScope() as scope:
                 t.cancel_scope = scope
                 async with self.slots:
                     rec.state = "running"
                     self._changed(t)
+                    t0 = trio.current_time()
                     await self._receive(t, req)
                     rec.state = "verifying"
                     self._changed(t)
+                    t1 = trio.current_time()
                     await trio.to_thread.run_sync(self._commit, t, req)
+                    timing = [t1 - t0, trio.current_time() - t1]
                     rec.state = "done"
             if scope.cancelled_caught and rec.state != "done":
                 rec.state = "failed"
@@ -850,12 +857,13 @@ class TransferService:
                 )
             else:
                 log.info(
-                    "transfer %s %s -> %s %s (%d bytes)",
+                    "transfer %s %s -> %s %s (%d bytes; receive %.3f s, commit %.3f s)",
                     rec.id,
                     rec.source,
                     rec.destination,
                     rec.state,
                     rec.bytes_done,
+                    *timing,
                 )
             self._finish(t)
 

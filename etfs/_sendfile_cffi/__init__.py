@@ -51,6 +51,7 @@ __all__ = [
     "read_send",
     "recv_write",
     "renameat2",
+    "sync_file_range",
     "sendfile",
     "splice_recv",
 ]
@@ -248,3 +249,12 @@ RENAME_EXCHANGE: int = int(lib.RENAME_EXCHANGE)
 def renameat2(olddirfd: int, oldpath: str, newdirfd: int, newpath: str, flags: int = 0) -> None:
     """``renameat2(2)``: rename with ``RENAME_NOREPLACE`` (fail with EEXIST) or ``RENAME_EXCHANGE``."""
     _check(lib.etfs_renameat2(olddirfd, os.fsencode(oldpath), newdirfd, os.fsencode(newpath), flags))
+
+
+SYNC_FILE_RANGE_WRITE: int = int(lib.SYNC_FILE_RANGE_WRITE)
+
+
+def sync_file_range(fd: int, offset: int, nbytes: int, flags: int = SYNC_FILE_RANGE_WRITE) -> None:
+    """``sync_file_range(2)``; with the default flag: start writeback of a range, do not wait."""
+    _check_range(offset, nbytes)
+    _check(lib.etfs_sync_file_range(fd, offset, nbytes, flags))

@@ -45,6 +45,8 @@ int etfs_openat2(int dirfd, const char *path, int flags, int mode, unsigned long
 int etfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags);
 #define RENAME_NOREPLACE ...
 #define RENAME_EXCHANGE ...
+int etfs_sync_file_range(int fd, long long offset, long long nbytes, unsigned int flags);
+#define SYNC_FILE_RANGE_WRITE ...
 """
 
 C_SOURCE = r"""
@@ -373,6 +375,13 @@ long long etfs_splice_recv(int sock_fd, int file_fd, long long offset, long long
 #ifndef RENAME_EXCHANGE
 #  define RENAME_EXCHANGE (1 << 1)
 #endif
+/* Start writeback of a range without waiting: a receiver calls it per block so the final
+   fdatasync only waits for the tail instead of the whole file. */
+int etfs_sync_file_range(int fd, long long offset, long long nbytes, unsigned int flags)
+{
+    return sync_file_range(fd, (off64_t)offset, (off64_t)nbytes, flags);
+}
+
 int etfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags)
 {
     return (int)syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);
