@@ -64,6 +64,13 @@ class _Live:
         self.closed = False
 
 
+# Requests that may make a name appear on the server (transfers write a part file and rename
+# it into place).
+_NAME_CREATORS = frozenset(
+    {m.Create, m.Mkdir, m.Symlink, m.Link, m.Rename, m.TransferStart, m.TransferPush, m.LocalCopy}
+)
+
+
 class ServerClient:
     BACKOFF_MAX = 10.0
 
@@ -77,6 +84,10 @@ class ServerClient:
         self._backoff = 0.0
         self._retry_at = 0.0
         self._last_error = ""
+        # Bumped by every request that may create a name, except those sent with `call_own`
+        # (the filesystem's own, which it accounts for itself): the filesystem's knowledge of
+        # a directory's complete contents (etfs.fs.inodes) is valid only while this is unchanged.
+        self.namespace_epoch = 0
 
     @property
     def name(self) -> str:
@@ -210,6 +221,12 @@ class ServerClient:
 
     async def call(self, req_type: type[m.Request], result: type[T] | None = None, /, **fields: Any) -> T:
         """Send one request and return its decoded value; raises `RemoteError` or `ConnectionLost`."""
+        if req_type in _NAME_CREATORS:
+            self.namespace_epoch += 1
+        return await self.call_own(req_type, result, **fields)
+
+    async def call_own(self, req_type: type[m.Request], result: type[T] | None = None, /, **fields: Any) -> T:
+        """`call` for a caller that keeps track of the names it creates itself (the filesystem)."""
         live = await self.connection()
         rid = next(self._ids)
         req = req_type(id=rid, **fields)

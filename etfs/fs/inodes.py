@@ -37,6 +37,13 @@ class Node:
     linked: bool = True
     pinned: bool = False  # root and server directories are never forgotten
     open_files: set[int] = field(default_factory=set)
+    # A directory whose complete contents we know (we created it empty): the names that may
+    # exist in it, valid until `names_until` (monotonic) and while the server's namespace
+    # epoch is `names_epoch`.  A lookup of any other name is answered "no such file" without
+    # asking the server, like a negative dentry that the kernel could not have yet.
+    names: set[str] | None = None
+    names_until: float = 0.0
+    names_epoch: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -104,6 +111,32 @@ class InodeTable:
 
     def expire(self, node: Node) -> None:
         node.attr_expires = 0.0
+
+    @staticmethod
+    def know_empty(node: Node, ttl: float, epoch: int) -> None:
+        """The directory was just created empty by us: names not added later do not exist."""
+        if ttl > 0:
+            node.names = set()
+            node.names_until = time.monotonic() + ttl
+            node.names_epoch = epoch
+
+    @staticmethod
+    def known_absent(node: Node, name: str, epoch: int) -> float:
+        """Seconds for which ``name`` is known not to exist in the directory (0: ask the server)."""
+        names = node.names
+        if names is None or name in names:
+            return 0.0
+        left = node.names_until - time.monotonic()
+        if left <= 0 or epoch != node.names_epoch:
+            node.names = None
+            return 0.0
+        return left
+
+    @staticmethod
+    def may_exist(node: Node, name: str) -> None:
+        """A name is being created (or may have been) in the directory: ask the server about it."""
+        if node.names is not None:
+            node.names.add(name)
 
     def forget(self, inode: int, nlookup: int) -> None:
         node = self._nodes.get(inode)

@@ -152,12 +152,13 @@ class EtfsOperations(pyfuse3.Operations):
 
     async def _call(self, server: str, req: type[m.Request], result: type[T] | None, **fields: Any) -> T:
         client = self._client(server)
+        # call_own: the names this filesystem creates are tracked by `_creating`.
         try:
-            return await client.call(req, result, **fields)
+            return await client.call_own(req, result, **fields)
         except ConnectionLost as exc:
             if exc.errno != errno.ECONNRESET or req not in _IDEMPOTENT:
                 raise
-        return await client.call(req, result, **fields)
+        return await client.call_own(req, result, **fields)
 
     def _node(self, inode: int) -> Node:
         node = self.table.get(inode)
@@ -260,6 +261,13 @@ class EtfsOperations(pyfuse3.Operations):
     def _parent_changed(self, parent: Node) -> None:
         self.table.expire(parent)
 
+    def _creating(self, parent: Node, name: bytes) -> tuple[str, str]:
+        """`_child` for a request that creates ``name`` (before sending it: it may succeed
+        on the server even when the reply is lost)."""
+        server, path = self._child(parent, name)
+        self.table.may_exist(parent, _fs_name(name))
+        return server, path
+
     # --- lookup / attributes ------------------------------------------------------------------
     @_edge
     async def lookup(
@@ -278,6 +286,13 @@ class EtfsOperations(pyfuse3.Operations):
         if node_or_none is not None and (cached := self.table.fresh_attr(node_or_none)) is not None:
             node_or_none.lookups += 1
             return self._entry(node_or_none, cached)
+        if parent.names is not None:
+            absent_for = self.table.known_absent(parent, _fs_name(name), self._client(server).namespace_epoch)
+            if absent_for > 0:
+                negative = pyfuse3.EntryAttributes()
+                negative.st_ino = 0
+                negative.entry_timeout = min(absent_for, self.config.cache.negative_ttl)
+                return negative
         try:
             attr = await self._call(server, m.Stat, m.Attr, path=path)
         except OSError as exc:
@@ -400,10 +415,13 @@ class EtfsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        server, path = self._child(parent, name)
+        server, path = self._creating(parent, name)
+        epoch = self._client(server).namespace_epoch
         attr = await self._call(server, m.Mkdir, m.Attr, path=path, mode=mode & 0o7777)
         self._parent_changed(parent)
-        return self._new_entry(server, path, attr)
+        entry = self._new_entry(server, path, attr)
+        self.table.know_empty(self._node(entry.st_ino), self.config.cache.negative_ttl, epoch)
+        return entry
 
     @_edge
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -439,9 +457,10 @@ class EtfsOperations(pyfuse3.Operations):
             # The VFS then lets mv copy and unlink (the copy goes server to server).
             raise pyfuse3.FUSEError(errno.EXDEV)
         server, old = self._child(old_parent, name_old)
-        _, new = self._child(new_parent, name_new)
+        _, new = self._creating(new_parent, name_new)
+        if exchange := bool(flags & pyfuse3.RENAME_EXCHANGE):
+            self._creating(old_parent, name_old)
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
-        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         await self._call(server, m.Rename, None, old=old, new=new, noreplace=noreplace, exchange=exchange)
         if exchange:
             self.table.exchange(server, old, new)
@@ -456,7 +475,7 @@ class EtfsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
-        server, path = self._child(parent, name)
+        server, path = self._creating(parent, name)
         attr = await self._call(server, m.Symlink, m.Attr, path=path, target=os.fsdecode(target))
         self._parent_changed(parent)
         return self._new_entry(server, path, attr)
@@ -473,7 +492,7 @@ class EtfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self._remote(inode)
         parent = self._node(new_parent_inode)
-        server, path = self._child(parent, new_name)
+        server, path = self._creating(parent, new_name)
         if server != node.server:
             raise pyfuse3.FUSEError(errno.EXDEV)
         attr = await self._call(server, m.Link, m.Attr, old=node.path, new=path)
@@ -517,7 +536,7 @@ class EtfsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._node(parent_inode)
-        server, path = self._child(parent, name)
+        server, path = self._creating(parent, name)
         opened = await self._call(
             server, m.Create, m.Opened, path=path, mode=mode & 0o7777, flags=self._server_flags(flags)
         )
