@@ -51,9 +51,9 @@ __all__ = [
     "read_send",
     "recv_write",
     "renameat2",
-    "sync_file_range",
     "sendfile",
     "splice_recv",
+    "sync_file_range",
 ]
 
 RESOLVE_NO_XDEV: int = int(lib.RESOLVE_NO_XDEV)
