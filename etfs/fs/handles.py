@@ -168,7 +168,7 @@ class OpenFile:
         finally:
             blk.ready.set()
 
-    async def read(self, off: int, size: int) -> bytes:
+    async def read(self, off: int, size: int) -> bytes | memoryview:
         if self._buf or self._inflight:
             await self.flush()  # read what we wrote
         if not self._sequential(off):
@@ -193,6 +193,14 @@ class OpenFile:
                 raise blk.error
             start = pos - index * READ_BLOCK
             chunk = memoryview(blk.data)[start : end - index * READ_BLOCK]
+            if pos == off and (len(chunk) == size or len(blk.data) < READ_BLOCK):
+                # Within one block (the usual case): hand pyfuse3 a view, no copy.
+                if len(blk.data) < READ_BLOCK:
+                    self._eof_block = index
+                    self._blocks.pop(index, None)
+                self._forget_before((off + len(chunk)) // READ_BLOCK)
+                self._last_end = off + len(chunk)
+                return chunk
             out += chunk
             if len(blk.data) < READ_BLOCK:
                 # End of file (for now): later reads refetch this block in case the file grows.
@@ -200,10 +208,13 @@ class OpenFile:
                 self._blocks.pop(index, None)
                 break
             pos += len(chunk)
-        for i in [i for i in self._blocks if i < pos // READ_BLOCK]:
-            del self._blocks[i]
+        self._forget_before(pos // READ_BLOCK)
         self._last_end = off + len(out)
-        return bytes(out)
+        return out
+
+    def _forget_before(self, index: int) -> None:
+        for i in [i for i in self._blocks if i < index]:
+            del self._blocks[i]
 
     # --- writing ----------------------------------------------------------------------------------
     def _take_error(self) -> None:
@@ -214,6 +225,12 @@ class OpenFile:
     async def write(self, off: int, data: bytes) -> int:
         self._take_error()
         self.drop_readahead()
+        if not self._buf and len(data) >= WRITE_BLOCK:
+            # A whole block at once (dd bs=1M, cp): send it as it came, without copying it.
+            self.dirty_end = max(self.dirty_end, off + len(data))
+            self.bytes_written += len(data)
+            await self._send(off, data)
+            return len(data)
         if self._buf and off == self._buf_off + len(self._buf) and len(self._buf) < WRITE_BLOCK:
             self._buf += data
         else:
@@ -228,10 +245,14 @@ class OpenFile:
         return len(data)
 
     async def _send_buffer(self) -> None:
-        data, off = bytes(self._buf), self._buf_off
+        # The bytearray itself goes out (msgpack encodes it as bin): no copy to bytes.
+        data, off = self._buf, self._buf_off
         self._buf = bytearray()
         if not data:
             return
+        await self._send(off, data)
+
+    async def _send(self, off: int, data: bytes | bytearray) -> None:
         end = off + len(data)
         # Overlapping writes must reach the server in order: wait for the earlier ones.
         if any(s < end and off < e for s, e in self._inflight.values()):
@@ -243,7 +264,7 @@ class OpenFile:
         self._idle = trio.Event()
         self._nursery.start_soon(self._write_task, wid, off, data)
 
-    async def _write_task(self, wid: int, off: int, data: bytes) -> None:
+    async def _write_task(self, wid: int, off: int, data: bytes | bytearray) -> None:
         try:
             await self.call(m.Write, int, offset=off, data=data)
         except OSError as exc:

@@ -64,12 +64,19 @@ _client_decoder = msgspec.msgpack.Decoder(m.ClientMessage)
 _server_decoder = msgspec.msgpack.Decoder(m.ServerMessage)
 
 
-def encode_frame(msg: Any) -> bytes:
-    """One length-prefixed msgpack frame (also used for data-connection headers)."""
-    body = _encoder.encode(msg)
-    if len(body) > MAX_FRAME:
-        raise LocalProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
-    return HEADER.pack(len(body)) + body
+def encode_frame(msg: Any) -> bytes | bytearray:
+    """One length-prefixed msgpack frame (also used for data-connection headers).
+
+    Encoded straight behind the header's room: a 1 MiB Read reply or Write request is not
+    copied once more to prepend the length.
+    """
+    frame = bytearray(HEADER.size)
+    _encoder.encode_into(msg, frame, HEADER.size)
+    length = len(frame) - HEADER.size
+    if length > MAX_FRAME:
+        raise LocalProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+    HEADER.pack_into(frame, 0, length)
+    return frame
 
 
 class FrameReader:
@@ -98,8 +105,12 @@ class FrameReader:
             if self.eof:
                 raise RemoteProtocolError("connection closed inside a frame")
             return None
-        body = bytes(self._buf[HEADER.size : end])
-        del self._buf[:end]
+        if end == len(self._buf):  # the usual case: nothing behind this frame yet
+            body = bytes(memoryview(self._buf)[HEADER.size :])
+            self._buf = bytearray()
+        else:
+            body = bytes(memoryview(self._buf)[HEADER.size : end])
+            del self._buf[:end]
         return body
 
     @property
@@ -176,7 +187,7 @@ class Connection:
         return msg
 
     # --- outgoing --------------------------------------------------------------------------------
-    def send(self, msg: m.Message) -> bytes:
+    def send(self, msg: m.Message) -> bytes | bytearray:
         """Bytes to write for ``msg``; advances the handshake state."""
         if self.state is State.CLOSED:
             raise LocalProtocolError("connection is closed")
