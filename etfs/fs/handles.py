@@ -168,7 +168,7 @@ class OpenFile:
         finally:
             blk.ready.set()
 
-    async def read(self, off: int, size: int) -> bytes | memoryview:
+    async def read(self, off: int, size: int) -> bytes | bytearray | memoryview:
         if self._buf or self._inflight:
             await self.flush()  # read what we wrote
         if not self._sequential(off):

@@ -546,7 +546,7 @@ class EtfsOperations(pyfuse3.Operations):
         return self._register(node, flags, opened), entry
 
     @_edge
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
         f = self._files[fh]
         await self._flush_inode(f.node, except_fh=fh)
         return await f.read(off, size)
