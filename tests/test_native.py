@@ -11,8 +11,10 @@ import fcntl
 import os
 import random
 import socket
+import struct
 import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -418,6 +420,89 @@ def test_receiver_nonblocking_socket_waits(tmp_path: Path, fd_opener: Callable[.
     finally:
         a.close()
         b.close()
+
+
+# ---------------------------------------------------------------------- socket timeouts
+#
+# The data path uses blocking sockets whose SO_RCVTIMEO/SO_SNDTIMEO bound every wait;
+# EAGAIN on such a socket means the timeout expired and must end the call with
+# ETIMEDOUT instead of polling forever on a silent peer.
+
+SOCK_TIMEOUT = 0.5
+JOIN_TIMEOUT = 10.0  # the test itself must never hang, whatever the C code does
+
+
+def _set_timeout(sock: socket.socket, opt: int, seconds: float) -> None:
+    sec = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
+
+
+def _timed_call(fn: Callable[..., Any], *args: Any) -> tuple[BaseException | None, float]:
+    """Run fn(*args) in a daemon thread; return (its exception, seconds it took)."""
+    t0 = time.monotonic()
+    w = Worker(fn, *args)
+    w.join(JOIN_TIMEOUT)
+    assert not w.is_alive(), f"{getattr(fn, '__name__', fn)} hung past its socket timeout"
+    return w.exc, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("receiver", RECEIVERS)
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
+def test_receiver_times_out_on_silent_peer(
+    receiver: str,
+    nonblocking: bool,
+    sock_pair: tuple[socket.socket, socket.socket],
+    tmp_path: Path,
+    fd_opener: Callable[..., int],
+    make_receiver: Callable[[str, int], RecvCase],
+) -> None:
+    a, b = sock_pair
+    _set_timeout(b, socket.SO_RCVTIMEO, SOCK_TIMEOUT)
+    if nonblocking:
+        os.set_blocking(b.fileno(), False)
+    fd = fd_opener(tmp_path / "dst", os.O_RDWR | os.O_CREAT)
+    rx = make_receiver(receiver, 1 << 20)
+    a.sendall(b"x" * 1000)  # some data, then silence: the timeout applies mid-block too
+    exc, took = _timed_call(rx, b.fileno(), fd, 0, 1 << 20)
+    assert isinstance(exc, TimeoutError), repr(exc)
+    assert exc.errno == errno.ETIMEDOUT
+    assert took < SOCK_TIMEOUT + 1.5
+    if receiver == "splice_recv":
+        assert not rx.pipe.closed  # reset, still usable
+
+
+def _fill_and_stall(
+    sock_pair: tuple[socket.socket, socket.socket], nonblocking: bool
+) -> tuple[socket.socket, socket.socket]:
+    """Small buffers and a 0.5 s send timeout on the sender; the peer never reads."""
+    a, b = sock_pair
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    _set_timeout(a, socket.SO_SNDTIMEO, SOCK_TIMEOUT)
+    if nonblocking:
+        os.set_blocking(a.fileno(), False)
+    return a, b
+
+
+@pytest.mark.parametrize("sender", list(SENDERS))
+@pytest.mark.parametrize("nonblocking", [False, True], ids=["blocking", "nonblocking"])
+def test_sender_times_out_on_full_buffer(
+    sender: str,
+    nonblocking: bool,
+    sock_pair: tuple[socket.socket, socket.socket],
+    tmp_path: Path,
+    fd_opener: Callable[..., int],
+) -> None:
+    a, _ = _fill_and_stall(sock_pair, nonblocking)
+    size = 64 * 1024 * 1024
+    src = tmp_path / "sparse"
+    with open(src, "wb") as f:
+        f.truncate(size)  # sparse: reading it costs nothing
+    fd = fd_opener(src)
+    exc, took = _timed_call(SENDERS[sender], a.fileno(), fd, 0, size)
+    assert isinstance(exc, TimeoutError), repr(exc)
+    assert exc.errno == errno.ETIMEDOUT
+    assert took < SOCK_TIMEOUT + 2.0
 
 
 def test_pipe_size() -> None:

@@ -4,7 +4,10 @@ Each function moves one whole block in a single C call: the loop over partial
 transfers and EINTR runs in C with the GIL released, so call these from worker
 threads (``trio.to_thread.run_sync``) with **blocking** sockets.  A blocking call
 cannot be cancelled from Python: to abort one, ``shutdown()`` the socket (or close
-the peer), which makes the call fail with an ``OSError``.
+the peer), which makes the call fail with an ``OSError``.  Bound every wait with
+SO_RCVTIMEO/SO_SNDTIMEO: when one expires the call raises ``TimeoutError``
+(``ETIMEDOUT``) rather than waiting on a silent peer.  A non-blocking socket is
+polled for at most its own timeout (30 s if none is set), then ``TimeoutError``.
 
 Senders
     :func:`sendfile` (``sendfile(2)``, no user-space copy) and :func:`read_send`

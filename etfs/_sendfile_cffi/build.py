@@ -9,8 +9,13 @@ socket->pipe->file ``splice`` loops for the receiver, and ``openat2`` with
 Every loop runs to completion in C (EINTR and partial transfers handled
 there), so one call moves one whole block with the GIL released (cffi drops
 the GIL around every call into ``lib``).  They are meant for worker threads
-and **blocking** sockets; a non-blocking fd is tolerated (EAGAIN waits in
-``poll``) but then SO_SNDTIMEO/SO_RCVTIMEO are not honoured.
+and **blocking** sockets whose SO_RCVTIMEO/SO_SNDTIMEO bound every wait: on a
+blocking socket EAGAIN means that timeout expired, and the call fails with
+ETIMEDOUT (Python: ``TimeoutError``) instead of retrying, so a silent peer
+cannot hang a transfer.  A non-blocking socket is tolerated: EAGAIN waits in
+``poll`` for at most the socket's timeout for that direction (30 s if none is
+set) and then fails with ETIMEDOUT as well.  For ``splice`` only the socket
+side can time out; the pipe is ours and always drained.
 
 Registered in pyproject.toml as ``etfs/_sendfile_cffi/build.py:ffibuilder``.
 To build in place for development::
@@ -66,7 +71,9 @@ C_SOURCE = r"""
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef SYS_openat2
@@ -96,19 +103,69 @@ struct etfs_open_how {
 /* Largest single transfer the kernel does for read/write/sendfile/splice. */
 #define ETFS_MAX_XFER 0x7ffff000LL
 
-/* On EAGAIN (non-blocking fd, or a socket timeout) wait until the fd is
- * ready instead of spinning.  Returns 0 to retry, -1 with errno on error. */
+/* Longest single wait for a non-blocking socket with no SO_RCVTIMEO/SO_SNDTIMEO
+ * set (ms): a silent peer must never hang a transfer forever. */
+#ifndef ETFS_DEFAULT_WAIT_MS
+#  define ETFS_DEFAULT_WAIT_MS 30000
+#endif
+
+static long long etfs_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
+
+/* Called after a socket call failed with EAGAIN/EWOULDBLOCK.
+ *
+ * On a BLOCKING fd that means the socket's SO_RCVTIMEO/SO_SNDTIMEO expired
+ * (the data path bounds every wait that way): give up with ETIMEDOUT.
+ * On a non-blocking fd wait in poll() until it is ready, for at most the
+ * socket's own timeout for that direction (ETFS_DEFAULT_WAIT_MS if none is
+ * set or the fd is not a socket), then give up with ETIMEDOUT.
+ * Returns 0 to retry, -1 with errno set otherwise. */
 static int etfs_wait_fd(int fd, short events)
 {
     struct pollfd p;
-    int r;
+    struct timeval tv;
+    socklen_t tvlen = sizeof tv;
+    long long wait_ms = ETFS_DEFAULT_WAIT_MS;
+    long long deadline;
+    int fl, r;
+
+    fl = fcntl(fd, F_GETFL);
+    if (fl < 0)
+        return -1;
+    if (!(fl & O_NONBLOCK)) {
+        errno = ETIMEDOUT;
+        return -1;
+    }
+    memset(&tv, 0, sizeof tv);
+    if (getsockopt(fd, SOL_SOCKET, (events & POLLOUT) ? SO_SNDTIMEO : SO_RCVTIMEO,
+                   &tv, &tvlen) == 0
+            && (tv.tv_sec > 0 || tv.tv_usec > 0)) {
+        wait_ms = (long long)tv.tv_sec * 1000LL + (tv.tv_usec + 999) / 1000;
+        if (wait_ms > INT_MAX)
+            wait_ms = INT_MAX;
+    }
+    deadline = etfs_now_ms() + wait_ms;
     p.fd = fd;
     p.events = events;
-    p.revents = 0;
-    do {
-        r = poll(&p, 1, -1);
-    } while (r < 0 && errno == EINTR);
-    return r < 0 ? -1 : 0;
+    for (;;) {
+        long long left = deadline - etfs_now_ms();
+        if (left < 0)
+            left = 0;
+        p.revents = 0;
+        r = poll(&p, 1, (int)left);
+        if (r > 0)
+            return 0;           /* ready, or an error the retried call reports */
+        if (r == 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        if (errno != EINTR)
+            return -1;
+    }
 }
 
 static int etfs_bad_args(long long offset, long long count)
