@@ -1,13 +1,18 @@
 """The mount daemon's control socket: how `etfs cp` and `etfs status` talk to the running mount.
 
 A Unix stream socket (mode 0600, so only the mount's owner) carrying JSON lines.
+Every request gets an answer line or a clean close: a malformed one is answered with
+``{"event": "error", "errno": EINVAL, ...}``, and no client, however broken, can take
+the mount daemon down.
 Requests: ``{"op": "status"}`` -> one line ``{"transfers": [...]}``;
 ``{"op": "copy", "source": "SERVER:PATH", "destination": "SERVER:PATH", ...}`` ->
 ``{"event": "progress", "transfer": {...}}`` lines while it runs, then one
 ``{"event": "done", ...}`` or ``{"event": "error", "errno": N, "message": "..."}``.
 
 Running mounts register themselves in `registry_dir()` so the commands find them
-without flags.
+without flags.  `ensure_registry_dir()` creates it (mode 0700) and refuses one that is a
+symlink, owned by someone else or writable by group/others: the fallback under ``/tmp``
+is a predictable name another user could have planted.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import errno
 import json
 import logging
 import os
+import socket
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +38,142 @@ log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20
 
 
-def registry_dir() -> Path:
+COPY_MODES = frozenset({"new", "overwrite", "resume", "skip-existing"})
+DIRECTIONS = frozenset({"pull", "push"})
+MAX_STREAMS = 64
+
+
+class UnsafeRegistryDir(OSError):
+    """The registry directory is a symlink, not ours, or writable by others."""
+
+
+def _registry_base() -> tuple[Path, Path]:
+    """(base we do not own, registry directory below it)."""
     if os.geteuid() == 0:
-        return Path("/run/etfs/mounts")
+        return Path("/run"), Path("/run/etfs/mounts")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "etfs" / "mounts" if runtime else Path(f"/tmp/etfs-{os.geteuid()}/mounts")
+    if runtime:
+        return Path(runtime), Path(runtime) / "etfs" / "mounts"
+    return Path("/tmp"), Path(f"/tmp/etfs-{os.geteuid()}/mounts")
+
+
+def registry_dir() -> Path:
+    return _registry_base()[1]
+
+
+def check_private_dir(path: Path) -> None:
+    """Raise `UnsafeRegistryDir` unless ``path`` is a real directory, ours, not group/other-writable."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeRegistryDir(errno.ELOOP, f"{path} is a symlink")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeRegistryDir(errno.ENOTDIR, f"{path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise UnsafeRegistryDir(
+            errno.EPERM, f"{path} is owned by uid {st.st_uid}, not by us ({os.geteuid()})"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeRegistryDir(
+            errno.EPERM, f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+        )
+
+
+def ensure_registry_dir(path: Path | None = None, base: Path | None = None) -> Path:
+    """Create the registry directory (every level below ``base`` with mode 0700) and check it.
+
+    Each level we own is refused with `UnsafeRegistryDir` if it is a symlink, owned by
+    another user, or writable by group/others.  Defaults to `registry_dir()`.
+    """
+    if path is None:
+        base, path = _registry_base()
+    elif base is None:
+        base = path.parent
+    levels = [path, *path.parents]
+    for level in reversed(levels[: levels.index(base)] if base in levels else [path]):
+        try:
+            os.mkdir(level, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(level, 0o700, follow_symlinks=False)  # whatever the umask was
+        check_private_dir(level)
+    return path
 
 
 def running_mounts() -> list[dict[str, Any]]:
-    """Registered mounts whose daemon is still alive."""
-    out = []
+    """Registered mounts whose daemon is still alive (never raises; skips anything odd)."""
+    out: list[dict[str, Any]] = []
     d = registry_dir()
-    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+    try:
+        check_private_dir(d)
+    except UnsafeRegistryDir as exc:
+        log.warning("ignoring the mount registry: %s", exc.strerror)
+        return out
+    except OSError:
+        return out
+    try:
+        entries = sorted(d.glob("*.json"))
+    except OSError:
+        return out
+    for p in entries:
         try:
             info = json.loads(p.read_text())
+            if not isinstance(info, dict):
+                continue
+            if not isinstance(info.get("socket"), str) or not isinstance(info.get("root"), str):
+                continue
+            if not isinstance(info.get("servers"), dict):
+                continue
             os.kill(int(info["pid"]), 0)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             continue
         out.append(info)
     return out
+
+
+@dataclass(frozen=True)
+class CopyRequest:
+    source: str
+    destination: str
+    mode: str
+    streams: int | None
+    direction: str | None
+    verify: bool | None
+    preserve_times: bool
+
+
+def parse_copy_request(req: dict[str, Any]) -> CopyRequest:
+    """Check a ``copy`` request's fields; `ValueError` naming the first bad one."""
+    for key in ("source", "destination"):
+        if not isinstance(req.get(key), str):
+            raise ValueError(f"{key!r} must be a string SERVER:/PATH")
+    mode = req.get("mode", "overwrite")
+    if not isinstance(mode, str) or mode not in COPY_MODES:
+        raise ValueError(f"'mode' must be one of {', '.join(sorted(COPY_MODES))}")
+    streams = req.get("streams")
+    if streams is not None and (
+        isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= MAX_STREAMS
+    ):
+        raise ValueError(f"'streams' must be an integer 1..{MAX_STREAMS} or null")
+    direction = req.get("direction")
+    if direction is not None and (not isinstance(direction, str) or direction not in DIRECTIONS):
+        raise ValueError("'direction' must be 'pull', 'push' or null")
+    verify = req.get("verify")
+    if verify is not None and not isinstance(verify, bool):
+        raise ValueError("'verify' must be true, false or null")
+    preserve_times = req.get("preserve_times", False)
+    if not isinstance(preserve_times, bool):
+        raise ValueError("'preserve_times' must be true or false")
+    return CopyRequest(req["source"], req["destination"], mode, streams, direction, verify, preserve_times)
+
+
+def _only_broken_connection(exc: BaseException) -> bool:
+    """True if ``exc`` is (a group made only of) errors meaning the client went away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_broken_connection(e) for e in exc.exceptions)
+    return isinstance(
+        exc, (trio.BrokenResourceError, trio.ClosedResourceError, BrokenPipeError, ConnectionResetError)
+    )
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -66,11 +191,21 @@ class ControlServer:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.unlink(missing_ok=True)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        await sock.bind(str(self.path))
-        os.chmod(self.path, 0o600)
-        sock.listen(64)
-        listener = trio.SocketListener(sock)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Bind synchronously under a umask that makes the socket 0600 from the start
+            # (no window where others may connect); nothing else runs in between.
+            old_umask = os.umask(0o177)
+            try:
+                raw.bind(str(self.path))
+            finally:
+                os.umask(old_umask)
+            os.chmod(self.path, 0o600)
+            raw.listen(64)
+        except BaseException:
+            raw.close()
+            raise
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
         task_status.started(None)
         try:
             await trio.serve_listeners(self._client, [listener])
@@ -78,26 +213,37 @@ class ControlServer:
             self.path.unlink(missing_ok=True)
 
     async def _client(self, stream: trio.SocketStream) -> None:
+        """One client connection.  Never raises (except cancellation): one bad client must
+        not take the daemon down."""
         async with stream:
-            buf = b""
             try:
-                while b"\n" not in buf:
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                    if len(buf) > MAX_LINE:
-                        raise ValueError("request too long")
-                request = json.loads(buf.split(b"\n", 1)[0])
-                if not isinstance(request, dict):
-                    raise ValueError("request must be a JSON object")
-                await self._dispatch(stream, request)
-            except (ValueError, KeyError, TypeError) as exc:
-                await _send(
-                    stream, {"event": "error", "errno": errno.EINVAL, "message": f"bad request: {exc}"}
+                await self._handle(stream)
+            except Exception as exc:
+                if _only_broken_connection(exc):
+                    return
+                log.exception("control socket: request failed")
+                await _send_quietly(
+                    stream, {"event": "error", "errno": errno.EIO, "message": f"internal error: {exc!r}"}
                 )
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        buf = b""
+        try:
+            while b"\n" not in buf:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                buf += chunk
+                if len(buf) > MAX_LINE:
+                    raise ValueError("request too long")
+            request = json.loads(buf.split(b"\n", 1)[0])
+            if not isinstance(request, dict):
+                raise ValueError("request must be a JSON object")
+            await self._dispatch(stream, request)
+        except (ValueError, KeyError, TypeError) as exc:
+            await _send_quietly(
+                stream, {"event": "error", "errno": errno.EINVAL, "message": f"bad request: {exc}"}
+            )
 
     async def _dispatch(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
         op = req.get("op")
@@ -106,7 +252,9 @@ class ControlServer:
             return
         if op == "server-records":
             # The records a server persisted (they survive its restarts), newest first.
-            name = req["server"]
+            name = req.get("server")
+            if not isinstance(name, str):
+                raise ValueError("'server' must be a string")
             if name not in self.engine.config.servers:
                 raise ValueError(f"unknown server {name!r}")
             try:
@@ -119,8 +267,9 @@ class ControlServer:
             return
         if op != "copy":
             raise ValueError(f"unknown op {op!r}")
-        src_server, src_path = split_spec(req["source"])
-        dst_server, dst_path = split_spec(req["destination"])
+        creq = parse_copy_request(req)
+        src_server, src_path = split_spec(creq.source)
+        dst_server, dst_path = split_spec(creq.destination)
         for name in (src_server, dst_server):
             if name not in self.engine.config.servers:
                 await _send(
@@ -136,11 +285,11 @@ class ControlServer:
                     src_path,
                     dst_server,
                     dst_path,
-                    mode=req.get("mode", "overwrite"),
-                    streams=req.get("streams"),
-                    direction=req.get("direction"),
-                    verify=req.get("verify"),
-                    preserve_times=bool(req.get("preserve_times", False)),
+                    mode=creq.mode,
+                    streams=creq.streams,
+                    direction=creq.direction,
+                    verify=creq.verify,
+                    preserve_times=creq.preserve_times,
                 )
                 result.update(event="done", transfer=t.as_dict())
             except OSError as exc:
@@ -181,3 +330,11 @@ class ControlServer:
 
 async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
     await stream.send_all(json.dumps(obj).encode() + b"\n")
+
+
+async def _send_quietly(stream: trio.SocketStream, obj: dict[str, Any]) -> None:
+    """`_send`, ignoring a client that already went away."""
+    try:
+        await _send(stream, obj)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -17,7 +18,7 @@ from etfs import copyrange
 from etfs.client import Pool
 from etfs.config import ClientConfig
 
-from .control import ControlServer, registry_dir
+from .control import ControlServer, ensure_registry_dir
 from .engine import TransferEngine
 
 log = logging.getLogger(__name__)
@@ -34,33 +35,43 @@ async def run_client_services(
 
     engine = TransferEngine(pool, config)
     ops.engine = engine  # lets the filesystem expose transfer info (xattrs, status)
-    reg = registry_dir()
-    reg.mkdir(parents=True, exist_ok=True)
-    socket_path = reg / f"{os.getpid()}.sock"
-    record = reg / f"{os.getpid()}.json"
+    try:
+        reg: Path | None = ensure_registry_dir()
+    except OSError as exc:
+        # A planted or shared registry directory: serving the control socket (or writing our
+        # record) there could hand `etfs cp` requests to someone else.  The mount itself still
+        # works; only `etfs cp` / `etfs status` cannot find it.
+        log.error("not starting the control socket (etfs cp/status will not find this mount): %s", exc)
+        reg = None
     async with trio.open_nursery() as nursery:
         dispatcher = CopyDispatcher(ops, engine, nursery)
         copyrange.set_handler(dispatcher.on_request)
-        control = ControlServer(engine, socket_path)
-        await nursery.start(control.serve)
-        record.write_text(
-            json.dumps(
-                {
-                    "pid": os.getpid(),
-                    "config": str(config.file),
-                    "root": str(config.root),
-                    "socket": str(socket_path),
-                    "servers": {
-                        name: str(e.mountpoint) if e.mountpoint else str(config.root / name)
-                        for name, e in config.servers.items()
-                    },
-                }
+        socket_path = record = None
+        if reg is not None:
+            socket_path = reg / f"{os.getpid()}.sock"
+            record = reg / f"{os.getpid()}.json"
+            control = ControlServer(engine, socket_path)
+            await nursery.start(control.serve)
+            record.write_text(
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "config": str(config.file),
+                        "root": str(config.root),
+                        "socket": str(socket_path),
+                        "servers": {
+                            name: str(e.mountpoint) if e.mountpoint else str(config.root / name)
+                            for name, e in config.servers.items()
+                        },
+                    }
+                )
             )
-        )
         task_status.started(None)
         try:
             await trio.sleep_forever()
         finally:
             copyrange.set_handler(None)
-            record.unlink(missing_ok=True)
-            socket_path.unlink(missing_ok=True)
+            if record is not None:
+                record.unlink(missing_ok=True)
+            if socket_path is not None:
+                socket_path.unlink(missing_ok=True)
