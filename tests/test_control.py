@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from etfs.transfer import control
+from etfs.transfer.commands import resolve
 from etfs.transfer.control import ControlServer, UnsafeRegistryDir, ensure_registry_dir
 
 STATUS_ROWS = [{"id": "t1", "state": "done"}]
@@ -261,3 +262,40 @@ def test_running_mounts_tolerates_unsafe_registry(tmp_path: Path, monkeypatch: p
     (reg / "3.json").write_text("[1, 2]")
     (reg / "4.json").write_text(json.dumps({"pid": "x"}))
     assert [m["socket"] for m in control.running_mounts()] == ["x"]
+
+
+# ------------------------------------------------- etfs cp argument resolution (commands.py)
+
+MOUNT: dict[str, Any] = {
+    "root": "/mnt/etfs",
+    "servers": {"jive": "/mnt/jive", "bebop": "/mnt/etfs/bebop"},
+}
+
+
+@pytest.mark.parametrize(
+    ("arg", "server", "path", "fs_path"),
+    [
+        ("/mnt/jive/.hidden", "jive", "/.hidden", "/mnt/etfs/jive/.hidden"),
+        ("/mnt/jive/tmp/x.", "jive", "/tmp/x.", "/mnt/etfs/jive/tmp/x."),
+        ("/mnt/jive/tmp/..x", "jive", "/tmp/..x", "/mnt/etfs/jive/tmp/..x"),
+        ("/mnt/jive/./a/../.b/", "jive", "/.b", "/mnt/etfs/jive/.b"),
+        ("/mnt/jive", "jive", "/", "/mnt/etfs/jive"),
+        ("/mnt/jive/", "jive", "/", "/mnt/etfs/jive"),
+        ("/mnt/etfs/jive/.x.", "jive", "/.x.", "/mnt/etfs/jive/.x."),
+        ("/mnt/etfs/bebop", "bebop", "/", "/mnt/etfs/bebop"),
+        ("jive:/tmp/x", "jive", "/tmp/x", "/mnt/etfs/jive/tmp/x"),
+        ("jive:/.hidden", "jive", "/.hidden", "/mnt/etfs/jive/.hidden"),
+        ("jive:/", "jive", "/", "/mnt/etfs/jive"),
+        ("/home/me/file.", None, "/home/me/file.", "/home/me/file."),
+        ("/mnt/jivex/a", None, "/mnt/jivex/a", "/mnt/jivex/a"),
+    ],
+)
+def test_resolve(arg: str, server: str | None, path: str, fs_path: str) -> None:
+    loc = resolve(arg, MOUNT)
+    assert (loc.server, loc.path, loc.fs_path) == (server, path, Path(fs_path))
+
+
+def test_resolve_relative_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    loc = resolve(".dot", MOUNT)
+    assert (loc.server, loc.path) == (None, str(tmp_path / ".dot"))

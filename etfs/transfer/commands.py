@@ -73,7 +73,8 @@ def resolve(arg: str, mount: dict[str, Any]) -> Location:
                 rel = absolute.relative_to(base)
             except ValueError:
                 continue
-            path = "/" + str(rel).strip(".").strip("/") if str(rel) != "." else "/"
+            # Path(".") is the mountpoint itself; never strip dots from names (".hidden", "x.").
+            path = "/" if rel == Path(".") else "/" + rel.as_posix()
             return Location(server, path, root / server / path.lstrip("/"))
     return Location(None, str(absolute), absolute)
 
