@@ -79,7 +79,7 @@ class EtfsServer:
         self.config = config
         self.roots = {name: ExportRoot(e.path) for name, e in config.exports.items()}
         self.threads = trio.CapacityLimiter(32)
-        self.transfers = TransferService(config, self.roots, self.threads)
+        self.transfers = TransferService(config, self.roots)
         self.ssl_context: ssl.SSLContext | None = None
         if config.tls:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -295,7 +295,7 @@ async def expect_denied(
 async def transfer_service_ready(c: ServerClient) -> str | None:
     """None when the server's transfer service answers TransferOffer; else why not."""
     try:
-        await c.call(m.TransferOffer, m.Capability, path="/tmp/bob-read/f.txt")
+        await c.call(m.TransferOffer, m.Capability, path="/tmp/bob-write/f.txt")
     except RemoteError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EIO):
             return f"the server's transfer service is not ready: {exc}"
@@ -317,6 +317,8 @@ async def test_denial_for_each_right(
     if right == "read":
         await expect_denied(sp, c, m.Open, "bob", f"{d}/f.txt", right, path=f"{d}/f.txt", flags=os.O_RDONLY)
         await expect_denied(sp, c, m.Checksum, "bob", f"{d}/f.txt", right, path=f"{d}/f.txt")
+        # a capability lets its bearer read the file: transfer-out alone is not enough
+        await expect_denied(sp, c, m.TransferOffer, "bob", f"{d}/f.txt", right, path=f"{d}/f.txt")
         # but writing is allowed
         o = await c.call(m.Open, m.Opened, path=f"{d}/f.txt", flags=os.O_WRONLY)
         await c.call(m.Close, handle=o.handle)
@@ -340,7 +342,7 @@ async def test_denial_for_each_right(
     elif right == "transfer-out":
         await expect_denied(sp, c, m.TransferOffer, "bob", f"{d}/f.txt", right, path=f"{d}/f.txt")
     elif right == "transfer-in":
-        cap = await c.call(m.TransferOffer, m.Capability, path="/tmp/bob-read/f.txt")
+        cap = await c.call(m.TransferOffer, m.Capability, path="/tmp/bob-write/f.txt")
         await expect_denied(
             sp,
             c,

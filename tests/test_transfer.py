@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -254,8 +255,15 @@ async def _start_with(engine_cfg: Cluster, cap: m.Capability, dst_path: str) -> 
     """Order onsala to receive ``cap`` (pull) and wait for the end of it."""
     async with open_engine(engine_cfg.client_config()) as engine:
         dst = engine.pool["onsala"]
+        # Each order is a transfer of its own (the same capability is presented several times).
         started = await dst.call(
-            m.TransferStart, m.TransferStarted, capability=cap, source_name="jive", path=dst_path, streams=2
+            m.TransferStart,
+            m.TransferStarted,
+            capability=cap,
+            source_name="jive",
+            path=dst_path,
+            streams=2,
+            transfer_id=secrets.token_hex(8),
         )
         with trio.fail_after(30):
             while True:

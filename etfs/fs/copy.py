@@ -41,7 +41,6 @@ class Job:
     done: trio.Event = field(default_factory=trio.Event)
     error: OSError | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    waiters: int = 0
 
 
 class CopyDispatcher:
@@ -90,7 +89,6 @@ class CopyDispatcher:
         elif req.off_in != req.off_out:
             req.reply_error(errno.EOPNOTSUPP)
             return
-        job.waiters += 1
         with trio.CancelScope() as wait_scope:
             # Ctrl-C on cp: stop waiting and stop the transfer on both servers.
             def interrupted() -> None:
@@ -99,7 +97,6 @@ class CopyDispatcher:
 
             req.on_interrupt(interrupted)
             await job.done.wait()
-        job.waiters -= 1
         if wait_scope.cancelled_caught:
             log.info("copy %s -> %s interrupted", src.path, dst.path)
             self.jobs.pop(key, None)
@@ -131,5 +128,9 @@ class CopyDispatcher:
         except OSError as exc:
             log.error("copy %s:%s -> %s:%s failed: %s", src.server, src.path, dst.server, dst.path, exc)
             job.error = OSError(errno.EIO, str(exc))
+        except Exception as exc:
+            # A bug must cost this copy (EIO), never the whole mount daemon.
+            log.exception("copy %s:%s -> %s:%s crashed", src.server, src.path, dst.server, dst.path)
+            job.error = OSError(errno.EIO, repr(exc))
         finally:
             job.done.set()

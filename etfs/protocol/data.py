@@ -17,7 +17,7 @@ from .connection import HEADER as LENGTH
 
 __all__ = ["LENGTH"]
 
-MAX_BLOCK = 64 * 1024 * 1024
+MAX_BLOCK = 16 * 1024 * 1024
 
 REQUEST = struct.Struct(">QQI")  # offset, length, flags
 BLOCK = struct.Struct(">QQI")  # offset, length, status (0 = ok; then length bytes follow)

@@ -122,6 +122,7 @@ class Capability(msgspec.Struct, frozen=True):
     data_port: int
     expires: float
     data_tls: bool = False  # the source's data port speaks TLS
+    ino: int = 0  # the source file's inode: part of the identity a resume must match
 
 
 class TransferInfo(msgspec.Struct, frozen=True):

@@ -15,12 +15,15 @@ on the servers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
 import logging
 import os
+import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,9 +89,29 @@ class CopySpec:
     preserve_times: bool = False
 
 
-def part_name(path: str) -> str:
+def relay_part_name(path: str) -> str:
+    """A hidden name beside ``path`` for a relay copy (its own: a server transfer may run too)."""
     parent, _, name = path.rpartition("/")
-    return f"{parent}/.{name}.etfs-part"
+    return f"{parent}/.{name}.etfs-relay-{secrets.token_hex(4)}"
+
+
+@contextlib.contextmanager
+def single_errors() -> Iterator[None]:
+    """Turn a nursery's group holding an OSError into that OSError (the first one).
+
+    Groups of only Cancelled (or other BaseExceptions) pass unchanged, so cancellation keeps
+    working; everything else the engine's callers handle is an OSError.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        found, _ = group.split(lambda e: isinstance(e, OSError))
+        if found is None:
+            raise
+        first: BaseException = found
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 class TransferEngine:
@@ -219,12 +242,23 @@ class TransferEngine:
             try:
                 await self._third_party_once(t, src, dst, spec, mode)
                 return
-            except ConnectionLost as exc:
-                # Our control connection broke; the destination stopped the transfer but kept
-                # its part file and journal, so ordering it again resumes.
+            except (ConnectionLost, RemoteError, TransferFailed) as exc:
+                # Worth another try: our control connection broke (the destination stopped the
+                # transfer but kept its part file and journal, so ordering it again resumes);
+                # the destination is still tearing down that previous attempt (EBUSY); or the
+                # capability expired while the transfer waited for a slot.
+                retry = (
+                    isinstance(exc, ConnectionLost)
+                    or (isinstance(exc, RemoteError) and exc.errno == errno.EBUSY and attempt > 1)
+                    or (
+                        isinstance(exc, TransferFailed) and "capability refused: expired" in str(exc.strerror)
+                    )
+                )
+                if not retry:
+                    raise
                 if attempt >= MAX_RETRIES:
                     raise TransferFailed(
-                        exc.errno or errno.EIO, f"lost the servers {attempt} times: {exc.strerror}"
+                        exc.errno or errno.EIO, f"gave up after {attempt} tries: {exc.strerror}"
                     ) from None
                 log.warning("transfer %s: %s; resuming", t.id, exc.strerror)
                 mode = "resume" if mode != "new" or t.bytes_done else mode
@@ -249,9 +283,10 @@ class TransferEngine:
         async def digest(name: str, client: ServerClient, path: str) -> None:
             digests[name] = await client.call(m.Checksum, str, path=path)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(digest, "src", src, src_path)
-            nursery.start_soon(digest, "dst", dst, dst_path)
+        with single_errors():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(digest, "src", src, src_path)
+                nursery.start_soon(digest, "dst", dst, dst_path)
         return "skipped" if digests["src"] == digests["dst"] else "overwrite"
 
     async def _third_party_once(
@@ -267,25 +302,28 @@ class TransferEngine:
         t.bytes_total = cap.size
         host = self._data_host(src.name, src, cap.data_host, await src.peer())
         cap = msgspec.structs.replace(cap, data_host=host)
-        started = await dst.call(
-            m.TransferStart,
-            m.TransferStarted,
-            capability=cap,
-            source_name=src.name,
-            path=spec.dst_path,
-            mode=mode,
-            streams=opts.streams,
-            direction=opts.direction,
-            verify=opts.verify,
-            block_size=opts.block_size,
-            preserve_times=spec.preserve_times,
-        )
-        t.server_transfer_id = started.transfer_id
-        if started.skipped:
-            t.bytes_done = cap.size
-            self._end(t, "skipped", "destination already has this file")
-            return
+        # The destination names the transfer after the capability: known before we ask, so a
+        # cancel can reach a transfer whose start is still in flight.
+        t.server_transfer_id = cap.transfer_id
         try:
+            started = await dst.call(
+                m.TransferStart,
+                m.TransferStarted,
+                capability=cap,
+                source_name=src.name,
+                path=spec.dst_path,
+                mode=mode,
+                streams=opts.streams,
+                direction=opts.direction,
+                verify=opts.verify,
+                block_size=opts.block_size,
+                preserve_times=spec.preserve_times,
+                transfer_id=cap.transfer_id,
+            )
+            if started.skipped:
+                t.bytes_done = cap.size
+                self._end(t, "skipped", "destination already has this file")
+                return
             if opts.direction == "push":
                 dhost = self._data_host(dst.name, dst, started.data_host, await dst.peer())
                 await src.call(
@@ -320,7 +358,7 @@ class TransferEngine:
                     await dst.call(
                         m.TransferCancel,
                         None,
-                        transfer_id=started.transfer_id,
+                        transfer_id=cap.transfer_id,
                         reason="cancelled by the client",
                     )
                 except OSError:
@@ -345,11 +383,12 @@ class TransferEngine:
         sfile = await src.call(m.Open, m.Opened, path=src_path, flags=os.O_RDONLY)
         size = sfile.attr.size
         t.bytes_total = size
-        part = part_name(dst_path)
-        dfile = await dst.call(m.Create, m.Opened, path=part, mode=0o644, flags=os.O_WRONLY | os.O_TRUNC)
+        part = relay_part_name(dst_path)
+        dfile: m.Opened | None = None
         digest = xxhash.xxh3_128()
         ok = False
         try:
+            dfile = await dst.call(m.Create, m.Opened, path=part, mode=0o644, flags=os.O_WRONLY | os.O_EXCL)
             results: dict[int, bytes] = {}
             ready = trio.Condition()
             offsets = list(range(0, size, RELAY_BLOCK))
@@ -382,10 +421,11 @@ class TransferEngine:
                     t.bytes_via_client += len(data)
                     self._notify()
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(writer)
-                for k in range(RELAY_INFLIGHT):
-                    nursery.start_soon(reader, offsets[k::RELAY_INFLIGHT])
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(writer)
+                    for k in range(RELAY_INFLIGHT):
+                        nursery.start_soon(reader, offsets[k::RELAY_INFLIGHT])
             await dst.call(m.Fsync, None, handle=dfile.handle)
             if opts.verify:
                 theirs = await dst.call(m.Checksum, str, path=part)
@@ -399,12 +439,13 @@ class TransferEngine:
             ok = True
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
-                for client, h in ((src, sfile.handle), (dst, dfile.handle)):
+                handles = [(src, sfile.handle)] + ([(dst, dfile.handle)] if dfile is not None else [])
+                for client, h in handles:
                     try:
                         await client.call(m.Close, None, handle=h)
                     except OSError:
                         pass
-                if not ok:
+                if not ok and dfile is not None:
                     try:
                         await dst.call(m.Unlink, None, path=part)
                     except OSError:

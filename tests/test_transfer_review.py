@@ -1,0 +1,132 @@
+"""Regression tests for review findings in the transfer service (real servers on loopback)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import msgspec
+import pytest
+import trio
+from transfer_helpers import MIB, Cluster, cluster, make_file, open_engine, proxied_source, sha256
+
+from etfs.client import RemoteError
+from etfs.protocol import data as d
+from etfs.protocol import messages as m
+from etfs.transfer.engine import single_errors
+
+__all__ = ["cluster"]  # the fixture, re-exported for pytest
+
+
+@pytest.fixture
+def pair(cluster: Cluster) -> Cluster:
+    cluster.add("jive")
+    cluster.add("onsala")
+    return cluster
+
+
+async def _offer(engine_pool: object, path: str) -> m.Capability:
+    cap = await engine_pool["jive"].call(m.TransferOffer, m.Capability, path=path)  # type: ignore[index]
+    return msgspec.structs.replace(cap, data_host="127.0.0.1")
+
+
+async def test_two_transfers_into_one_file_are_serialized(pair: Cluster) -> None:
+    """They would share the part file: the second is refused (EBUSY) while the first runs."""
+    a = make_file(pair["jive"].export / "a", 24 * MIB, seed=1)
+    make_file(pair["jive"].export / "b", 24 * MIB, seed=2)
+    with proxied_source(pair["jive"], rate=20 * MIB):
+        async with open_engine(pair.client_config(block_size=MIB, streams=2)) as engine:
+            result = {}
+
+            async def first() -> None:
+                result["a"] = await engine.copy("jive", "/a", "onsala", "/x")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first)
+                with trio.fail_after(20):
+                    while not any(t.state == "running" for t in engine.transfers.values()):
+                        await trio.sleep(0.02)
+                cap = await _offer(engine.pool, "/b")
+                with pytest.raises(RemoteError) as exc:
+                    await engine.pool["onsala"].call(
+                        m.TransferStart, m.TransferStarted, capability=cap, source_name="jive", path="/x"
+                    )
+                assert exc.value.errno == errno.EBUSY
+    assert result["a"].state == "done"
+    assert sha256(pair["onsala"].export / "x") == a
+
+
+async def test_transfer_ids_cannot_name_files(pair: Cluster) -> None:
+    make_file(pair["jive"].export / "f", MIB)
+    async with open_engine(pair.client_config()) as engine:
+        cap = await _offer(engine.pool, "/f")
+        for bad in ("../../../../tmp/escaped", "a/b", "x" * 65, "."):
+            with pytest.raises(RemoteError) as exc:
+                await engine.pool["onsala"].call(
+                    m.TransferStart,
+                    m.TransferStarted,
+                    capability=cap,
+                    source_name="jive",
+                    path="/g",
+                    transfer_id=bad,
+                )
+            assert exc.value.errno == errno.EINVAL
+    assert not list(pair["onsala"].state_dir.parent.glob("escaped*"))
+
+
+async def test_other_users_transfers_are_invisible(pair: Cluster) -> None:
+    make_file(pair["jive"].export / "f", MIB)
+    async with open_engine(pair.client_config()) as engine:
+        t = await engine.copy("jive", "/f", "onsala", "/g")
+        dst = engine.pool["onsala"]
+        # Same user: visible.
+        info = await dst.call(m.TransferWait, m.TransferInfo, transfer_id=t.server_transfer_id, timeout=0)
+        assert info.state == "done"
+    # The record's owner is stored; a different owner name is "no such transfer".
+    rec = pair["onsala"].record(t.server_transfer_id)
+    assert rec["user"] and rec["state"] == "done"
+
+
+async def test_surplus_push_connections_do_not_hurt_the_server(pair: Cluster) -> None:
+    """More data connections than streams with a valid ticket: refused, server keeps serving."""
+    make_file(pair["jive"].export / "f", 8 * MIB)
+    async with open_engine(pair.client_config(block_size=MIB, streams=1, direction="push")) as engine:
+        cap = await _offer(engine.pool, "/f")
+        started = await engine.pool["onsala"].call(
+            m.TransferStart,
+            m.TransferStarted,
+            capability=cap,
+            source_name="jive",
+            path="/g",
+            direction="push",
+            streams=1,
+        )
+        socks = []
+        try:
+            for i in range(4):  # the channel holds one; the rest must be refused cleanly
+                s = socket.create_connection(("127.0.0.1", pair["onsala"].data_port), timeout=5)
+                s.sendall(
+                    d.encode(
+                        d.DataHello(
+                            kind="push", token=started.ticket, transfer_id=started.transfer_id, stream=i
+                        )
+                    )
+                )
+                socks.append(s)
+            await engine.pool["onsala"].call(m.TransferCancel, None, transfer_id=started.transfer_id)
+        finally:
+            for s in socks:
+                s.close()
+        # Still alive and serving.
+        t = await engine.copy("jive", "/f", "onsala", "/h", direction="pull")
+        assert t.state == "done"
+    pair["onsala"].proc.assert_healthy(r"push refused|data connection from|stream \d|failed")
+
+
+def test_single_errors_unwraps_oserrors_only() -> None:
+    with pytest.raises(FileNotFoundError):
+        with single_errors():
+            raise BaseExceptionGroup("g", [FileNotFoundError(2, "gone"), ValueError("x")])
+    with pytest.raises(BaseExceptionGroup):
+        with single_errors():
+            raise BaseExceptionGroup("g", [KeyboardInterrupt()])
