@@ -306,7 +306,9 @@ async def _serve(config: ClientConfig) -> None:
             # Everything that stats the mount must run while pyfuse3.main serves requests.
             nursery.start_soon(_after_mount, config, binds, links)
             nursery.start_soon(_watch_signals, config, binds, links, pyfuse3.terminate)
-            await pyfuse3.main()
+            # Keep a few request workers alive: with the default of one, pyfuse3 starts and ends a
+            # task for nearly every request under load.
+            await pyfuse3.main(min_tasks=8)
         finally:
             with trio.CancelScope(shield=True):
                 _teardown(config, binds, links)
