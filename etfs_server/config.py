@@ -48,6 +48,7 @@ class ServerConfig:
     max_transfers: int = 16
     max_streams: int = 16
     capability_ttl: float = 300.0
+    data_timeout: float = 30.0  # a peer silent this long on a data connection has vanished
     block_size: int = 4 * 1024 * 1024
     sender: str = "read_send"  # or "sendfile"
     receiver: str = "splice"  # or "recv_write" (bench/raw_pair.py: splice ~2x faster on loopback)
@@ -132,6 +133,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
             max_transfers=tr.int("max_active", 16, minimum=1),
             max_streams=tr.int("max_streams", 16, minimum=1),
             capability_ttl=tr.float("capability_ttl", 300.0),
+            data_timeout=tr.float("data_timeout", 30.0),
             block_size=tr.int("block_size_mib", 4, minimum=1) * 2**20,
             sender=tr.choice("sender", ("read_send", "sendfile"), "read_send"),
             receiver=tr.choice("receiver", ("recv_write", "splice"), "splice"),

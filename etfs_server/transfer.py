@@ -55,7 +55,6 @@ from .handlers import Session
 log = logging.getLogger(__name__)
 
 PART_SUFFIX = ".etfs-part"
-DATA_TIMEOUT = 30.0  # a peer silent this long on a data connection has vanished
 CONNECT_TIMEOUT = 5.0
 PIPELINE = 2  # block requests in flight per stream
 MAX_BLOCK_RETRIES = 3
@@ -212,10 +211,25 @@ def part_paths(path: str) -> tuple[str, str, str]:
 
 
 # --- the data path (blocking code, run in worker threads) ------------------------------------------
+def _silent_peer() -> TimeoutError:
+    # A blocking socket whose SO_RCVTIMEO/SO_SNDTIMEO expired raises EAGAIN: say what it means.
+    return TimeoutError(errno.ETIMEDOUT, "the peer went silent (transfer.data_timeout expired)")
+
+
+def _send(sock: socket.socket, data: bytes | memoryview) -> None:
+    try:
+        sock.sendall(data)
+    except BlockingIOError:
+        raise _silent_peer() from None
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
+        try:
+            chunk = sock.recv(n - len(buf))
+        except BlockingIOError:
+            raise _silent_peer() from None
         if not chunk:
             raise ConnectionResetError(errno.ECONNRESET, "peer closed the data connection")
         buf += chunk
@@ -226,7 +240,10 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
     """Fill ``view`` from the socket (the TLS path, where splice and recv+write cannot be used)."""
     got = 0
     while got < len(view):
-        n = sock.recv_into(view[got:])
+        try:
+            n = sock.recv_into(view[got:])
+        except BlockingIOError:
+            raise _silent_peer() from None
         if not n:
             raise ConnectionResetError(errno.ECONNRESET, "peer closed the data connection")
         got += n
@@ -270,21 +287,21 @@ def serve_blocks(
             return sent
         now = os.fstat(fd)
         if now.st_size != size or (mtime_ns >= 0 and now.st_mtime_ns != mtime_ns):
-            sock.sendall(d.BLOCK.pack(offset, 0, d.STATUS_STALE))
+            _send(sock, d.BLOCK.pack(offset, 0, d.STATUS_STALE))
             continue
         if offset > size or length > block_limit or offset + length > size:
-            sock.sendall(d.BLOCK.pack(offset, 0, d.STATUS_RANGE))
+            _send(sock, d.BLOCK.pack(offset, 0, d.STATUS_RANGE))
             continue
         if length > len(buf):
             view.release()
             buf = bytearray(length)
             view = memoryview(buf)
-        sock.sendall(d.BLOCK.pack(offset, length, 0))
+        _send(sock, d.BLOCK.pack(offset, length, 0))
         if isinstance(sock, ssl.SSLSocket):
             # TLS: the bytes must pass through user space to be encrypted.
             n = os.preadv(fd, [view[:length]], offset)
             if n == length:
-                sock.sendall(view[:length])
+                _send(sock, view[:length])
             digest_value = xxhash.xxh3_64_intdigest(view[:length]) if flags & d.FLAG_DIGEST else 0
         elif sender == "sendfile":
             n = native.sendfile(sock.fileno(), fd, offset, length)
@@ -296,7 +313,7 @@ def serve_blocks(
             digest_value = xxhash.xxh3_64_intdigest(view[:length]) if flags & d.FLAG_DIGEST else 0
         if n != length:
             raise TransferError(errno.EIO, f"source file shrank while sending (got {n} of {length} bytes)")
-        sock.sendall(d.DIGEST.pack(digest_value))
+        _send(sock, d.DIGEST.pack(digest_value))
         sent += n
 
 
@@ -408,7 +425,7 @@ class Transfer:
                     if index is None:
                         break
                     offset, length = self.block_range(index)
-                    sock.sendall(d.REQUEST.pack(offset, length, flags))
+                    _send(sock, d.REQUEST.pack(offset, length, flags))
                     inflight.append(index)
                 if not inflight:
                     break
@@ -463,7 +480,7 @@ class Transfer:
                     pass  # only a hint (some filesystems refuse it)
                 self.block_done(index, ours)
                 queue.done()
-            sock.sendall(d.REQUEST.pack(0, 0, d.FLAG_DONE))
+            _send(sock, d.REQUEST.pack(0, 0, d.FLAG_DONE))
         finally:
             if pipe is not None:
                 pipe.close()
@@ -616,7 +633,7 @@ class TransferService:
 
     def _serve_source(self, sock: socket.socket, body: CapabilityBody, fd: int) -> None:
         try:
-            sock.sendall(d.encode(d.DataReady(size=body.size, mtime_ns=body.mtime_ns)))
+            _send(sock, d.encode(d.DataReady(size=body.size, mtime_ns=body.mtime_ns)))
             sent = serve_blocks(sock, fd, body.size, self.config.sender, d.MAX_BLOCK, body.mtime_ns)
             log.debug("transfer %s: stream served %d bytes of %s", body.transfer_id, sent, body.path)
         finally:
@@ -638,12 +655,13 @@ class TransferService:
                 os.close(fd)
                 raise
             with sock:
-                sock.sendall(
+                _send(
+                    sock,
                     d.encode(
                         d.DataHello(
                             kind="push", token=req.ticket, transfer_id=body.transfer_id, stream=stream
                         )
-                    )
+                    ),
                 )
                 self._serve_source(sock, body, fd)
 
@@ -661,7 +679,7 @@ class TransferService:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         try:
             sock.settimeout(None)
-            _set_timeouts(sock, DATA_TIMEOUT)
+            _set_timeouts(sock, self.config.data_timeout)
             if tls:
                 sock = self.tls_client.wrap_socket(sock)
         except BaseException:
@@ -709,7 +727,7 @@ class TransferService:
             if not chunk:
                 raise ConnectionResetError(errno.ECONNRESET, "peer closed before its hello")
             head += chunk
-        _set_timeouts(sock, DATA_TIMEOUT)
+        _set_timeouts(sock, self.config.data_timeout)
         return sock, d.decode_hello(bytes(head[d.LENGTH.size :]))
 
     def _data_connection(self, sock: socket.socket, hello: d.DataHello) -> bool:
@@ -718,8 +736,9 @@ class TransferService:
             try:
                 body, fd = self._open_source(hello.token)
             except OSError as exc:
-                sock.sendall(
-                    d.encode(d.DataError(errno=exc.errno or errno.EIO, message=exc.strerror or str(exc)))
+                _send(
+                    sock,
+                    d.encode(d.DataError(errno=exc.errno or errno.EIO, message=exc.strerror or str(exc))),
                 )
                 raise
             self._serve_source(sock, body, fd)
@@ -1105,10 +1124,11 @@ class TransferService:
                 f"{exc.strerror or exc}",
             ) from None
         try:
-            sock.sendall(
+            _send(
+                sock,
                 d.encode(
                     d.DataHello(kind="pull", token=cap.token, transfer_id=cap.transfer_id, stream=stream)
-                )
+                ),
             )
             self._expect_ready(t, sock)
         except BaseException:

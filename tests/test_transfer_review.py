@@ -130,3 +130,36 @@ def test_single_errors_unwraps_oserrors_only() -> None:
     with pytest.raises(BaseExceptionGroup):
         with single_errors():
             raise BaseExceptionGroup("g", [KeyboardInterrupt()])
+
+
+async def test_silent_source_fails_the_transfer_in_bounded_time(cluster: Cluster) -> None:
+    """A source that stops sending (no RST, no FIN) must not hang the transfer or the cp."""
+    cluster.add("jive")
+    cluster.add("onsala", transfer={"data_timeout": 1.0})
+    make_file(cluster["jive"].export / "f", 32 * MIB)
+    with proxied_source(cluster["jive"], rate=8 * MIB) as proxy:
+        async with open_engine(
+            cluster.client_config(block_size=MIB, streams=2, third_party="always")
+        ) as engine:
+            failures: list[BaseException] = []
+
+            async def run() -> None:
+                try:
+                    await engine.copy("jive", "/f", "onsala", "/g")
+                except OSError as exc:
+                    failures.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                with trio.fail_after(20):
+                    while proxy.block_bytes < 2 * MIB:
+                        await trio.sleep(0.02)
+                proxy.stall()
+                t0 = trio.current_time()
+                with trio.fail_after(15):
+                    while not failures:
+                        await trio.sleep(0.05)
+                assert trio.current_time() - t0 < 10
+            proxy.resume()
+    assert failures and failures[0].errno == errno.ETIMEDOUT, failures
+    assert not (cluster["onsala"].export / "g").exists()
