@@ -8,9 +8,11 @@ tests/test_etfs_cp.py.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
+import socket
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 
-from etfs.transfer import control
+from etfs.transfer import commands, control
 from etfs.transfer.commands import resolve
 from etfs.transfer.control import ControlServer, UnsafeRegistryDir, ensure_registry_dir
 
@@ -299,3 +301,47 @@ def test_resolve_relative_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.chdir(tmp_path)
     loc = resolve(".dot", MOUNT)
     assert (loc.server, loc.path) == (None, str(tmp_path / ".dot"))
+
+
+# ------------------------------------------- stale registry entries (commands.find_mount)
+
+
+def _register(reg: Path, name: str, sock: Path) -> None:
+    info = {"pid": os.getpid(), "root": f"/mnt/{name}", "socket": str(sock), "servers": {"jive": "/mnt/j"}}
+    (reg / f"{name}.json").write_text(json.dumps(info))
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    reg = tmp_path / "mounts"
+    reg.mkdir(mode=0o700)
+    monkeypatch.setattr(control, "registry_dir", lambda: reg)
+    return reg
+
+
+def test_find_mount_stale_socket_is_a_clear_error(registry: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """pid alive (ours) but the control socket is gone: a message, not a traceback."""
+    _register(registry, "a", registry / "gone.sock")
+    with pytest.raises(commands.CommandError, match="stale"):
+        commands.find_mount(None)
+    args = argparse.Namespace(mount=None, server=None, json=False, watch=False)
+    assert commands.cmd_status(args) == 1
+    assert "stale" in capsys.readouterr().err
+
+
+def test_find_mount_skips_stale_beside_live(registry: Path) -> None:
+    _register(registry, "a", registry / "gone.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(registry / "live.sock"))
+        _register(registry, "b", registry / "live.sock")
+        assert commands.find_mount(None)["root"] == "/mnt/b"
+
+
+def test_request_refused_socket_is_a_clear_error(registry: Path) -> None:
+    sock = registry / "dead.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(sock))  # bound, never listening: connect is refused
+        _register(registry, "a", sock)
+        mount = commands.find_mount(None)
+        with pytest.raises(commands.CommandError, match="cannot reach the mount daemon"):
+            commands._request(mount["socket"], {"op": "status"})

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import threading
 import time
@@ -46,17 +47,33 @@ class Location:
         return Location(self.server, self.path.rstrip("/") + "/" + name, self.fs_path / name)
 
 
+def _socket_alive(info: dict[str, Any]) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(info["socket"]).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def find_mount(root: Path | None) -> dict[str, Any]:
     mounts = running_mounts()
     if root is not None:
         mounts = [
             m for m in mounts if Path(m["root"]) == root.resolve() or str(root) in m["servers"].values()
         ]
-    if not mounts:
+    # A record whose pid is alive (or reused) but whose control socket is gone is stale.
+    live = [m for m in mounts if _socket_alive(m)]
+    if not live and mounts:
+        stale = mounts[0]
+        raise CommandError(
+            f"the etfs mount registered for pid {stale.get('pid')} (root {stale['root']}) has no control "
+            f"socket at {stale['socket']}: the registration is stale (the daemon may have crashed); "
+            "restart the mount"
+        )
+    if not live:
         raise CommandError("no running etfs mount found (start one with 'etfs mount -c FILE' or 'etfs demo')")
-    if len(mounts) > 1:
+    if len(live) > 1:
         raise CommandError("several etfs mounts are running; choose one with --mount ROOT")
-    return mounts[0]
+    return live[0]
 
 
 def resolve(arg: str, mount: dict[str, Any]) -> Location:
@@ -83,23 +100,36 @@ def _request(sock_path: str, request: dict[str, Any]) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.connect(sock_path)
+        s.sendall(json.dumps(request).encode() + b"\n")
     except OSError as exc:
         s.close()
-        raise CommandError(f"cannot reach the mount daemon at {sock_path}: {exc.strerror}") from None
-    s.sendall(json.dumps(request).encode() + b"\n")
+        hint = (
+            " (stale registration? the daemon may have exited; restart the mount)"
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED)
+            else ""
+        )
+        raise CommandError(
+            f"cannot reach the mount daemon at {sock_path}: {exc.strerror or exc}{hint}"
+        ) from None
     return s
 
 
 def _lines(s: socket.socket) -> Any:
     buf = b""
     while True:
-        chunk = s.recv(65536)
+        try:
+            chunk = s.recv(65536)
+        except OSError as exc:
+            raise CommandError(f"lost the connection to the mount daemon: {exc.strerror or exc}") from None
         if not chunk:
             return
         buf += chunk
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
-            yield json.loads(line)
+            try:
+                yield json.loads(line)
+            except ValueError:
+                raise CommandError("the mount daemon sent a malformed reply") from None
 
 
 class Reporter:
