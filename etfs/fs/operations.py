@@ -44,9 +44,6 @@ LIST_PAGE = 1000
 BLKSIZE = 1024 * 1024  # st_blksize: makes cp and friends use 1 MiB buffers
 XATTR_ETFS = "user.etfs."
 ETFS_XATTRS = ("user.etfs.server", "user.etfs.path", "user.etfs.checksum")
-# pyfuse3 resolves UTIME_NOW to the daemon's clock before calling setattr; a time this close
-# to "now" is sent as "now" so the server stamps it with its own clock.
-_NOW_SLACK_NS = 200_000_000
 # Requests that are safe to repeat after the connection reset under them.
 _IDEMPOTENT = (m.Stat, m.List, m.Readlink, m.StatFs, m.GetXattr, m.ListXattr, m.SetAttr, m.Checksum)
 
@@ -340,17 +337,13 @@ class EtfsOperations(pyfuse3.Operations):
             req["uid"] = attr.st_uid
         if fields.update_gid:
             req["gid"] = attr.st_gid
-        now = time.time_ns()
+        # Times are sent as given.  pyfuse3 has already turned UTIME_NOW into the daemon's clock
+        # (it does not say which it was), so `touch` stamps the client's time, as sshfs does;
+        # guessing "now" from a recent value broke rsync -a / cp -p of freshly written files.
         if fields.update_atime:
-            if abs(attr.st_atime_ns - now) < _NOW_SLACK_NS:
-                req["atime_now"] = True
-            else:
-                req["atime_ns"] = attr.st_atime_ns
+            req["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
-            if abs(attr.st_mtime_ns - now) < _NOW_SLACK_NS:
-                req["mtime_now"] = True
-            else:
-                req["mtime_ns"] = attr.st_mtime_ns
+            req["mtime_ns"] = attr.st_mtime_ns
         if not req:  # e.g. ctime only
             return self._entry(node, await self._attr(node))
         new = await self._call(node.server, m.SetAttr, m.Attr, path=node.path, **req)
