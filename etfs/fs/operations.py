@@ -42,7 +42,6 @@ T = TypeVar("T")
 
 LIST_PAGE = 1000
 BLKSIZE = 1024 * 1024  # st_blksize: makes cp and friends use 1 MiB buffers
-XATTR_ETFS = "user.etfs."
 ETFS_XATTRS = ("user.etfs.server", "user.etfs.path", "user.etfs.checksum")
 # Requests that are safe to repeat after the connection reset under them.
 _IDEMPOTENT = (m.Stat, m.List, m.Readlink, m.StatFs, m.GetXattr, m.ListXattr, m.SetAttr, m.Checksum)
