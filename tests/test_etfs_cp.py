@@ -88,12 +88,14 @@ def test_cp_recursive_and_local(etfs_env: Env, tmp_path: Path) -> None:
         (tree / f"d{i}").mkdir(parents=True)
         random_file(tree / f"d{i}" / "f", 100_000 + i, seed=i)
     (tree / "empty").write_bytes(b"")
+    (tree / ".empty.etfs-part").write_bytes(b"half a copy")  # a copy in progress: not copied
     m = ["--mount", str(e.mount.root)]
     r = etfs(e, "cp", *m, "-r", str(e.dir("jive") / "tmp" / "tree"), str(e.dir("onsala") / "tmp"))
     assert r.returncode == 0, r.stderr
     for i in range(5):
         assert digest(e.export("onsala") / "tmp" / "tree" / f"d{i}" / "f") == digest(tree / f"d{i}" / "f")
     assert (e.export("onsala") / "tmp" / "tree" / "empty").read_bytes() == b""
+    assert not (e.export("onsala") / "tmp" / "tree" / ".empty.etfs-part").exists()
     r = etfs(e, "cp", *m, "-r", str(e.dir("jive") / "tmp" / "tree" / "d0"), str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert digest(tmp_path / "d0" / "f") == digest(tree / "d0" / "f")

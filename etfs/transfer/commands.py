@@ -13,6 +13,8 @@ import concurrent.futures
 import errno
 import json
 import os
+import re
+import secrets
 import shutil
 import socket
 import stat
@@ -26,6 +28,8 @@ from typing import Any
 from .control import running_mounts
 
 PARALLEL_FILES = 4
+# Hidden files of copies in progress (server transfers, relays, local copies): never copied.
+PARTIAL = re.compile(r"^\..*\.etfs-(part(\.journal|\.restart)?|relay-[0-9a-f]+|local-[0-9a-f]+)$")
 
 
 class CommandError(Exception):
@@ -233,7 +237,8 @@ def _copy_through_client(src: Location, dst: Location, args: argparse.Namespace,
             ):
                 rep.event(src, dst, {"event": "done", "skipped": True})
                 return True
-        part = dst.fs_path.with_name(f".{dst.fs_path.name}.etfs-part")
+        # A name of its own: a server transfer into the same file uses ".NAME.etfs-part".
+        part = dst.fs_path.with_name(f".{dst.fs_path.name}.etfs-local-{secrets.token_hex(4)}")
         try:
             shutil.copyfile(src.fs_path, part)
             shutil.copystat(src.fs_path, part)
@@ -277,7 +282,7 @@ def _plan(sources: list[Location], dest: Location, recursive: bool) -> list[tupl
                 here = here.child(part)
             dirnames.sort()
             for name in sorted(filenames):
-                if not name.endswith(".etfs-part"):
+                if not PARTIAL.search(name):
                     pairs.append((here.child(name), tdir.child(name)))
     return pairs
 
