@@ -17,8 +17,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +68,35 @@ def force_unmount(path: Path) -> None:
     for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
         if mounted(path):
             subprocess.run(cmd, capture_output=True, check=False)
+
+
+@contextmanager
+def throttled(proc: subprocess.Popen[bytes], run: float = 0.005, pause: float = 0.045) -> Iterator[None]:
+    """Slow one of our own processes down by pausing it (SIGSTOP/SIGCONT by pid) most of the time.
+
+    A test that must act *during* a transfer cannot rely on a loopback copy being slow: 600 MiB
+    can finish between two polls.  A process that runs 10% of the time still answers every
+    request, only later.
+    """
+    done = threading.Event()
+
+    def cycle() -> None:
+        while not done.is_set() and proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+            done.wait(pause)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+            done.wait(run)
+
+    t = threading.Thread(target=cycle, name="throttle", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
 
 
 KEY = "etfs-test-key-NOT-A-SECRET-0123456789abcdef\n"

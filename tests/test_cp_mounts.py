@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, Env, env, wait_for
+from conftest import PY, Env, env, throttled, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 
@@ -188,18 +188,20 @@ def test_same_server_copy_stays_on_server(etfs_env: Env) -> None:
 
 def test_ctrl_c_cancels_on_both_servers(etfs_env: Env) -> None:
     e = etfs_env
+    dst = "onsala:/tmp/huge"
     src = e.export("jive") / "tmp" / "huge"
     sparse_file(src, 3 * 2**30)
     dst_final = e.export("onsala") / "tmp" / "huge"
     cp = subprocess.Popen(["cp", str(e.dir("jive") / "tmp" / "huge"), str(e.dir("onsala") / "tmp") + "/"])
+    jive = e.servers["jive"].proc
+    assert jive is not None
     try:
-        wait_for(
-            lambda: any(t["state"] == "running" for t in transfers_to(e, "onsala:/tmp/huge")), 30, "running"
-        )
-        t0 = time.monotonic()
-        cp.send_signal(signal.SIGINT)
-        cp.wait(10)
-        assert time.monotonic() - t0 < 2.0
+        with throttled(jive):  # so that the copy cannot finish before the SIGINT
+            wait_for(lambda: any(t["state"] == "running" for t in transfers_to(e, dst)), 30, "running")
+            t0 = time.monotonic()
+            cp.send_signal(signal.SIGINT)
+            cp.wait(10)
+            assert time.monotonic() - t0 < 2.0
     finally:
         if cp.poll() is None:
             cp.kill()
@@ -207,7 +209,7 @@ def test_ctrl_c_cancels_on_both_servers(etfs_env: Env) -> None:
     assert cp.returncode != 0
     # The destination name never holds a full-size file; the transfer is cancelled.
     assert not dst_final.exists() or dst_final.stat().st_size < src.stat().st_size
-    wait_for(lambda: transfers_to(e, "onsala:/tmp/huge")[-1]["state"] == "cancelled", 10, "cancelled")
+    wait_for(lambda: transfers_to(e, dst)[-1]["state"] == "cancelled", 10, "cancelled")
     # The mount is still usable.
     assert (e.dir("jive") / "tmp").is_dir()
     os.unlink(src)
@@ -254,8 +256,12 @@ def test_failed_transfer_gives_eio_and_resume_on_rerun(etfs_env: Env) -> None:
             ts = transfers_to(e, "onsala:/tmp/resumable")
             return bool(ts) and 0 < int(ts[-1]["bytes_done"]) and ts[-1]["state"] == "running"
 
-        wait_for(progressed, 30, "transfer progress")
-        jive.kill()
+        assert jive.proc is not None
+        with throttled(jive.proc):  # the source runs 10% of the time: the copy cannot finish first
+            wait_for(progressed, 30, "transfer progress")
+            [t] = transfers_to(e, "onsala:/tmp/resumable")[-1:]
+            assert int(str(t["bytes_done"])) < int(str(t["bytes_total"])), t
+            jive.kill()
         _, err = cp.communicate(timeout=60)
     finally:
         if cp.poll() is None:
