@@ -1,10 +1,12 @@
-"""What the copy_file_range hook costs ordinary reads and writes through the mount.
+"""What the C side of the mount (copy_file_range hook, front reader) costs or buys ordinary I/O.
 
-One command: ``python bench/copyrange_cost.py [--size-mib 512] [--runs 5]``.  Starts one
-loopback `etfs-server` and two mounts of it, one with the hook (the default) and one
-with ``ETFS_COPYRANGE=0``; then alternates sequential `dd` writes and reads of the same
-size through each, and prints medians and the ratio hooked/unhooked (1.00 = no cost).
-Everything it starts is stopped and unmounted at exit.
+One command: ``python bench/copyrange_cost.py [--size-mib 512] [--files 2000] [--runs 5]``.
+Starts one loopback `etfs-server` and mounts it three ways in turn: the default (hook and
+front reader), ``ETFS_FRONT_READER=0`` (hook only: pyfuse3 reads /dev/fuse itself) and
+``ETFS_COPYRANGE=0`` (neither: plain pyfuse3).  Through each it times sequential `dd`
+writes and reads, `cp -r` of --files small files and `ls -lR` of them, alternating the
+order, and prints medians and ratios against plain pyfuse3 (>1 is better for MiB/s, <1 is
+better for seconds).  Everything it starts is stopped and unmounted at exit.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def dd(args: list[str]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--files", type=int, default=2000)
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="etfs-crcost-"))
@@ -75,34 +78,52 @@ def main() -> int:
         procs.append(srv)
         wait_for(pf.exists)
         port = pf.read_text().split()[0]
-        variants = {"hooked": "1", "unhooked": os.environ.get("ETFS_BENCH_B", "0")}
+        # name -> (ETFS_COPYRANGE, ETFS_FRONT_READER)
+        variants = {"default": ("1", "1"), "hook only": ("1", "0"), "plain pyfuse3": ("0", "0")}
         size = a.size_mib
-        results: dict[str, dict[str, list[float]]] = {v: {"write": [], "read": []} for v in variants}
+        ops = ("write", "read", "cp -r", "ls -lR")
+        results: dict[str, dict[str, list[float]]] = {v: {op: [] for op in ops} for v in variants}
+        tree = base / "tree"
+        for i in range(a.files):
+            d = tree / f"d{i % 20}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"f{i}").write_bytes(os.urandom(1000 + i % 3000))
 
-        def one_mount(variant: str) -> tuple[float, float]:
+        def timed(*cmd: str) -> float:
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            return time.perf_counter() - t0
+
+        def one_mount(variant: str) -> dict[str, float]:
             # One mount at a time: two live mounts of one server disturbed each other.
-            root = base / variant / ".root"
-            cfg = base / f"{variant}.yaml"
+            slug = variant.replace(" ", "-")
+            root = base / slug / ".root"
+            cfg = base / f"{slug}.yaml"
             cfg.write_text(
                 f"root: {root}\nservers:\n  b:\n    address: 127.0.0.1:{port}\n    user: u\n"
                 f"    key_file: {key}\n"
             )
-            env = dict(os.environ, ETFS_COPYRANGE=variants[variant])
+            hook, front = variants[variant]
+            env = dict(os.environ, ETFS_COPYRANGE=hook, ETFS_FRONT_READER=front)
             p = subprocess.Popen(
                 [PY, "-m", "etfs.cli", "mount", "-c", str(cfg), "-f"], env=env, stderr=subprocess.DEVNULL
             )
             roots[variant] = root
             try:
                 wait_for(lambda: (root / "b" / "tmp").is_dir())
-                f = root / "b" / "tmp" / f"f-{variant}"
+                f = root / "b" / "tmp" / f"f-{slug}"
                 dd(["if=/dev/zero", f"of={f}", "bs=1M", "count=64"])  # warm up the daemon
                 w = dd(["if=/dev/zero", f"of={f}", "bs=1M", f"count={size}", "conv=fsync"])
                 subprocess.run(
-                    ["cat", str(export / "tmp" / f"f-{variant}")], stdout=subprocess.DEVNULL, check=True
+                    ["cat", str(export / "tmp" / f"f-{slug}")], stdout=subprocess.DEVNULL, check=True
                 )
                 r = dd([f"if={f}", "of=/dev/null", "bs=1M"])
                 os.unlink(f)
-                return size / w, size / r
+                dst = root / "b" / "tmp" / f"tree-{slug}"
+                c = timed("cp", "-r", str(tree), str(dst))
+                ls = timed("ls", "-lR", str(dst))
+                subprocess.run(["rm", "-rf", str(export / "tmp" / f"tree-{slug}")], check=True)
+                return {"write": size / w, "read": size / r, "cp -r": c, "ls -lR": ls}
             finally:
                 subprocess.run(["fusermount3", "-u", "-z", str(root)], capture_output=True)
                 p.terminate()
@@ -110,16 +131,20 @@ def main() -> int:
 
         for run in range(a.runs):
             for variant in list(variants) if run % 2 else list(reversed(variants)):
-                w, r = one_mount(variant)
-                results[variant]["write"].append(w)
-                results[variant]["read"].append(r)
-        out = {}
-        print(f"sequential I/O through the mount, {size} MiB, median of {a.runs} runs (MiB/s)")
-        for op in ("write", "read"):
-            h = statistics.median(results["hooked"][op])
-            u = statistics.median(results["unhooked"][op])
-            out[op] = {"hooked": round(h), "unhooked": round(u), "ratio": round(h / u, 3)}
-            print(f"  {op:5}: with hook {h:7.0f}   without {u:7.0f}   ratio {h / u:.3f}")
+                for op, v in one_mount(variant).items():
+                    results[variant][op].append(v)
+        out: dict[str, dict[str, float]] = {}
+        print(
+            f"through the mount, median of {a.runs} runs: dd {size} MiB (MiB/s), "
+            f"cp -r / ls -lR of {a.files} files (s)"
+        )
+        print(f"  {'':8}" + "".join(f"{v:>16}" for v in variants) + "   ratios vs plain pyfuse3")
+        for op in ops:
+            med = {v: statistics.median(results[v][op]) for v in variants}
+            ref = med["plain pyfuse3"]
+            out[op] = {v: round(x, 3) for v, x in med.items()}
+            ratios = "  ".join(f"{med[v] / ref:.3f}" for v in variants if v != "plain pyfuse3")
+            print(f"  {op:8}" + "".join(f"{med[v]:16.2f}" for v in variants) + f"   {ratios}")
         print(json.dumps(out))
         return 0
     finally:

@@ -254,6 +254,8 @@ def run_foreground(config: ClientConfig, log_file: Path | None = None) -> int:
         # ETFS_COPYRANGE=0 mounts without the hook (to measure what it costs ordinary I/O).
         if os.environ.get("ETFS_COPYRANGE", "1") != "0":
             copyrange.install()
+            # ETFS_FRONT_READER=0: pyfuse3 reads /dev/fuse itself (to measure what the reader buys).
+            copyrange.enable_front_reader(os.environ.get("ETFS_FRONT_READER", "1") != "0")
     except Exception as exc:
         log.warning(
             "copy_file_range hook unavailable (%s): cp between servers will go through this client", exc
@@ -298,6 +300,7 @@ async def _serve(config: ClientConfig) -> None:
                 from etfs import copyrange
 
                 copyrange.require_installed()
+                log.debug("front reader running: %s", copyrange.front_reader_stats()[0])
             except Exception as exc:
                 log.warning(
                     "copy_file_range is not installed (%s): cp between servers goes through the client", exc
@@ -319,8 +322,17 @@ async def _serve(config: ClientConfig) -> None:
                         log.warning("pyfuse3.close: %s", exc)
                     if _is_mounted(root):
                         force_unmount(root)
+                _log_front_reader()
                 await pool.aclose()
             nursery.cancel_scope.cancel()
+
+
+def _log_front_reader() -> None:
+    from etfs import copyrange
+
+    running, answered, forwarded = copyrange.front_reader_stats()
+    if running:
+        log.info("front reader: %d getxattr answered in C, %d requests to pyfuse3", answered, forwarded)
 
 
 async def _watch_signals(config: ClientConfig, binds: list[Path], links: list[Path], terminate: Any) -> None:

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -352,6 +353,32 @@ def test_server_killed_and_restarted(start_server: ServerFactory, start_mount: M
         assert (alpha.export / "tmp" / "after.txt").read_text() == "back"
     finally:
         held.close()
+
+
+def test_front_reader_answers_other_xattrs(start_server: ServerFactory, start_mount: MountFactory) -> None:
+    """`ls -l` asks security.* and system.* xattrs per entry: the C front reader answers them
+    (ENODATA) without pyfuse3, while user.* names, data and metadata still reach Python."""
+    srv = start_server("zeta")
+    m = start_mount([srv])
+    d = m.dir("zeta") / "tmp"
+    for i in range(50):
+        (d / f"f{i}").write_bytes(b"x" * i)
+    out = sh("ls", "-lR", d)
+    assert out.count(" f") >= 50
+    f = d / "f7"
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+        for _ in range(100):
+            with pytest.raises(OSError) as exc:
+                os.getxattr(f, name)
+            assert exc.value.errno in (errno.ENODATA, errno.EOPNOTSUPP), name
+    assert os.getxattr(f, "user.etfs.server") == b"zeta"
+    assert f.read_bytes() == b"x" * 7
+    assert m.stop() == 0
+    text = m.log.read_text()
+    found = re.search(r"front reader: (\d+) getxattr answered in C, (\d+) requests to pyfuse3", text)
+    assert found, text[-3000:]
+    answered, forwarded = map(int, found.groups())
+    assert answered >= 300 and forwarded > 50
 
 
 def test_write_error_surfaces_at_close(start_server: ServerFactory, start_mount: MountFactory) -> None:

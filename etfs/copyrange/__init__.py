@@ -60,6 +60,8 @@ __all__ = [
     "CopyRequest",
     "Handler",
     "Status",
+    "enable_front_reader",
+    "front_reader_stats",
     "install",
     "installed",
     "require_installed",
@@ -179,6 +181,30 @@ def require_installed() -> None:
                 f"compiled {int(_lib.etfs_cfr_op_size_compiled())})"
             )
         raise CopyRangeError(f"copy_file_range not installed: {st.value}{detail}")
+
+
+def enable_front_reader(on: bool = True) -> None:
+    """Let a C thread read /dev/fuse in front of pyfuse3. Call after install(), before pyfuse3.init().
+
+    The thread answers getxattr of names outside ``user.*`` at once (``ls -l`` asks two of
+    them per entry and the kernel caches neither) and queues every other request for pyfuse3,
+    which then waits on a pipe instead of the device. It starts only if the copy_file_range
+    op got installed too.
+    """
+    if _lib is None:
+        raise CopyRangeError("etfs.copyrange.install() must run before enable_front_reader()")
+    _lib.etfs_front_enable(1 if on else 0)
+
+
+def front_reader_stats() -> tuple[bool, int, int]:
+    """(running, getxattr requests answered in C, requests handed to pyfuse3)."""
+    if _lib is None:
+        return False, 0, 0
+    return (
+        bool(_lib.etfs_front_active()),
+        int(_lib.etfs_front_answered()),
+        int(_lib.etfs_front_forwarded()),
+    )
 
 
 def set_handler(handler: Handler | None) -> None:

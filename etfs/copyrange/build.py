@@ -41,6 +41,12 @@ size_t etfs_cfr_op_size_compiled(void);
    (the Python side then runs its callback itself, outside libfuse's locks). */
 int etfs_cfr_watch_interrupt(fuse_req_t req, uint64_t req_id);
 
+/* The front reader (see FRONT_READER below): enable before pyfuse3.init(). */
+int etfs_front_enable(int on);
+int etfs_front_active(void);
+uint64_t etfs_front_answered(void);
+uint64_t etfs_front_forwarded(void);
+
 extern "Python" void _etfs_cfr_on_copy(fuse_req_t req, uint64_t ino_in, int64_t off_in, uint64_t fh_in,
                                        uint64_t ino_out, int64_t off_out, uint64_t fh_out,
                                        size_t len, int flags);
@@ -141,6 +147,255 @@ ETFS_EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args,
     return real(args, &etfs_cfr_ops, sizeof(etfs_cfr_ops), userdata);
 }
 
+/* ---- The front reader ---------------------------------------------------------------------
+   pyfuse3 reads /dev/fuse from its trio loop: each request costs a trio wake-up (~100 us) even
+   when C answers it. `ls -l` asks two xattrs the kernel never caches (security.selinux,
+   system.posix_acl_access) for every entry, so a 10,000-file `ls -lR` spent ~1.5 s on them.
+   With the front reader a C thread reads /dev/fuse itself, answers those getxattr requests
+   at once, and queues every other request for pyfuse3, which waits on a pipe instead of the
+   device (we interpose fuse_session_fd and fuse_session_receive_buf, as fuse_session_new).
+   Invariant: the pipe holds a byte exactly while the queue is non-empty or the reader ended. */
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+/* Kernel ABI (include/uapi/linux/fuse.h), stable since 7.x. */
+struct etfs_fuse_in_header {
+    uint32_t len, opcode;
+    uint64_t unique, nodeid;
+    uint32_t uid, gid, pid;
+    uint16_t total_extlen, padding;
+};
+struct etfs_fuse_out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+#define ETFS_FUSE_GETXATTR 22
+#define ETFS_GETXATTR_IN_SIZE 8
+/* libfuse's own buffer: 256 pages of data plus a page for headers (max_write is capped to it). */
+#define ETFS_FRONT_BUFSIZE (256 * 4096 + 4096)
+/* Requests up to this size are copied out of the read buffer; larger ones (writes) take it. */
+#define ETFS_FRONT_COPY_MAX (64 * 1024)
+
+struct etfs_front_item {
+    struct etfs_front_item *next;
+    char *mem;
+    size_t len;
+};
+
+static int etfs_front_enabled = 0;
+static int etfs_front_started = 0;
+static int etfs_front_dev = -1;      /* our dup of the session's /dev/fuse fd */
+static int etfs_front_pipe[2] = {-1, -1};
+static pthread_mutex_t etfs_front_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct etfs_front_item *etfs_front_head = NULL, *etfs_front_tail = NULL;
+static int etfs_front_ended = 0;     /* the reader stopped: 0 after ENODEV (unmounted), else -errno */
+static int etfs_front_end_err = 0;
+static uint64_t etfs_front_n_answered = 0, etfs_front_n_forwarded = 0;
+
+int etfs_front_enable(int on) { int old = etfs_front_enabled; etfs_front_enabled = on; return old; }
+int etfs_front_active(void) { return etfs_front_started; }
+uint64_t etfs_front_answered(void) { return __atomic_load_n(&etfs_front_n_answered, __ATOMIC_RELAXED); }
+uint64_t etfs_front_forwarded(void) { return __atomic_load_n(&etfs_front_n_forwarded, __ATOMIC_RELAXED); }
+
+static void etfs_front_wake(void)
+{
+    char c = 1;
+    /* The pipe is non-blocking; a full pipe is already readable, which is all we need. */
+    while (write(etfs_front_pipe[1], &c, 1) < 0 && errno == EINTR)
+        ;
+}
+
+static void etfs_front_push(struct etfs_front_item *item)
+{
+    pthread_mutex_lock(&etfs_front_lock);
+    int was_empty = etfs_front_head == NULL;
+    if (etfs_front_tail)
+        etfs_front_tail->next = item;
+    else
+        etfs_front_head = item;
+    etfs_front_tail = item;
+    if (was_empty && !etfs_front_ended)
+        etfs_front_wake();
+    pthread_mutex_unlock(&etfs_front_lock);
+}
+
+static void etfs_front_end(int err)
+{
+    pthread_mutex_lock(&etfs_front_lock);
+    etfs_front_ended = 1;
+    etfs_front_end_err = err;
+    etfs_front_wake();
+    pthread_mutex_unlock(&etfs_front_lock);
+}
+
+/* A getxattr we answer ourselves: any name outside user.* (etfs has no others). */
+static int etfs_front_answer(const char *mem, size_t n)
+{
+    const struct etfs_fuse_in_header *in = (const struct etfs_fuse_in_header *)mem;
+    size_t at = sizeof(*in) + ETFS_GETXATTR_IN_SIZE;
+    if (in->opcode != ETFS_FUSE_GETXATTR || n <= at)
+        return 0;
+    const char *name = mem + at;
+    size_t room = n - at;
+    if (memchr(name, 0, room) == NULL || strncmp(name, "user.", 5) == 0)
+        return 0;
+    struct etfs_fuse_out_header out = {sizeof(out), -ENODATA, in->unique};
+    /* ENOENT: the request was interrupted meanwhile; nothing else to do either way. */
+    while (write(etfs_front_dev, &out, sizeof(out)) < 0 && errno == EINTR)
+        ;
+    __atomic_add_fetch(&etfs_front_n_answered, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+static void *etfs_front_main(void *arg)
+{
+    (void)arg;
+    char *buf = NULL;
+    for (;;) {
+        if (buf == NULL && (buf = malloc(ETFS_FRONT_BUFSIZE)) == NULL) {
+            etfs_front_end(-ENOMEM);
+            break;
+        }
+        ssize_t n = read(etfs_front_dev, buf, ETFS_FRONT_BUFSIZE);
+        if (n < 0) {
+            /* As libfuse: ENOENT is a request interrupted before we read it; ENODEV unmounted. */
+            if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
+                continue;
+            etfs_front_end(errno == ENODEV ? 0 : -errno);
+            break;
+        }
+        if ((size_t)n < sizeof(struct etfs_fuse_in_header)) {
+            fprintf(stderr, "etfs.copyrange: short read on fuse device (%zd bytes)\n", n);
+            etfs_front_end(-EIO);
+            break;
+        }
+        if (etfs_front_answer(buf, (size_t)n))
+            continue;
+        struct etfs_front_item *item = malloc(sizeof(*item));
+        char *mem = (size_t)n <= ETFS_FRONT_COPY_MAX ? malloc((size_t)n) : buf;
+        if (item == NULL || mem == NULL) {
+            free(item);
+            etfs_front_end(-ENOMEM);
+            break;
+        }
+        if (mem == buf)
+            buf = NULL; /* handed over with the request */
+        else
+            memcpy(mem, buf, (size_t)n);
+        item->next = NULL;
+        item->mem = mem;
+        item->len = (size_t)n;
+        __atomic_add_fetch(&etfs_front_n_forwarded, 1, __ATOMIC_RELAXED);
+        etfs_front_push(item);
+    }
+    free(buf);
+    return NULL;
+}
+
+static int etfs_front_start(int fd)
+{
+    int dev = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (dev < 0)
+        return -1;
+    if (pipe2(etfs_front_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
+        close(dev);
+        return -1;
+    }
+    /* The device fd must block: the thread sleeps in read(). */
+    int fl = fcntl(dev, F_GETFL);
+    if (fl >= 0 && (fl & O_NONBLOCK))
+        fcntl(dev, F_SETFL, fl & ~O_NONBLOCK);
+    etfs_front_dev = dev;
+    pthread_attr_t attr;
+    pthread_t tid;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&tid, &attr, etfs_front_main, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        close(dev);
+        close(etfs_front_pipe[0]);
+        close(etfs_front_pipe[1]);
+        etfs_front_dev = etfs_front_pipe[0] = etfs_front_pipe[1] = -1;
+        return -1;
+    }
+    etfs_front_started = 1;
+    return 0;
+}
+
+typedef int (*etfs_session_fd_t)(struct fuse_session *);
+typedef int (*etfs_receive_buf_t)(struct fuse_session *, struct fuse_buf *);
+
+/* pyfuse3 asks for the fd once, right after fuse_session_mount: start the reader there and
+   give pyfuse3 the pipe to wait on. */
+ETFS_EXPORT int fuse_session_fd(struct fuse_session *se)
+{
+    static etfs_session_fd_t real = NULL;
+    if (real == NULL)
+        real = (etfs_session_fd_t)dlvsym(RTLD_NEXT, "fuse_session_fd", "FUSE_3.0");
+    if (real == NULL)
+        real = (etfs_session_fd_t)dlsym(RTLD_NEXT, "fuse_session_fd");
+    int fd = real(se);
+    if (etfs_front_started)
+        return etfs_front_pipe[0];
+    if (!etfs_front_enabled || fd < 0 || etfs_cfr_state != ETFS_CFR_INSTALLED)
+        return fd;
+    if (etfs_front_start(fd) < 0) {
+        fprintf(stderr, "etfs.copyrange: front reader not started (%s); pyfuse3 reads the device\n",
+                strerror(errno));
+        return fd;
+    }
+    return etfs_front_pipe[0];
+}
+
+/* Called by pyfuse3 when the pipe is readable: hand over the oldest request. Returns its size,
+   -EINTR when there is none (pyfuse3 waits again), 0 once unmounted (as libfuse). */
+ETFS_EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    if (!etfs_front_started) {
+        static etfs_receive_buf_t real = NULL;
+        if (real == NULL)
+            real = (etfs_receive_buf_t)dlvsym(RTLD_NEXT, "fuse_session_receive_buf", "FUSE_3.0");
+        if (real == NULL)
+            real = (etfs_receive_buf_t)dlsym(RTLD_NEXT, "fuse_session_receive_buf");
+        return real(se, buf);
+    }
+    pthread_mutex_lock(&etfs_front_lock);
+    struct etfs_front_item *item = etfs_front_head;
+    if (item) {
+        etfs_front_head = item->next;
+        if (etfs_front_head == NULL)
+            etfs_front_tail = NULL;
+    }
+    int ended = etfs_front_ended, err = etfs_front_end_err;
+    if (etfs_front_head == NULL && !ended) {
+        char drain[64];
+        while (read(etfs_front_pipe[0], drain, sizeof(drain)) > 0)
+            ;
+    }
+    pthread_mutex_unlock(&etfs_front_lock);
+    if (item == NULL) {
+        if (!ended)
+            return -EINTR;
+        if (err == 0)
+            fuse_session_exit(se);
+        return err;
+    }
+    /* pyfuse3 owns buf->mem and frees it with free() at the end; ours come from malloc too. */
+    free(buf->mem);
+    buf->mem = item->mem;
+    buf->size = item->len;
+    buf->flags = 0;
+    buf->fd = -1;
+    buf->pos = 0;
+    int n = (int)item->len;
+    free(item);
+    return n;
+}
+
 int etfs_cfr_status(void) { return etfs_cfr_state; }
 size_t etfs_cfr_op_size_seen(void) { return etfs_cfr_seen_op_size; }
 size_t etfs_cfr_op_size_compiled(void) { return sizeof(struct fuse_lowlevel_ops); }
@@ -189,8 +444,9 @@ def _build_flags() -> tuple[list[str], list[str], list[str]]:
     include_dirs = [f[2:] for f in cflags or [] if f.startswith("-I")] or ["/usr/include/fuse3"]
     library_dirs = [f[2:] for f in libs or [] if f.startswith("-L")]
     libraries = [f[2:] for f in libs or [] if f.startswith("-l")] or ["fuse3"]
-    if "dl" not in libraries:
-        libraries.append("dl")
+    for extra in ("dl", "pthread"):
+        if extra not in libraries:
+            libraries.append(extra)
     return include_dirs, library_dirs, libraries
 
 
