@@ -8,6 +8,7 @@ The client's `mountpoints.yaml` is defined here; the server's `server.yaml` in
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -193,12 +194,17 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
     """``host:port``, ``[v6]:port`` or a bare host (with a default port)."""
     text = text.strip()
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {text!r}: expected [IPv6]:port")
+        port_text = rest[1:]
+        _require_ipv6(host, text)
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
     else:
         host, port_text = text, ""
+        if ":" in host:  # several colons: only a bare IPv6 address (host:port:x is a typo)
+            _require_ipv6(host, text)
     if not host:
         raise ValueError(f"no host in address {text!r}")
     if not port_text:
@@ -212,6 +218,13 @@ def parse_address(text: str, default_port: int | None = None) -> tuple[str, int]
     if not 0 <= port < 65536:
         raise ValueError(f"port out of range in address {text!r}")
     return host, port
+
+
+def _require_ipv6(host: str, text: str) -> None:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"bad address {text!r}: {host!r} is not an IPv6 address (write [v6]:port)") from None
 
 
 def format_address(host: str, port: int) -> str:

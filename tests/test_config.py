@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from server_helpers import REPO, make_key
 
-from etfs.config import ConfigError, load_client_config
+from etfs.config import ConfigError, load_client_config, parse_address
 from etfs_server.config import load_server_config
 
 
@@ -290,3 +290,25 @@ def test_good_client_config(base: Path) -> None:
     cfg = load_client_config(base / "mountpoints.yaml")
     assert cfg.servers["jive"].addresses == (("127.0.0.1", 7070),)
     assert cfg.servers["jive"].key_file == base / "alice.key"
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("jive.example:7000", ("jive.example", 7000)),
+        ("[::1]:7000", ("::1", 7000)),
+        ("::1", ("::1", 9)),
+        ("fe80::1", ("fe80::1", 9)),
+        ("host", ("host", 9)),
+    ],
+)
+def test_addresses(text: str, want: tuple[str, int]) -> None:
+    assert parse_address(text, default_port=9) == want
+
+
+@pytest.mark.parametrize(
+    "text", ["host:7000:1", "[::1]x", "[::1", "[host]:7000", "host:http", "host:70000", ":7000", "1:2:3:x"]
+)
+def test_bad_addresses_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="address"):
+        parse_address(text, default_port=9)
