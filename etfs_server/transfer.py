@@ -64,6 +64,10 @@ MAX_BLOCKS = 1 << 22  # larger files get larger blocks
 MIN_BLOCK = 64 * 1024
 HELLO_TIMEOUT = 10.0  # a data connection must present its hello this fast, in total
 KEEP_RECORDS = 2000  # finished transfer records kept (in memory and in state_dir)
+# Blocks pass through user space (read+send, recv+write, TLS, hashing for verification) in
+# pieces of this size, through one buffer per stream that is reused for every block: no
+# buffer or bytes object sized to a block (4-16 MiB, times the streams) is ever made.
+CHUNK = 1 << 20
 TRANSFER_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
@@ -256,6 +260,29 @@ def _recv_frame(sock: socket.socket, limit: int = 65536) -> bytes:
     return _recv_exact(sock, length)
 
 
+def _hash_range(fd: int, offset: int, length: int, view: memoryview, hasher: Any) -> int | None:
+    """xxh3-64 of ``length`` bytes of ``fd`` at ``offset``, read in pieces into ``view``.
+
+    ``hasher`` is an ``xxhash.xxh3_64`` object, reset here and reused.  None if the file ends first.
+    """
+    hasher.reset()
+    step = len(view)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[: min(step, length - done)]], offset + done)
+        if n <= 0:
+            return None
+        hasher.update(view[:n])
+        done += n
+    return int(hasher.intdigest())
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
 def _set_timeouts(sock: socket.socket, seconds: float) -> None:
     # SO_RCVTIMEO/SNDTIMEO keep the fd blocking for the C loops yet bound every wait.
     tv = d.timeval(seconds)
@@ -272,10 +299,9 @@ def serve_blocks(
     Before each block the file is checked against the capability's size and mtime: a file
     changed under a transfer is answered with STATUS_STALE instead of a mix of versions.
     """
-    # Sized to the blocks actually requested (grown on demand): a MAX_BLOCK buffer per stream
-    # made a source with 8 streams weigh 600 MiB.
-    buf = bytearray(0)
+    buf = bytearray(CHUNK)
     view = memoryview(buf)
+    hasher = xxhash.xxh3_64()
     sent = 0
     while True:
         try:
@@ -292,26 +318,34 @@ def serve_blocks(
         if offset > size or length > block_limit or offset + length > size:
             _send(sock, d.BLOCK.pack(offset, 0, d.STATUS_RANGE))
             continue
-        if length > len(buf):
-            view.release()
-            buf = bytearray(length)
-            view = memoryview(buf)
         _send(sock, d.BLOCK.pack(offset, length, 0))
-        if isinstance(sock, ssl.SSLSocket):
-            # TLS: the bytes must pass through user space to be encrypted.
-            n = os.preadv(fd, [view[:length]], offset)
-            if n == length:
-                _send(sock, view[:length])
-            digest_value = xxhash.xxh3_64_intdigest(view[:length]) if flags & d.FLAG_DIGEST else 0
+        digest = bool(flags & d.FLAG_DIGEST)
+        digest_value: int | None = 0
+        if isinstance(sock, ssl.SSLSocket) or (sender != "sendfile" and digest):
+            # Piece by piece, hashing each piece while it is in the buffer.  TLS: the bytes
+            # must pass through user space to be encrypted anyway.
+            hasher.reset()
+            n = 0
+            while n < length:
+                want = min(CHUNK, length - n)
+                if isinstance(sock, ssl.SSLSocket):
+                    got = os.preadv(fd, [view[:want]], offset + n)
+                    _send(sock, view[:got])
+                else:
+                    got = native.read_send(fd, sock.fileno(), offset + n, want, buf)
+                hasher.update(view[:got])
+                n += got
+                if got < want:
+                    break
+            digest_value = hasher.intdigest() if digest else 0
         elif sender == "sendfile":
             n = native.sendfile(sock.fileno(), fd, offset, length)
-            digest_value = (
-                xxhash.xxh3_64_intdigest(os.pread(fd, length, offset)) if flags & d.FLAG_DIGEST else 0
-            )
+            if digest and n == length:
+                digest_value = _hash_range(fd, offset, length, view, hasher)
         else:
+            # No digest: the C loop walks the whole block through the CHUNK buffer.
             n = native.read_send(fd, sock.fileno(), offset, length, buf)
-            digest_value = xxhash.xxh3_64_intdigest(view[:length]) if flags & d.FLAG_DIGEST else 0
-        if n != length:
+        if n != length or digest_value is None:
             raise TransferError(errno.EIO, f"source file shrank while sending (got {n} of {length} bytes)")
         _send(sock, d.DIGEST.pack(digest_value))
         sent += n
@@ -411,10 +445,12 @@ class Transfer:
 
         ``receiver`` "splice" moves socket -> pipe -> file without a user-space copy and
         re-reads the block from the page cache to hash it; "recv_write" receives into a
-        buffer, writes it and hashes the buffer.
+        buffer, writes it and hashes the buffer.  Either way a block passes through one
+        CHUNK-sized buffer per stream, piece by piece.
         """
-        buf = bytearray(self.block_size)
+        buf = bytearray(CHUNK)
         view = memoryview(buf)
+        hasher = xxhash.xxh3_64()
         pipe = native.Pipe() if receiver == "splice" else None
         flags = d.FLAG_DIGEST if self.verify else 0
         inflight: list[int] = []
@@ -436,22 +472,30 @@ class Transfer:
                     raise TransferError(errno.ESTALE, f"source {self.cap.path} changed during the transfer")
                 if status or got_off != offset or got_len != length:
                     raise TransferError(errno.EIO, f"source refused block at {offset} (status {status})")
-                if isinstance(sock, ssl.SSLSocket):
-                    _recv_into(sock, view[:length])
-                    os.pwrite(self.part_fd, view[:length], offset)
+                ours: int | None = None
+                if isinstance(sock, ssl.SSLSocket) or (pipe is None and self.verify):
+                    # Piece by piece through the buffer, hashing each piece while it is there.
+                    hasher.reset()
+                    for pos in range(0, length, CHUNK):
+                        piece = view[: min(CHUNK, length - pos)]
+                        if isinstance(sock, ssl.SSLSocket):
+                            _recv_into(sock, piece)
+                            _pwrite_all(self.part_fd, piece, offset + pos)
+                        else:
+                            native.recv_write(sock.fileno(), self.part_fd, offset + pos, len(piece), buf)
+                        hasher.update(piece)
+                    ours = hasher.intdigest()
                 elif pipe is not None:
                     native.splice_recv(sock.fileno(), self.part_fd, offset, length, pipe)
                 else:
                     native.recv_write(sock.fileno(), self.part_fd, offset, length, buf)
                 (theirs,) = d.DIGEST.unpack(_recv_exact(sock, d.DIGEST.size))
                 if self.verify:
-                    if (
-                        pipe is not None
-                        and not isinstance(sock, ssl.SSLSocket)
-                        and os.preadv(self.part_fd, [view[:length]], offset) != length
-                    ):
-                        raise TransferError(errno.EIO, f"short read-back of block at {offset}")
-                    ours = xxhash.xxh3_64_intdigest(view[:length])
+                    if ours is None:
+                        # Spliced: read the block back from the page cache to hash it.
+                        ours = _hash_range(self.part_fd, offset, length, view, hasher)
+                        if ours is None:
+                            raise TransferError(errno.EIO, f"short read-back of block at {offset}")
                     if ours != theirs:
                         inflight.pop(0)
                         tries = queue.put_back(index)
@@ -909,7 +953,8 @@ class TransferService:
         t.nblocks = (t.cap.size + t.block_size - 1) // t.block_size
         t.digests = [None] * t.nblocks
         present = rehashed_bad = 0
-        buf = bytearray(t.block_size)
+        view = memoryview(bytearray(CHUNK))
+        hasher = xxhash.xxh3_64()
         for i in range(len(raw) // JOURNAL_ENTRY):
             index, digest = d.JOURNAL.unpack_from(raw, i * JOURNAL_ENTRY)
             if index >= t.nblocks or t.digests[index] is not None:
@@ -917,11 +962,9 @@ class TransferService:
             offset, length = t.block_range(index)
             # The journal is written before the data is surely on disk (a crash can lose the
             # data and keep the entry): a verified block is trusted only if it still hashes right.
-            if digest:
-                view = memoryview(buf)[:length]
-                if os.preadv(t.part_fd, [view], offset) != length or xxhash.xxh3_64_intdigest(view) != digest:
-                    rehashed_bad += 1
-                    continue
+            if digest and _hash_range(t.part_fd, offset, length, view, hasher) != digest:
+                rehashed_bad += 1
+                continue
             t.digests[index] = digest
             present += length
         t.journal_fd = root.open(t.journal, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
