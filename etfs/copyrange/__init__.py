@@ -13,6 +13,11 @@ table pyfuse3 passes, adds a C ``copy_file_range`` op, and calls the real functi
 ``dlvsym(RTLD_NEXT, ..., "FUSE_3.0")``). The C op calls back into Python (``extern "Python"``), in
 pyfuse3's trio thread, with the GIL.
 
+The same module can also read ``/dev/fuse`` in front of pyfuse3 (``enable_front_reader()``): a
+C thread answers getxattr of names outside ``user.*`` itself and queues every other request for
+pyfuse3, which then waits on a pipe (``fuse_session_fd`` and ``fuse_session_receive_buf`` are
+interposed the same way). See "The front reader" in ``build.py``.
+
 Usage, in a pyfuse3 trio daemon::
 
     from etfs import copyrange

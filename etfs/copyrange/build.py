@@ -3,6 +3,8 @@
 The compiled module defines its own ``fuse_session_new``. Loaded with RTLD_GLOBAL before
 pyfuse3, it is found first by the dynamic linker when pyfuse3 binds that symbol, so it can
 add a ``copy_file_range`` op to the ops table pyfuse3 hands to libfuse (pyfuse3 has none).
+It also interposes ``fuse_session_fd`` and ``fuse_session_receive_buf`` for the front reader
+(a C thread that reads /dev/fuse ahead of pyfuse3; see "The front reader" below).
 See ``etfs/copyrange/__init__.py`` for the why and the Python side.
 
 Run ``python etfs/copyrange/build.py`` to compile in place (next to this file).
