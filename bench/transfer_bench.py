@@ -15,7 +15,7 @@ destination port (the destination's ephemeral port range is narrowed to match), 
 capped at --flow-mbit: every TCP flow is capped, so N streams should go ~N times faster.
 The client runs with ``ip netns exec`` in the destination's namespace.
 
-    python bench/transfer_bench.py [--size-mib 512] [--runs 3] [--streams 1,4,8]
+    python bench/transfer_bench.py [--size-mib 512] [--runs 3] [--streams 1,4,8] [--block-mib 8]
                                    [--flow-mbit 100] [--shaped-size-mib 48] [--no-shaped]
 
 Prints medians (MB/s, 10^6 bytes/s), ratios to the raw pair with the same stream count,
@@ -182,7 +182,9 @@ def loopback(args: argparse.Namespace, work: Path, key_file: Path) -> dict[str, 
         print(f"creating {args.size_mib} MiB source ...", flush=True)
         make_source(src_rs.export / "f", size)
         os.link(src_rs.export / "f", src_sf.export / "f")
-        cfg = client_config(work, key_file, {s.name: ("127.0.0.1", s.port) for s in servers})
+        cfg = client_config(
+            work, key_file, {s.name: ("127.0.0.1", s.port) for s in servers}, args.block_mib * MIB
+        )
         configs = [
             (sender, n, verify)
             for sender in ("read_send", "sendfile")
@@ -223,7 +225,9 @@ def loopback(args: argparse.Namespace, work: Path, key_file: Path) -> dict[str, 
         for s in servers:
             s.stop()
     print()
-    print(f"loopback: {args.size_mib} MiB, {args.runs} runs, block {BLOCK // MIB} MiB, {os.cpu_count()} CPUs")
+    print(
+        f"loopback: {args.size_mib} MiB, {args.runs} runs, block {args.block_mib} MiB, {os.cpu_count()} CPUs"
+    )
     hdr = f"{'config':44} {'median MB/s':>11} {'min':>6} {'max':>6} {'vs raw':>7}"
     print(hdr)
     print("-" * len(hdr))
@@ -421,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=512)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--streams", default="1,4,8")
+    p.add_argument("--block-mib", type=int, default=BLOCK // MIB, help="loopback part (servers default to 4)")
     p.add_argument("--flow-mbit", type=int, default=100)
     p.add_argument("--shaped-size-mib", type=int, default=48)
     p.add_argument("--no-shaped", action="store_true")
@@ -436,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         record: dict[str, Any] = {
             "bench": "transfer",
             "size_mib": args.size_mib,
+            "block_mib": args.block_mib,
             "runs": args.runs,
             "cpus": os.cpu_count(),
             "unit": "MB/s",
