@@ -330,8 +330,8 @@ async def _serve(config: ClientConfig) -> None:
 def _log_front_reader() -> None:
     from etfs import copyrange
 
-    running, answered, forwarded = copyrange.front_reader_stats()
-    if running:
+    _, answered, forwarded = copyrange.front_reader_stats()
+    if forwarded:  # it ran (it stops at unmount)
         log.info("front reader: %d getxattr answered in C, %d requests to pyfuse3", answered, forwarded)
 
 

@@ -350,3 +350,28 @@ def test_status_before_init(compiled_module: None) -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=_env(), timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_front_reader_lets_go_of_the_device_at_unmount(tmp_path: Path) -> None:
+    """After pyfuse3.close() programs still inside the mount get ENOTCONN at once (the reader
+    closed its dup of /dev/fuse), and a second mount in the same process works."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    try:
+        r = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "front_reader_lifecycle.py"), str(src), str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rounds = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rounds) == 2, r.stdout + r.stderr[-3000:]
+    for rnd in rounds:
+        assert rnd["stat"] == "5" and rnd["running"] is True and rnd["running_after_close"] is False, rnd
+        after = rnd["after_unmount"]
+        assert after["errno"] in (str(errno.ENOTCONN), str(errno.ECONNABORTED)), rnd
+        assert after["seconds"] < 1.0, rnd

@@ -202,7 +202,8 @@ def enable_front_reader(on: bool = True) -> None:
 
 
 def front_reader_stats() -> tuple[bool, int, int]:
-    """(running, getxattr requests answered in C, requests handed to pyfuse3)."""
+    """(running now, getxattr requests answered in C, requests handed to pyfuse3); the counts
+    cover the process's life (the reader stops at unmount)."""
     if _lib is None:
         return False, 0, 0
     return (

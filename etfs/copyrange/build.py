@@ -3,8 +3,8 @@
 The compiled module defines its own ``fuse_session_new``. Loaded with RTLD_GLOBAL before
 pyfuse3, it is found first by the dynamic linker when pyfuse3 binds that symbol, so it can
 add a ``copy_file_range`` op to the ops table pyfuse3 hands to libfuse (pyfuse3 has none).
-It also interposes ``fuse_session_fd`` and ``fuse_session_receive_buf`` for the front reader
-(a C thread that reads /dev/fuse ahead of pyfuse3; see "The front reader" below).
+It also interposes ``fuse_session_fd``, ``fuse_session_receive_buf`` and ``fuse_session_unmount``
+for the front reader (a C thread that reads /dev/fuse ahead of pyfuse3; see "The front reader").
 See ``etfs/copyrange/__init__.py`` for the why and the Python side.
 
 Run ``python etfs/copyrange/build.py`` to compile in place (next to this file).
@@ -156,9 +156,14 @@ ETFS_EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args,
    With the front reader a C thread reads /dev/fuse itself, answers those getxattr requests
    at once, and queues every other request for pyfuse3, which waits on a pipe instead of the
    device (we interpose fuse_session_fd and fuse_session_receive_buf, as fuse_session_new).
-   Invariant: the pipe holds a byte exactly while the queue is non-empty or the reader ended. */
+   Invariant: the pipe holds a byte exactly while the queue is non-empty or the reader ended.
+   fuse_session_unmount (interposed too) stops the thread and closes its dup of the device
+   *before* libfuse closes the session fd: that last close is what aborts the connection, so
+   programs still inside the mount get ENOTCONN instead of waiting for the process to exit. */
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -174,12 +179,13 @@ struct etfs_fuse_out_header {
     int32_t error;
     uint64_t unique;
 };
+#define ETFS_FUSE_FORGET 2
 #define ETFS_FUSE_GETXATTR 22
+#define ETFS_FUSE_BATCH_FORGET 42
 #define ETFS_GETXATTR_IN_SIZE 8
-/* libfuse's own buffer: 256 pages of data plus a page for headers (max_write is capped to it). */
-#define ETFS_FRONT_BUFSIZE (256 * 4096 + 4096)
 /* Requests up to this size are copied out of the read buffer; larger ones (writes) take it. */
 #define ETFS_FRONT_COPY_MAX (64 * 1024)
+#define ETFS_FRONT_MAX_BUFSIZE (64 * 1024 * 1024)
 
 struct etfs_front_item {
     struct etfs_front_item *next;
@@ -189,11 +195,14 @@ struct etfs_front_item {
 
 static int etfs_front_enabled = 0;
 static int etfs_front_started = 0;
+static pthread_t etfs_front_thread;
 static int etfs_front_dev = -1;      /* our dup of the session's /dev/fuse fd */
-static int etfs_front_pipe[2] = {-1, -1};
+static int etfs_front_pipe[2] = {-1, -1};  /* pyfuse3 waits on [0] */
+static int etfs_front_stop_pipe[2] = {-1, -1};  /* a byte in it stops the thread */
+static size_t etfs_front_bufsize = 0;
 static pthread_mutex_t etfs_front_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct etfs_front_item *etfs_front_head = NULL, *etfs_front_tail = NULL;
-static int etfs_front_ended = 0;     /* the reader stopped: 0 after ENODEV (unmounted), else -errno */
+static int etfs_front_ended = 0;     /* the reader stopped; end_err 0 after ENODEV (unmounted) */
 static int etfs_front_end_err = 0;
 static uint64_t etfs_front_n_answered = 0, etfs_front_n_forwarded = 0;
 
@@ -227,10 +236,20 @@ static void etfs_front_push(struct etfs_front_item *item)
 static void etfs_front_end(int err)
 {
     pthread_mutex_lock(&etfs_front_lock);
-    etfs_front_ended = 1;
-    etfs_front_end_err = err;
-    etfs_front_wake();
+    if (!etfs_front_ended) {
+        etfs_front_ended = 1;
+        etfs_front_end_err = err;
+        etfs_front_wake();
+    }
     pthread_mutex_unlock(&etfs_front_lock);
+}
+
+static void etfs_front_reply_err(uint64_t unique, int err)
+{
+    struct etfs_fuse_out_header out = {sizeof(out), -err, unique};
+    /* ENOENT: the request was interrupted meanwhile; nothing else to do either way. */
+    while (write(etfs_front_dev, &out, sizeof(out)) < 0 && errno == EINTR)
+        ;
 }
 
 /* A getxattr we answer ourselves: any name outside user.* (etfs has no others). */
@@ -244,28 +263,49 @@ static int etfs_front_answer(const char *mem, size_t n)
     size_t room = n - at;
     if (memchr(name, 0, room) == NULL || strncmp(name, "user.", 5) == 0)
         return 0;
-    struct etfs_fuse_out_header out = {sizeof(out), -ENODATA, in->unique};
-    /* ENOENT: the request was interrupted meanwhile; nothing else to do either way. */
-    while (write(etfs_front_dev, &out, sizeof(out)) < 0 && errno == EINTR)
-        ;
+    etfs_front_reply_err(in->unique, ENODATA);
     __atomic_add_fetch(&etfs_front_n_answered, 1, __ATOMIC_RELAXED);
     return 1;
+}
+
+/* Wait until the device is readable (1) or we are told to stop (0). */
+static int etfs_front_wait(void)
+{
+    struct pollfd pfd[2] = {{etfs_front_dev, POLLIN, 0}, {etfs_front_stop_pipe[0], POLLIN, 0}};
+    for (;;) {
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return 1; /* let read() report the problem */
+        }
+        if (pfd[1].revents)
+            return 0;
+        if (pfd[0].revents)
+            return 1;
+    }
 }
 
 static void *etfs_front_main(void *arg)
 {
     (void)arg;
     char *buf = NULL;
-    for (;;) {
-        if (buf == NULL && (buf = malloc(ETFS_FRONT_BUFSIZE)) == NULL) {
+    while (etfs_front_wait()) {
+        if (buf == NULL && (buf = malloc(etfs_front_bufsize)) == NULL) {
             etfs_front_end(-ENOMEM);
             break;
         }
-        ssize_t n = read(etfs_front_dev, buf, ETFS_FRONT_BUFSIZE);
+        ssize_t n = read(etfs_front_dev, buf, etfs_front_bufsize);
         if (n < 0) {
             /* As libfuse: ENOENT is a request interrupted before we read it; ENODEV unmounted. */
             if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
                 continue;
+            if (errno == EINVAL && etfs_front_bufsize < ETFS_FRONT_MAX_BUFSIZE) {
+                /* Buffer smaller than max_write + headers (bigger pages, a larger max_pages). */
+                etfs_front_bufsize *= 2;
+                free(buf);
+                buf = NULL;
+                continue;
+            }
             etfs_front_end(errno == ENODEV ? 0 : -errno);
             break;
         }
@@ -279,9 +319,13 @@ static void *etfs_front_main(void *arg)
         struct etfs_front_item *item = malloc(sizeof(*item));
         char *mem = (size_t)n <= ETFS_FRONT_COPY_MAX ? malloc((size_t)n) : buf;
         if (item == NULL || mem == NULL) {
+            const struct etfs_fuse_in_header *in = (const struct etfs_fuse_in_header *)buf;
             free(item);
-            etfs_front_end(-ENOMEM);
-            break;
+            if (mem != buf)
+                free(mem);
+            if (in->opcode != ETFS_FUSE_FORGET && in->opcode != ETFS_FUSE_BATCH_FORGET)
+                etfs_front_reply_err(in->unique, ENOMEM);
+            continue;
         }
         if (mem == buf)
             buf = NULL; /* handed over with the request */
@@ -297,39 +341,78 @@ static void *etfs_front_main(void *arg)
     return NULL;
 }
 
+static void etfs_front_close_fds(void)
+{
+    int *fds[] = {&etfs_front_dev, &etfs_front_pipe[0], &etfs_front_pipe[1],
+                  &etfs_front_stop_pipe[0], &etfs_front_stop_pipe[1]};
+    for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
+        if (*fds[i] >= 0)
+            close(*fds[i]);
+        *fds[i] = -1;
+    }
+}
+
 static int etfs_front_start(int fd)
 {
-    int dev = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (dev < 0)
-        return -1;
-    if (pipe2(etfs_front_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
-        close(dev);
-        return -1;
+    long page = sysconf(_SC_PAGESIZE);
+    /* libfuse's own buffer: 256 pages of data plus 4 KiB for headers (max_write is capped to it). */
+    etfs_front_bufsize = 256 * (size_t)(page > 0 ? page : 4096) + 4096;
+    etfs_front_ended = 0;
+    etfs_front_end_err = 0;
+    etfs_front_dev = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (etfs_front_dev < 0 || pipe2(etfs_front_pipe, O_CLOEXEC | O_NONBLOCK) < 0 ||
+        pipe2(etfs_front_stop_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
+        int err = errno;
+        etfs_front_close_fds();
+        return err;
     }
-    /* The device fd must block: the thread sleeps in read(). */
-    int fl = fcntl(dev, F_GETFL);
-    if (fl >= 0 && (fl & O_NONBLOCK))
-        fcntl(dev, F_SETFL, fl & ~O_NONBLOCK);
-    etfs_front_dev = dev;
-    pthread_attr_t attr;
-    pthread_t tid;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int rc = pthread_create(&tid, &attr, etfs_front_main, NULL);
-    pthread_attr_destroy(&attr);
+    /* Signals belong to Python's main thread: the reader blocks them all. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&etfs_front_thread, NULL, etfs_front_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
-        close(dev);
-        close(etfs_front_pipe[0]);
-        close(etfs_front_pipe[1]);
-        etfs_front_dev = etfs_front_pipe[0] = etfs_front_pipe[1] = -1;
-        return -1;
+        etfs_front_close_fds();
+        return rc;
     }
     etfs_front_started = 1;
     return 0;
 }
 
+/* Stop and join the reader, drop what pyfuse3 did not take, close our fds (the dup first:
+   after that the session fd is the device's last reference again). */
+static void etfs_front_stop(void)
+{
+    if (!etfs_front_started)
+        return;
+    char c = 1;
+    while (write(etfs_front_stop_pipe[1], &c, 1) < 0 && errno == EINTR)
+        ;
+    pthread_join(etfs_front_thread, NULL);
+    pthread_mutex_lock(&etfs_front_lock);
+    struct etfs_front_item *item = etfs_front_head;
+    etfs_front_head = etfs_front_tail = NULL;
+    etfs_front_started = 0;
+    pthread_mutex_unlock(&etfs_front_lock);
+    while (item) {
+        struct etfs_front_item *next = item->next;
+        free(item->mem);
+        free(item);
+        item = next;
+    }
+    etfs_front_close_fds();
+}
+
 typedef int (*etfs_session_fd_t)(struct fuse_session *);
 typedef int (*etfs_receive_buf_t)(struct fuse_session *, struct fuse_buf *);
+typedef void (*etfs_unmount_t)(struct fuse_session *);
+
+static void *etfs_real(const char *name)
+{
+    void *f = dlvsym(RTLD_NEXT, name, "FUSE_3.0");
+    return f ? f : dlsym(RTLD_NEXT, name);
+}
 
 /* pyfuse3 asks for the fd once, right after fuse_session_mount: start the reader there and
    give pyfuse3 the pipe to wait on. */
@@ -337,17 +420,16 @@ ETFS_EXPORT int fuse_session_fd(struct fuse_session *se)
 {
     static etfs_session_fd_t real = NULL;
     if (real == NULL)
-        real = (etfs_session_fd_t)dlvsym(RTLD_NEXT, "fuse_session_fd", "FUSE_3.0");
-    if (real == NULL)
-        real = (etfs_session_fd_t)dlsym(RTLD_NEXT, "fuse_session_fd");
+        real = (etfs_session_fd_t)etfs_real("fuse_session_fd");
     int fd = real(se);
     if (etfs_front_started)
         return etfs_front_pipe[0];
     if (!etfs_front_enabled || fd < 0 || etfs_cfr_state != ETFS_CFR_INSTALLED)
         return fd;
-    if (etfs_front_start(fd) < 0) {
+    int err = etfs_front_start(fd);
+    if (err != 0) {
         fprintf(stderr, "etfs.copyrange: front reader not started (%s); pyfuse3 reads the device\n",
-                strerror(errno));
+                strerror(err));
         return fd;
     }
     return etfs_front_pipe[0];
@@ -360,9 +442,7 @@ ETFS_EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_bu
     if (!etfs_front_started) {
         static etfs_receive_buf_t real = NULL;
         if (real == NULL)
-            real = (etfs_receive_buf_t)dlvsym(RTLD_NEXT, "fuse_session_receive_buf", "FUSE_3.0");
-        if (real == NULL)
-            real = (etfs_receive_buf_t)dlsym(RTLD_NEXT, "fuse_session_receive_buf");
+            real = (etfs_receive_buf_t)etfs_real("fuse_session_receive_buf");
         return real(se, buf);
     }
     pthread_mutex_lock(&etfs_front_lock);
@@ -396,6 +476,15 @@ ETFS_EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_bu
     int n = (int)item->len;
     free(item);
     return n;
+}
+
+ETFS_EXPORT void fuse_session_unmount(struct fuse_session *se)
+{
+    static etfs_unmount_t real = NULL;
+    if (real == NULL)
+        real = (etfs_unmount_t)etfs_real("fuse_session_unmount");
+    etfs_front_stop();
+    real(se);
 }
 
 int etfs_cfr_status(void) { return etfs_cfr_state; }
