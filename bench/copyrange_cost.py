@@ -1,8 +1,8 @@
-"""What the C side of the mount (copy_file_range hook, front reader) costs or buys ordinary I/O.
+"""What the C side of the mount (copy_file_range hook, getxattr fast path) costs or buys ordinary I/O.
 
 One command: ``python bench/copyrange_cost.py [--size-mib 512] [--files 2000] [--runs 5]``.
 Starts one loopback `etfs-server` and mounts it three ways in turn: the default (hook and
-front reader), ``ETFS_FRONT_READER=0`` (hook only: pyfuse3 reads /dev/fuse itself) and
+getxattr fast path), ``ETFS_FAST_XATTR=0`` (hook only: every request goes through trio) and
 ``ETFS_COPYRANGE=0`` (neither: plain pyfuse3).  Through each it times sequential `dd`
 writes and reads, `cp -r` of --files small files and `ls -lR` of them, alternating the
 order, and prints medians and ratios against plain pyfuse3 (>1 is better for MiB/s, <1 is
@@ -78,7 +78,7 @@ def main() -> int:
         procs.append(srv)
         wait_for(pf.exists)
         port = pf.read_text().split()[0]
-        # name -> (ETFS_COPYRANGE, ETFS_FRONT_READER)
+        # name -> (ETFS_COPYRANGE, ETFS_FAST_XATTR)
         variants = {"default": ("1", "1"), "hook only": ("1", "0"), "plain pyfuse3": ("0", "0")}
         size = a.size_mib
         ops = ("write", "read", "cp -r", "ls -lR")
@@ -103,8 +103,8 @@ def main() -> int:
                 f"root: {root}\nservers:\n  b:\n    address: 127.0.0.1:{port}\n    user: u\n"
                 f"    key_file: {key}\n"
             )
-            hook, front = variants[variant]
-            env = dict(os.environ, ETFS_COPYRANGE=hook, ETFS_FRONT_READER=front)
+            hook, fast = variants[variant]
+            env = dict(os.environ, ETFS_COPYRANGE=hook, ETFS_FAST_XATTR=fast)
             p = subprocess.Popen(
                 [PY, "-m", "etfs.cli", "mount", "-c", str(cfg), "-f"], env=env, stderr=subprocess.DEVNULL
             )

@@ -254,8 +254,8 @@ def run_foreground(config: ClientConfig, log_file: Path | None = None) -> int:
         # ETFS_COPYRANGE=0 mounts without the hook (to measure what it costs ordinary I/O).
         if os.environ.get("ETFS_COPYRANGE", "1") != "0":
             copyrange.install()
-            # ETFS_FRONT_READER=0: pyfuse3 reads /dev/fuse itself (to measure what the reader buys).
-            copyrange.enable_front_reader(os.environ.get("ETFS_FRONT_READER", "1") != "0")
+            # ETFS_FAST_XATTR=0: every getxattr goes through pyfuse3's loop (to measure the gain).
+            copyrange.enable_fast_xattr(os.environ.get("ETFS_FAST_XATTR", "1") != "0")
     except Exception as exc:
         log.warning(
             "copy_file_range hook unavailable (%s): cp between servers will go through this client", exc
@@ -300,7 +300,6 @@ async def _serve(config: ClientConfig) -> None:
                 from etfs import copyrange
 
                 copyrange.require_installed()
-                log.debug("front reader running: %s", copyrange.front_reader_stats()[0])
             except Exception as exc:
                 log.warning(
                     "copy_file_range is not installed (%s): cp between servers goes through the client", exc
@@ -322,17 +321,17 @@ async def _serve(config: ClientConfig) -> None:
                         log.warning("pyfuse3.close: %s", exc)
                     if _is_mounted(root):
                         force_unmount(root)
-                _log_front_reader()
+                _log_fast_xattr()
                 await pool.aclose()
             nursery.cancel_scope.cancel()
 
 
-def _log_front_reader() -> None:
+def _log_fast_xattr() -> None:
     from etfs import copyrange
 
-    _, answered, forwarded = copyrange.front_reader_stats()
-    if forwarded:  # it ran (it stops at unmount)
-        log.info("front reader: %d getxattr answered in C, %d requests to pyfuse3", answered, forwarded)
+    answered, chained = copyrange.fast_xattr_stats()
+    if answered:
+        log.info("getxattr fast path: %d answered in C, %d requests read right after", answered, chained)
 
 
 async def _watch_signals(config: ClientConfig, binds: list[Path], links: list[Path], terminate: Any) -> None:

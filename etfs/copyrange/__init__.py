@@ -13,10 +13,10 @@ table pyfuse3 passes, adds a C ``copy_file_range`` op, and calls the real functi
 ``dlvsym(RTLD_NEXT, ..., "FUSE_3.0")``). The C op calls back into Python (``extern "Python"``), in
 pyfuse3's trio thread, with the GIL.
 
-The same module can also read ``/dev/fuse`` in front of pyfuse3 (``enable_front_reader()``): a
-C thread answers getxattr of names outside ``user.*`` itself and queues every other request for
-pyfuse3, which then waits on a pipe (``fuse_session_fd`` and ``fuse_session_receive_buf`` are
-interposed the same way). See "The front reader" in ``build.py``.
+The same module also has a getxattr fast path (``enable_fast_xattr()``): in an interposed
+``fuse_session_receive_buf``, getxattr requests for names outside ``user.*`` (``ls -l`` asks two
+per entry) are answered on the spot, and the next request is read in the same call when it
+follows within 0.1 ms. See "The getxattr fast path" in ``build.py``.
 
 Usage, in a pyfuse3 trio daemon::
 
@@ -65,8 +65,8 @@ __all__ = [
     "CopyRequest",
     "Handler",
     "Status",
-    "enable_front_reader",
-    "front_reader_stats",
+    "enable_fast_xattr",
+    "fast_xattr_stats",
     "install",
     "installed",
     "require_installed",
@@ -188,29 +188,25 @@ def require_installed() -> None:
         raise CopyRangeError(f"copy_file_range not installed: {st.value}{detail}")
 
 
-def enable_front_reader(on: bool = True) -> None:
-    """Let a C thread read /dev/fuse in front of pyfuse3. Call after install(), before pyfuse3.init().
+def enable_fast_xattr(on: bool = True) -> None:
+    """Turn the getxattr fast path on or off. Call after install(), before pyfuse3.init().
 
-    The thread answers getxattr of names outside ``user.*`` at once (``ls -l`` asks two of
-    them per entry and the kernel caches neither) and queues every other request for pyfuse3,
-    which then waits on a pipe instead of the device. It starts only if the copy_file_range
-    op got installed too.
+    getxattr of names outside ``user.*`` (``ls -l`` asks ``security.selinux`` and
+    ``system.posix_acl_access`` for every entry; the kernel caches neither) is answered
+    ENODATA in C as soon as it is read, and a request that follows within 0.1 ms is read in
+    the same call, without a trip through pyfuse3's trio loop. It works only together with
+    the copy_file_range op (same ops table); other requests are not touched.
     """
     if _lib is None:
-        raise CopyRangeError("etfs.copyrange.install() must run before enable_front_reader()")
-    _lib.etfs_front_enable(1 if on else 0)
+        raise CopyRangeError("etfs.copyrange.install() must run before enable_fast_xattr()")
+    _lib.etfs_fast_enable(1 if on else 0)
 
 
-def front_reader_stats() -> tuple[bool, int, int]:
-    """(running now, getxattr requests answered in C, requests handed to pyfuse3); the counts
-    cover the process's life (the reader stops at unmount)."""
+def fast_xattr_stats() -> tuple[int, int]:
+    """(getxattr requests answered by the fast path, requests read right after one of them)."""
     if _lib is None:
-        return False, 0, 0
-    return (
-        bool(_lib.etfs_front_active()),
-        int(_lib.etfs_front_answered()),
-        int(_lib.etfs_front_forwarded()),
-    )
+        return 0, 0
+    return int(_lib.etfs_fast_answered()), int(_lib.etfs_fast_chained())
 
 
 def set_handler(handler: Handler | None) -> None:

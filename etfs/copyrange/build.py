@@ -3,8 +3,7 @@
 The compiled module defines its own ``fuse_session_new``. Loaded with RTLD_GLOBAL before
 pyfuse3, it is found first by the dynamic linker when pyfuse3 binds that symbol, so it can
 add a ``copy_file_range`` op to the ops table pyfuse3 hands to libfuse (pyfuse3 has none).
-It also interposes ``fuse_session_fd``, ``fuse_session_receive_buf`` and ``fuse_session_unmount``
-for the front reader (a C thread that reads /dev/fuse ahead of pyfuse3; see "The front reader").
+It also interposes ``fuse_session_receive_buf`` for the getxattr fast path (see below).
 See ``etfs/copyrange/__init__.py`` for the why and the Python side.
 
 Run ``python etfs/copyrange/build.py`` to compile in place (next to this file).
@@ -43,11 +42,10 @@ size_t etfs_cfr_op_size_compiled(void);
    (the Python side then runs its callback itself, outside libfuse's locks). */
 int etfs_cfr_watch_interrupt(fuse_req_t req, uint64_t req_id);
 
-/* The front reader (see FRONT_READER below): enable before pyfuse3.init(). */
-int etfs_front_enable(int on);
-int etfs_front_active(void);
-uint64_t etfs_front_answered(void);
-uint64_t etfs_front_forwarded(void);
+/* The getxattr fast path (see below): enable before pyfuse3.init(). */
+int etfs_fast_enable(int on);
+uint64_t etfs_fast_answered(void);
+uint64_t etfs_fast_chained(void);
 
 extern "Python" void _etfs_cfr_on_copy(fuse_req_t req, uint64_t ino_in, int64_t off_in, uint64_t fh_in,
                                        uint64_t ino_out, int64_t off_out, uint64_t fh_out,
@@ -149,23 +147,21 @@ ETFS_EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args,
     return real(args, &etfs_cfr_ops, sizeof(etfs_cfr_ops), userdata);
 }
 
-/* ---- The front reader ---------------------------------------------------------------------
-   pyfuse3 reads /dev/fuse from its trio loop: each request costs a trio wake-up (~100 us) even
-   when C answers it. `ls -l` asks two xattrs the kernel never caches (security.selinux,
-   system.posix_acl_access) for every entry, so a 10,000-file `ls -lR` spent ~1.5 s on them.
-   With the front reader a C thread reads /dev/fuse itself, answers those getxattr requests
-   at once, and queues every other request for pyfuse3, which waits on a pipe instead of the
-   device (we interpose fuse_session_fd and fuse_session_receive_buf, as fuse_session_new).
-   Invariant: the pipe holds a byte exactly while the queue is non-empty or the reader ended.
-   fuse_session_unmount (interposed too) stops the thread and closes its dup of the device
-   *before* libfuse closes the session fd: that last close is what aborts the connection, so
-   programs still inside the mount get ENOTCONN instead of waiting for the process to exit. */
+/* ---- The getxattr fast path ---------------------------------------------------------------
+   `ls -l` asks two xattrs per entry that the kernel never caches (security.selinux,
+   system.posix_acl_access), and writes ask security.capability. etfs has only user.*
+   attributes, so the op table above answers the others ENODATA in C; but each request still
+   costs a trip through pyfuse3's trio loop (~50-100 us), and a 10,000-file `ls -lR` spent
+   ~1.5 s on them. Here, in fuse_session_receive_buf (interposed like fuse_session_new), a
+   request for such a name is answered on the spot and we keep reading for a moment
+   (ETFS_FAST_WAIT_NS, spinning: a sleeping thread costs more to wake than the whole answer)
+   because the next request is usually another one of these (`ls` asks them back to back) or
+   the write that asked: it is then read in this same call, without a trip through trio.
+   Every other request goes to pyfuse3 exactly as before, at no extra cost. The device fd is
+   made non-blocking so that this never blocks the trio thread; "nothing to read" reaches
+   pyfuse3 as EINTR, which it answers by waiting on the fd again. */
 #include <fcntl.h>
-#include <poll.h>
-#include <pthread.h>
-#include <signal.h>
-#include <stdlib.h>
-#include <unistd.h>
+#include <time.h>
 
 /* Kernel ABI (include/uapi/linux/fuse.h), stable since 7.x. */
 struct etfs_fuse_in_header {
@@ -179,312 +175,80 @@ struct etfs_fuse_out_header {
     int32_t error;
     uint64_t unique;
 };
-#define ETFS_FUSE_FORGET 2
 #define ETFS_FUSE_GETXATTR 22
-#define ETFS_FUSE_BATCH_FORGET 42
 #define ETFS_GETXATTR_IN_SIZE 8
-/* Requests up to this size are copied out of the read buffer; larger ones (writes) take it. */
-#define ETFS_FRONT_COPY_MAX (64 * 1024)
-#define ETFS_FRONT_MAX_BUFSIZE (64 * 1024 * 1024)
+#define ETFS_FAST_WAIT_NS 100000L /* 0.1 ms: longest the trio thread spins for a next request */
 
-struct etfs_front_item {
-    struct etfs_front_item *next;
-    char *mem;
-    size_t len;
-};
+static int etfs_fast_enabled = 0;
+static int etfs_fast_fd = -1; /* the session's /dev/fuse fd, once made non-blocking */
+static uint64_t etfs_fast_n_answered = 0, etfs_fast_n_chained = 0;
 
-static int etfs_front_enabled = 0;
-static int etfs_front_started = 0;
-static pthread_t etfs_front_thread;
-static int etfs_front_dev = -1;      /* our dup of the session's /dev/fuse fd */
-static int etfs_front_pipe[2] = {-1, -1};  /* pyfuse3 waits on [0] */
-static int etfs_front_stop_pipe[2] = {-1, -1};  /* a byte in it stops the thread */
-static size_t etfs_front_bufsize = 0;
-static pthread_mutex_t etfs_front_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct etfs_front_item *etfs_front_head = NULL, *etfs_front_tail = NULL;
-static int etfs_front_ended = 0;     /* the reader stopped; end_err 0 after ENODEV (unmounted) */
-static int etfs_front_end_err = 0;
-static uint64_t etfs_front_n_answered = 0, etfs_front_n_forwarded = 0;
+int etfs_fast_enable(int on) { int old = etfs_fast_enabled; etfs_fast_enabled = on; return old; }
+uint64_t etfs_fast_answered(void) { return etfs_fast_n_answered; }
+uint64_t etfs_fast_chained(void) { return etfs_fast_n_chained; }
 
-int etfs_front_enable(int on) { int old = etfs_front_enabled; etfs_front_enabled = on; return old; }
-int etfs_front_active(void) { return etfs_front_started; }
-uint64_t etfs_front_answered(void) { return __atomic_load_n(&etfs_front_n_answered, __ATOMIC_RELAXED); }
-uint64_t etfs_front_forwarded(void) { return __atomic_load_n(&etfs_front_n_forwarded, __ATOMIC_RELAXED); }
-
-static void etfs_front_wake(void)
-{
-    char c = 1;
-    /* The pipe is non-blocking; a full pipe is already readable, which is all we need. */
-    while (write(etfs_front_pipe[1], &c, 1) < 0 && errno == EINTR)
-        ;
-}
-
-static void etfs_front_push(struct etfs_front_item *item)
-{
-    pthread_mutex_lock(&etfs_front_lock);
-    int was_empty = etfs_front_head == NULL;
-    if (etfs_front_tail)
-        etfs_front_tail->next = item;
-    else
-        etfs_front_head = item;
-    etfs_front_tail = item;
-    if (was_empty && !etfs_front_ended)
-        etfs_front_wake();
-    pthread_mutex_unlock(&etfs_front_lock);
-}
-
-static void etfs_front_end(int err)
-{
-    pthread_mutex_lock(&etfs_front_lock);
-    if (!etfs_front_ended) {
-        etfs_front_ended = 1;
-        etfs_front_end_err = err;
-        etfs_front_wake();
-    }
-    pthread_mutex_unlock(&etfs_front_lock);
-}
-
-static void etfs_front_reply_err(uint64_t unique, int err)
-{
-    struct etfs_fuse_out_header out = {sizeof(out), -err, unique};
-    /* ENOENT: the request was interrupted meanwhile; nothing else to do either way. */
-    while (write(etfs_front_dev, &out, sizeof(out)) < 0 && errno == EINTR)
-        ;
-}
-
-/* A getxattr we answer ourselves: any name outside user.* (etfs has no others). */
-static int etfs_front_answer(const char *mem, size_t n)
+/* A getxattr of a name outside user.*: answer ENODATA and return 1. */
+static int etfs_fast_answer(int fd, const char *mem, size_t n)
 {
     const struct etfs_fuse_in_header *in = (const struct etfs_fuse_in_header *)mem;
     size_t at = sizeof(*in) + ETFS_GETXATTR_IN_SIZE;
-    if (in->opcode != ETFS_FUSE_GETXATTR || n <= at)
+    if (n <= at || in->opcode != ETFS_FUSE_GETXATTR)
         return 0;
     const char *name = mem + at;
-    size_t room = n - at;
-    if (memchr(name, 0, room) == NULL || strncmp(name, "user.", 5) == 0)
+    if (memchr(name, 0, n - at) == NULL || strncmp(name, "user.", 5) == 0)
         return 0;
-    etfs_front_reply_err(in->unique, ENODATA);
-    __atomic_add_fetch(&etfs_front_n_answered, 1, __ATOMIC_RELAXED);
+    struct etfs_fuse_out_header out = {sizeof(out), -ENODATA, in->unique};
+    /* ENOENT: the request was interrupted meanwhile; nothing else to do either way. */
+    while (write(fd, &out, sizeof(out)) < 0 && errno == EINTR)
+        ;
+    etfs_fast_n_answered++;
     return 1;
 }
 
-/* Wait until the device is readable (1) or we are told to stop (0). */
-static int etfs_front_wait(void)
-{
-    struct pollfd pfd[2] = {{etfs_front_dev, POLLIN, 0}, {etfs_front_stop_pipe[0], POLLIN, 0}};
-    for (;;) {
-        if (poll(pfd, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            return 1; /* let read() report the problem */
-        }
-        if (pfd[1].revents)
-            return 0;
-        if (pfd[0].revents)
-            return 1;
-    }
-}
-
-static void *etfs_front_main(void *arg)
-{
-    (void)arg;
-    char *buf = NULL;
-    while (etfs_front_wait()) {
-        if (buf == NULL && (buf = malloc(etfs_front_bufsize)) == NULL) {
-            etfs_front_end(-ENOMEM);
-            break;
-        }
-        ssize_t n = read(etfs_front_dev, buf, etfs_front_bufsize);
-        if (n < 0) {
-            /* As libfuse: ENOENT is a request interrupted before we read it; ENODEV unmounted. */
-            if (errno == EINTR || errno == EAGAIN || errno == ENOENT)
-                continue;
-            if (errno == EINVAL && etfs_front_bufsize < ETFS_FRONT_MAX_BUFSIZE) {
-                /* Buffer smaller than max_write + headers (bigger pages, a larger max_pages). */
-                etfs_front_bufsize *= 2;
-                free(buf);
-                buf = NULL;
-                continue;
-            }
-            etfs_front_end(errno == ENODEV ? 0 : -errno);
-            break;
-        }
-        if ((size_t)n < sizeof(struct etfs_fuse_in_header)) {
-            fprintf(stderr, "etfs.copyrange: short read on fuse device (%zd bytes)\n", n);
-            etfs_front_end(-EIO);
-            break;
-        }
-        if (etfs_front_answer(buf, (size_t)n))
-            continue;
-        struct etfs_front_item *item = malloc(sizeof(*item));
-        char *mem = (size_t)n <= ETFS_FRONT_COPY_MAX ? malloc((size_t)n) : buf;
-        if (item == NULL || mem == NULL) {
-            const struct etfs_fuse_in_header *in = (const struct etfs_fuse_in_header *)buf;
-            free(item);
-            if (mem != buf)
-                free(mem);
-            if (in->opcode != ETFS_FUSE_FORGET && in->opcode != ETFS_FUSE_BATCH_FORGET)
-                etfs_front_reply_err(in->unique, ENOMEM);
-            continue;
-        }
-        if (mem == buf)
-            buf = NULL; /* handed over with the request */
-        else
-            memcpy(mem, buf, (size_t)n);
-        item->next = NULL;
-        item->mem = mem;
-        item->len = (size_t)n;
-        __atomic_add_fetch(&etfs_front_n_forwarded, 1, __ATOMIC_RELAXED);
-        etfs_front_push(item);
-    }
-    free(buf);
-    return NULL;
-}
-
-static void etfs_front_close_fds(void)
-{
-    int *fds[] = {&etfs_front_dev, &etfs_front_pipe[0], &etfs_front_pipe[1],
-                  &etfs_front_stop_pipe[0], &etfs_front_stop_pipe[1]};
-    for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
-        if (*fds[i] >= 0)
-            close(*fds[i]);
-        *fds[i] = -1;
-    }
-}
-
-static int etfs_front_start(int fd)
-{
-    long page = sysconf(_SC_PAGESIZE);
-    /* libfuse's own buffer: 256 pages of data plus 4 KiB for headers (max_write is capped to it). */
-    etfs_front_bufsize = 256 * (size_t)(page > 0 ? page : 4096) + 4096;
-    etfs_front_ended = 0;
-    etfs_front_end_err = 0;
-    etfs_front_dev = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-    if (etfs_front_dev < 0 || pipe2(etfs_front_pipe, O_CLOEXEC | O_NONBLOCK) < 0 ||
-        pipe2(etfs_front_stop_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
-        int err = errno;
-        etfs_front_close_fds();
-        return err;
-    }
-    /* Signals belong to Python's main thread: the reader blocks them all. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&etfs_front_thread, NULL, etfs_front_main, NULL);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0) {
-        etfs_front_close_fds();
-        return rc;
-    }
-    etfs_front_started = 1;
-    return 0;
-}
-
-/* Stop and join the reader, drop what pyfuse3 did not take, close our fds (the dup first:
-   after that the session fd is the device's last reference again). */
-static void etfs_front_stop(void)
-{
-    if (!etfs_front_started)
-        return;
-    char c = 1;
-    while (write(etfs_front_stop_pipe[1], &c, 1) < 0 && errno == EINTR)
-        ;
-    pthread_join(etfs_front_thread, NULL);
-    pthread_mutex_lock(&etfs_front_lock);
-    struct etfs_front_item *item = etfs_front_head;
-    etfs_front_head = etfs_front_tail = NULL;
-    etfs_front_started = 0;
-    pthread_mutex_unlock(&etfs_front_lock);
-    while (item) {
-        struct etfs_front_item *next = item->next;
-        free(item->mem);
-        free(item);
-        item = next;
-    }
-    etfs_front_close_fds();
-}
-
-typedef int (*etfs_session_fd_t)(struct fuse_session *);
 typedef int (*etfs_receive_buf_t)(struct fuse_session *, struct fuse_buf *);
-typedef void (*etfs_unmount_t)(struct fuse_session *);
 
-static void *etfs_real(const char *name)
-{
-    void *f = dlvsym(RTLD_NEXT, name, "FUSE_3.0");
-    return f ? f : dlsym(RTLD_NEXT, name);
-}
-
-/* pyfuse3 asks for the fd once, right after fuse_session_mount: start the reader there and
-   give pyfuse3 the pipe to wait on. */
-ETFS_EXPORT int fuse_session_fd(struct fuse_session *se)
-{
-    static etfs_session_fd_t real = NULL;
-    if (real == NULL)
-        real = (etfs_session_fd_t)etfs_real("fuse_session_fd");
-    int fd = real(se);
-    if (etfs_front_started)
-        return etfs_front_pipe[0];
-    if (!etfs_front_enabled || fd < 0 || etfs_cfr_state != ETFS_CFR_INSTALLED)
-        return fd;
-    int err = etfs_front_start(fd);
-    if (err != 0) {
-        fprintf(stderr, "etfs.copyrange: front reader not started (%s); pyfuse3 reads the device\n",
-                strerror(err));
-        return fd;
-    }
-    return etfs_front_pipe[0];
-}
-
-/* Called by pyfuse3 when the pipe is readable: hand over the oldest request. Returns its size,
-   -EINTR when there is none (pyfuse3 waits again), 0 once unmounted (as libfuse). */
+/* Returns what libfuse's returns (size, 0 at unmount, -errno), except that "nothing to read
+   after all" is -EINTR, which pyfuse3 answers by waiting again. */
 ETFS_EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
 {
-    if (!etfs_front_started) {
-        static etfs_receive_buf_t real = NULL;
+    static etfs_receive_buf_t real = NULL;
+    if (real == NULL) {
+        real = (etfs_receive_buf_t)dlvsym(RTLD_NEXT, "fuse_session_receive_buf", "FUSE_3.0");
         if (real == NULL)
-            real = (etfs_receive_buf_t)etfs_real("fuse_session_receive_buf");
+            real = (etfs_receive_buf_t)dlsym(RTLD_NEXT, "fuse_session_receive_buf");
+    }
+    if (!etfs_fast_enabled || etfs_cfr_state != ETFS_CFR_INSTALLED)
         return real(se, buf);
+    int fd = fuse_session_fd(se);
+    if (fd != etfs_fast_fd) {
+        int fl = fcntl(fd, F_GETFL);
+        if (fl < 0 || (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0))
+            return real(se, buf); /* cannot make it safe: no fast path */
+        etfs_fast_fd = fd;
     }
-    pthread_mutex_lock(&etfs_front_lock);
-    struct etfs_front_item *item = etfs_front_head;
-    if (item) {
-        etfs_front_head = item->next;
-        if (etfs_front_head == NULL)
-            etfs_front_tail = NULL;
+    int res = real(se, buf);
+    struct timespec start = {0, 0};
+    for (int chained = 0;; chained = 1) {
+        if (res == -EAGAIN) {
+            if (!chained)
+                return -EINTR;
+            /* Spin (do not sleep): waking a sleeping thread costs more than the whole answer,
+               and the next request usually comes within microseconds. */
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            long waited = (now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec);
+            if (waited > ETFS_FAST_WAIT_NS)
+                return -EINTR;
+            res = real(se, buf);
+            continue;
+        }
+        if (chained && res > 0)
+            etfs_fast_n_chained++;
+        if (res <= 0 || (buf->flags & FUSE_BUF_IS_FD) || !etfs_fast_answer(fd, buf->mem, (size_t)res))
+            return res;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        res = real(se, buf);
     }
-    int ended = etfs_front_ended, err = etfs_front_end_err;
-    if (etfs_front_head == NULL && !ended) {
-        char drain[64];
-        while (read(etfs_front_pipe[0], drain, sizeof(drain)) > 0)
-            ;
-    }
-    pthread_mutex_unlock(&etfs_front_lock);
-    if (item == NULL) {
-        if (!ended)
-            return -EINTR;
-        if (err == 0)
-            fuse_session_exit(se);
-        return err;
-    }
-    /* pyfuse3 owns buf->mem and frees it with free() at the end; ours come from malloc too. */
-    free(buf->mem);
-    buf->mem = item->mem;
-    buf->size = item->len;
-    buf->flags = 0;
-    buf->fd = -1;
-    buf->pos = 0;
-    int n = (int)item->len;
-    free(item);
-    return n;
-}
-
-ETFS_EXPORT void fuse_session_unmount(struct fuse_session *se)
-{
-    static etfs_unmount_t real = NULL;
-    if (real == NULL)
-        real = (etfs_unmount_t)etfs_real("fuse_session_unmount");
-    etfs_front_stop();
-    real(se);
 }
 
 int etfs_cfr_status(void) { return etfs_cfr_state; }
@@ -535,7 +299,7 @@ def _build_flags() -> tuple[list[str], list[str], list[str]]:
     include_dirs = [f[2:] for f in cflags or [] if f.startswith("-I")] or ["/usr/include/fuse3"]
     library_dirs = [f[2:] for f in libs or [] if f.startswith("-L")]
     libraries = [f[2:] for f in libs or [] if f.startswith("-l")] or ["fuse3"]
-    for extra in ("dl", "pthread"):
+    for extra in ("dl",):
         if extra not in libraries:
             libraries.append(extra)
     return include_dirs, library_dirs, libraries

@@ -1,12 +1,12 @@
-"""Test program: the front reader's life cycle around pyfuse3.init/main/close, for tests/test_copyrange.py.
+"""Test program: the getxattr fast path around pyfuse3.init/main/close, for tests/test_copyrange.py.
 
-    python tests/front_reader_lifecycle.py SOURCE_DIR MOUNTPOINT
+    python tests/fast_xattr_lifecycle.py SOURCE_DIR MOUNTPOINT
 
-Mounts the test passthrough twice in this one process. Each round, a child process stats a
-file through the mount (it must work) and a second child waits with its cwd in the mount.
-The daemon then terminates and unmounts, but this process lives on for a while: the waiting
-child's next stat must fail at once (ENOTCONN), not hang until we exit, because the reader
-has closed its dup of /dev/fuse. Prints one JSON line per round.
+Mounts the test passthrough twice in this one process, with the fast path on. Each round, a
+child process stats a file and asks security.selinux 200 times through the mount (answered
+in C), and a second child waits with its cwd in the mount. The daemon then terminates and
+unmounts while this process lives on: the waiting child's next stat must fail at once
+(ENOTCONN). Prints one JSON line per round.
 """
 
 from __future__ import annotations
@@ -39,6 +39,20 @@ print(round(time.monotonic() - t, 2), r, flush=True)
 """
 
 
+def ask_xattrs(path: str) -> str:
+    """In a child process (this one serves the mount): 200 getxattr of security.selinux."""
+    code = (
+        "import os, sys\n"
+        "errs = set()\n"
+        "for _ in range(200):\n"
+        "    try: os.getxattr(sys.argv[1], 'security.selinux')\n"
+        "    except OSError as e: errs.add(e.errno)\n"
+        "print(sorted(errs))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=30)
+    return r.stdout.strip()
+
+
 def start_waiter(mnt: str) -> subprocess.Popen[str]:
     w = subprocess.Popen(
         [sys.executable, "-c", WAITER, mnt], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -59,7 +73,9 @@ async def serve(mnt: str, result: dict[str, object]) -> subprocess.Popen[str]:
             )
         )
         result["stat"] = r.stdout.strip()
-        result["running"] = copyrange.front_reader_stats()[0]
+        before = copyrange.fast_xattr_stats()[0]
+        result["xattr"] = await trio.to_thread.run_sync(ask_xattrs, f"{mnt}/f")
+        result["answered_in_c"] = copyrange.fast_xattr_stats()[0] - before
         waiter.append(await trio.to_thread.run_sync(start_waiter, mnt))
         pyfuse3.terminate()
 
@@ -71,7 +87,7 @@ async def serve(mnt: str, result: dict[str, object]) -> subprocess.Popen[str]:
 
 def main() -> int:
     src, mnt = os.path.abspath(sys.argv[1]), sys.argv[2]
-    copyrange.enable_front_reader(True)
+    copyrange.enable_fast_xattr(True)
     with open(os.path.join(src, "f"), "w") as f:
         f.write("hello")
     for rnd in range(2):
@@ -80,7 +96,6 @@ def main() -> int:
         result: dict[str, object] = {"round": rnd}
         waiter = trio.run(serve, mnt, result)
         pyfuse3.close(unmount=True)
-        result["running_after_close"] = copyrange.front_reader_stats()[0]
         assert waiter.stdin is not None
         waiter.stdin.write("go\n")
         waiter.stdin.flush()
