@@ -10,6 +10,7 @@ from etfs.config import DEFAULT_PORT, ConfigError, Fields, address_field, load_y
 from etfs.protocol.auth import AuthKeyError, load_key
 
 from .acl import ACL, Right, Rule
+from .peers import PeerPolicy, parse_entry
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class ServerConfig:
     sender: str = "sendfile"  # or "read_send"
     receiver: str = "splice"  # or "recv_write" (bench/raw_pair.py: splice ~2x faster on loopback)
     handshake_timeout: float = 10.0  # seconds a new connection has to authenticate
+    # where data connections may go (default: anywhere)
+    peers: PeerPolicy = field(default_factory=PeerPolicy)
     file: Path | None = field(default=None, compare=False)
 
     @property
@@ -140,6 +143,14 @@ def load_server_config(path: str | Path) -> ServerConfig:
             sender=tr.choice("sender", ("read_send", "sendfile"), "sendfile"),
             receiver=tr.choice("receiver", ("recv_write", "splice"), "splice"),
         )
+        if tr.has("peers"):
+            entries = []
+            for text in tr.str_list("peers"):
+                try:
+                    entries.append(parse_entry(text))
+                except ValueError as exc:
+                    raise tr.error(f"{tr.what}: peers: {exc}", "peers") from None
+            kwargs["peers"] = PeerPolicy(tuple(entries))
         tr.done()
     cfg = ServerConfig(
         name=name,

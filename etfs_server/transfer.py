@@ -51,6 +51,7 @@ from .acl import Right
 from .config import ServerConfig
 from .exports import ExportRoot, split
 from .handlers import Session
+from .peers import PeerRefused, connect
 
 log = logging.getLogger(__name__)
 
@@ -688,6 +689,7 @@ class TransferService:
         os.close(fd)
         if body.user != session.user:
             raise TransferError(errno.EACCES, "push refused: the capability was issued to another user")
+        self._check_peer(req.host)
         streams = max(0, min(req.streams, self.config.max_streams))
         assert self._nursery is not None
 
@@ -718,9 +720,19 @@ class TransferService:
         for i in range(streams):
             self._nursery.start_soon(run_one, i)
 
+    def _check_peer(self, host: str) -> None:
+        try:
+            self.config.peers.check_host(host)
+        except PeerRefused as exc:
+            log.warning("data connection to %s refused: not in transfer.peers", host)
+            raise TransferError(errno.EACCES, exc.strerror or str(exc)) from None
+
     def _connect_data(self, host: str, port: int, tls: bool) -> socket.socket:
-        """A data connection to another server's data port (blocking, bounded by timeouts)."""
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        """A data connection to another server's data port (blocking, bounded by timeouts).
+
+        Only to addresses `transfer.peers` allows (PeerRefused otherwise).
+        """
+        sock = connect(self.config.peers, host, port, CONNECT_TIMEOUT)
         try:
             sock.settimeout(None)
             _set_timeouts(sock, self.config.data_timeout)
@@ -814,6 +826,8 @@ class TransferService:
             raise TransferError(errno.EINVAL, "a transfer id is 1-64 letters, digits, '-' or '_'")
         if tid in self.active or tid in self.records:
             raise TransferError(errno.EEXIST, f"transfer {tid} exists already")
+        if req.direction == "pull":
+            self._check_peer(cap.data_host)
 
         def check() -> str:
             path = session.check(req.path, Right.TRANSFER_IN)

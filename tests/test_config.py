@@ -85,6 +85,8 @@ SERVER_CASES: list[tuple[str, str, int | None, str]] = [
     ("bad transfer sender", "+transfer: {sender: carrier-pigeon}", 15, "sender must be one of"),
     ("bad transfer streams", "+transfer: {max_streams: 0}", 15, "max_streams must be at least 1"),
     ("bad handshake timeout", "+handshake_timeout: -1", 15, "positive number"),
+    ("bad transfer peer", "+transfer: {peers: [10.0.0.0/8, 'a b']}", 15, "neither a network"),
+    ("transfer peers not a list", "+transfer: {peers: 5}", 15, "peers must be a string or a list"),
     ("empty file", "", None, "the file is empty"),
     ("top level list", "- a\n- b\n", 1, "must be a mapping"),
     ("bad yaml tag", "name: cfgtest => name: !!int abc", 1, "bad value"),
@@ -312,3 +314,19 @@ def test_addresses(text: str, want: tuple[str, int]) -> None:
 def test_bad_addresses_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="address"):
         parse_address(text, default_port=9)
+
+
+def test_transfer_peers_parse(base: Path) -> None:
+    peers_yaml = "transfer:\n  peers: [10.1.0.0/16, 192.0.2.7, '2001:db8::/32', Jive.Example.]\n"
+    (base / "server.yaml").write_text(good_server_yaml(base) + peers_yaml)
+    peers = load_server_config(base / "server.yaml").peers
+    assert peers.restricted
+    want = ["10.1.0.0/16", "192.0.2.7/32", "2001:db8::/32", "jive.example"]
+    assert [str(e) for e in peers.entries or ()] == want
+    peers.check_host("10.1.2.3")
+    peers.check_host("jive.example")  # names are decided when connecting
+    with pytest.raises(PermissionError):
+        peers.check_host("10.2.0.1")
+    assert load_server_config(base / "server.yaml").peers.addresses("192.0.2.7", 7071)
+    with pytest.raises(PermissionError):
+        peers.addresses("127.0.0.1", 7071)

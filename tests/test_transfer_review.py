@@ -13,7 +13,7 @@ from transfer_helpers import MIB, Cluster, cluster, make_file, open_engine, prox
 from etfs.client import RemoteError
 from etfs.protocol import data as d
 from etfs.protocol import messages as m
-from etfs.transfer.engine import single_errors
+from etfs.transfer.engine import TransferFailed, single_errors
 
 __all__ = ["cluster"]  # the fixture, re-exported for pytest
 
@@ -163,3 +163,34 @@ async def test_silent_source_fails_the_transfer_in_bounded_time(cluster: Cluster
             proxy.resume()
     assert failures and failures[0].errno == errno.ETIMEDOUT, failures
     assert not (cluster["onsala"].export / "g").exists()
+
+
+@pytest.mark.parametrize("direction", ["pull", "push"])
+async def test_peers_allow_list_limits_data_connections(cluster: Cluster, direction: str) -> None:
+    """transfer.peers: a server opens data connections only to listed networks (the address
+    comes from the client, so without the list any host:port could be reached)."""
+    # The side that connects out: the destination when pulling, the source when pushing.
+    outbound = "onsala" if direction == "pull" else "jive"
+    for name in ("jive", "onsala"):
+        cluster.add(name, transfer={"peers": ["192.0.2.0/24"]} if name == outbound else None)
+    make_file(cluster["jive"].export / "f", 3 * MIB)
+    async with open_engine(cluster.client_config(block_size=MIB)) as engine:
+        with pytest.raises(TransferFailed) as exc:
+            with trio.fail_after(30):
+                await engine.copy("jive", "/f", "onsala", "/g", direction=direction, policy="always")
+    assert exc.value.errno == errno.EACCES, exc.value
+    assert "transfer.peers" in str(exc.value), exc.value
+    assert not (cluster["onsala"].export / "g").exists()
+
+
+async def test_peers_allow_list_lets_listed_networks_through(cluster: Cluster) -> None:
+    for name in ("jive", "onsala"):
+        cluster.add(name, transfer={"peers": ["127.0.0.0/8", "::1"]})
+    expect = make_file(cluster["jive"].export / "f", 3 * MIB)
+    async with open_engine(cluster.client_config(block_size=MIB)) as engine:
+        for direction in ("pull", "push"):
+            t = await engine.copy(
+                "jive", "/f", "onsala", f"/{direction}", direction=direction, policy="always"
+            )
+            assert t.state == "done" and t.bytes_via_client == 0
+            assert sha256(cluster["onsala"].export / direction) == expect
