@@ -252,7 +252,8 @@ def test_ctrl_c_interrupts_stalled_copy(make_mount: Callable[[str], Mount]) -> N
     cp.send_signal(signal.SIGINT)
     cp.wait(timeout=10)
     elapsed = time.monotonic() - t0
-    assert elapsed < 2.0, f"cp took {elapsed:.2f}s to exit after SIGINT"
+    # Typically a few ms; the bound only has to tell "interrupted" from "stalled forever".
+    assert elapsed < 5.0, f"cp took {elapsed:.2f}s to exit after SIGINT"
     assert cp.returncode in (-signal.SIGINT, 130), cp.returncode
 
     intr = m.wait_event("interrupt", timeout=2)
@@ -274,7 +275,7 @@ def test_interrupt_before_registration(make_mount: Callable[[str], Mount]) -> No
     cp.send_signal(signal.SIGINT)
     cp.wait(timeout=10)
     elapsed = time.monotonic() - t0
-    assert elapsed < 3.0, elapsed
+    assert elapsed < 6.5, elapsed  # 1.5 s of it is the daemon's deliberate delay
     assert cp.returncode in (-signal.SIGINT, 130), cp.returncode
     intr = m.wait_event("interrupt", timeout=2)
     assert intr["id"] == req["id"] and intr["late"]
@@ -303,8 +304,12 @@ def test_eopnotsupp_falls_back_to_kernel_copy(make_mount: Callable[[str], Mount]
         assert len(m.events("request")) == 2, m.events()
         asked = errno.errorcode[errno.EOPNOTSUPP if mode == "eopnotsupp" else errno.ENOSYS]
         assert [e["error"] for e in m.events("reply")] == [asked] * 2
-    # The kernel's fallback moved the data through the daemon's read/write ops.
-    assert any(e["writes"] > 0 for e in m.events("release"))
+    # The kernel's fallback moved the data through the daemon's read/write ops (FUSE_RELEASE
+    # arrives after close(2) returned: wait for it).
+    deadline = time.monotonic() + 10
+    while not any(e["writes"] > 0 for e in m.events("release")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any(e["writes"] > 0 for e in m.events("release")), m.events()
     if mode == "enosys":
         assert "answering EOPNOTSUPP" in m.daemon_stderr()
 

@@ -200,8 +200,9 @@ def test_ctrl_c_cancels_on_both_servers(etfs_env: Env) -> None:
             wait_for(lambda: any(t["state"] == "running" for t in transfers_to(e, dst)), 30, "running")
             t0 = time.monotonic()
             cp.send_signal(signal.SIGINT)
-            cp.wait(10)
-            assert time.monotonic() - t0 < 2.0
+            cp.wait(20)
+            # Typically ~10 ms; generous for a loaded CI machine (jive is being paused too).
+            assert time.monotonic() - t0 < 5.0
     finally:
         if cp.poll() is None:
             cp.kill()

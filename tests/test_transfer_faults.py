@@ -126,7 +126,7 @@ async def test_resume_after_server_killed(pair: Cluster, victim: str) -> None:
     src, dst = pair["jive"], pair["onsala"]
     expect = make_file(src.export / "big", SIZE)
     node = src if victim == "source" else dst
-    with proxied_source(src, rate=RATE) as proxy:
+    with proxied_source(src, rate=RATE, stall_at=int(SIZE * 0.4)) as proxy:
         cfg = pair.client_config(block_size=BLOCK, streams=2)
         failures: list[BaseException] = []
         async with open_engine(cfg) as engine:
@@ -139,8 +139,9 @@ async def test_resume_after_server_killed(pair: Cluster, victim: str) -> None:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run)
-                await wait_until(lambda: proxy.block_bytes > SIZE * 0.4, 30, "40% through the proxy")
+                await wait_until(lambda: proxy.block_bytes >= SIZE * 0.4, 30, "40% through the proxy")
                 node.kill()
+                proxy.resume()
         assert len(failures) == 1, "the copy should fail when a server is killed"
         assert not (dst.export / "copy").exists()
         assert part_files(dst, "copy") == {
@@ -167,13 +168,14 @@ async def test_resume_after_server_killed(pair: Cluster, victim: str) -> None:
 async def test_resume_after_client_task_cancelled(pair: Cluster) -> None:
     src, dst = pair["jive"], pair["onsala"]
     expect = make_file(src.export / "big", SIZE)
-    with proxied_source(src, rate=RATE) as proxy:
+    with proxied_source(src, rate=RATE, stall_at=int(SIZE * 0.4)) as proxy:
         cfg = pair.client_config(block_size=BLOCK, streams=2)
         async with open_engine(cfg) as engine:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: engine.copy("jive", "/big", "onsala", "/copy", policy="always"))
-                await wait_until(lambda: proxy.block_bytes > SIZE * 0.4, 30, "40% through the proxy")
+                await wait_until(lambda: proxy.block_bytes >= SIZE * 0.4, 30, "40% through the proxy")
                 nursery.cancel_scope.cancel()
+            proxy.resume()
             (ct,) = engine.transfers.values()
             assert ct.state == "cancelled"
             # The destination stopped the transfer and kept what it had.
@@ -194,15 +196,16 @@ async def test_resume_after_client_task_cancelled(pair: Cluster) -> None:
 async def test_resume_after_client_process_killed(pair: Cluster) -> None:
     src, dst = pair["jive"], pair["onsala"]
     expect = make_file(src.export / "big", SIZE)
-    with proxied_source(src, rate=RATE) as proxy:
+    with proxied_source(src, rate=RATE, stall_at=int(SIZE * 0.4)) as proxy:
         cfg = pair.client_config(block_size=BLOCK, streams=2)
         spec = client_spec(cfg, "jive", "/big", "onsala", "/copy", policy="always")
         proc = subprocess.Popen(client_command(spec), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            await wait_until(lambda: proxy.block_bytes > SIZE * 0.4, 30, "40% through the proxy")
+            await wait_until(lambda: proxy.block_bytes >= SIZE * 0.4, 30, "40% through the proxy")
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.communicate(timeout=10)
+            proxy.resume()
         # The control connection vanished: the destination stops the transfer, keeps part + journal.
         await wait_until(
             lambda: any(
@@ -305,7 +308,7 @@ async def test_source_changed_after_capability(pair: Cluster) -> None:
 async def test_source_changed_during_transfer(pair: Cluster, change: str) -> None:
     src = pair["jive"].export / "big"
     make_file(src, SIZE)
-    with proxied_source(pair["jive"], rate=RATE) as proxy:
+    with proxied_source(pair["jive"], rate=RATE, stall_at=int(SIZE * 0.3)) as proxy:
         failures: list[TransferFailed] = []
         async with open_engine(pair.client_config(block_size=BLOCK, streams=2)) as engine:
 
@@ -317,7 +320,7 @@ async def test_source_changed_during_transfer(pair: Cluster, change: str) -> Non
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run)
-                await wait_until(lambda: proxy.block_bytes > SIZE * 0.3, 30, "30% through the proxy")
+                await wait_until(lambda: proxy.block_bytes >= SIZE * 0.3, 30, "30% through the proxy")
                 with src.open("r+b") as f:
                     if change == "rewrite":
                         f.seek(SIZE - 100)
@@ -327,6 +330,7 @@ async def test_source_changed_during_transfer(pair: Cluster, change: str) -> Non
                         f.write(b"more")
                     else:
                         f.truncate(SIZE // 2)
+                proxy.resume()
     assert len(failures) == 1, "a source that changed mid-transfer must fail the copy"
     assert failures[0].errno == errno.ESTALE, failures[0]
     assert not (pair["onsala"].export / "copy").exists()

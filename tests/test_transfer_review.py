@@ -34,7 +34,8 @@ async def test_two_transfers_into_one_file_are_serialized(pair: Cluster) -> None
     """They would share the part file: the second is refused (EBUSY) while the first runs."""
     a = make_file(pair["jive"].export / "a", 24 * MIB, seed=1)
     make_file(pair["jive"].export / "b", 24 * MIB, seed=2)
-    with proxied_source(pair["jive"], rate=20 * MIB):
+    # The proxy stops after 4 MiB until resumed: the first copy cannot end before the second starts.
+    with proxied_source(pair["jive"], rate=20 * MIB, stall_at=4 * MIB) as proxy:
         async with open_engine(pair.client_config(block_size=MIB, streams=2)) as engine:
             result = {}
 
@@ -47,11 +48,14 @@ async def test_two_transfers_into_one_file_are_serialized(pair: Cluster) -> None
                     while not any(t.state == "running" for t in engine.transfers.values()):
                         await trio.sleep(0.02)
                 cap = await _offer(engine.pool, "/b")
-                with pytest.raises(RemoteError) as exc:
-                    await engine.pool["onsala"].call(
-                        m.TransferStart, m.TransferStarted, capability=cap, source_name="jive", path="/x"
-                    )
-                assert exc.value.errno == errno.EBUSY
+                try:
+                    with pytest.raises(RemoteError) as exc:
+                        await engine.pool["onsala"].call(
+                            m.TransferStart, m.TransferStarted, capability=cap, source_name="jive", path="/x"
+                        )
+                    assert exc.value.errno == errno.EBUSY
+                finally:
+                    proxy.resume()
     assert result["a"].state == "done"
     assert sha256(pair["onsala"].export / "x") == a
 

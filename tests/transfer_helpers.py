@@ -309,6 +309,7 @@ class Proxy:
         corrupt_block: int | None = None,
         cut_after: int | None = None,
         cut_count: int = 1,
+        stall_at: int | None = None,
     ) -> None:
         self.listen_addr = listen
         self.target = target
@@ -318,6 +319,9 @@ class Proxy:
         self.corrupt_block = corrupt_block
         self.cut_after = cut_after
         self.cut_count = cut_count
+        # Stop forwarding once this many block bytes passed (until resume()): a test that acts
+        # "during" a copy then knows the copy cannot finish first, however slow the test runs.
+        self.stall_at = stall_at
         self.lock = threading.Lock()
         self.bytes_payload = 0  # bytes forwarded in the payload direction (headers included)
         self.block_bytes = 0  # block payload bytes only
@@ -456,6 +460,9 @@ class Proxy:
                     pos += take
                     with self.lock:
                         self.block_bytes += take
+                        if self.stall_at is not None and self.block_bytes >= self.stall_at:
+                            self.stall_at = None
+                            self.flowing.clear()
                     if remaining == 0:
                         need, buf = "digest", bytearray()
                     continue
