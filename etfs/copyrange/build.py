@@ -178,6 +178,9 @@ struct etfs_fuse_out_header {
 #define ETFS_FUSE_GETXATTR 22
 #define ETFS_GETXATTR_IN_SIZE 8
 #define ETFS_FAST_WAIT_NS 100000L /* 0.1 ms: longest the trio thread spins for a next request */
+/* Answered in one call at most: a client asking getxattr in a tight loop must not keep trio
+   (and the replies other requests wait for) from running. */
+#define ETFS_FAST_MAX_CHAIN 64
 
 static int etfs_fast_enabled = 0;
 static int etfs_fast_fd = -1; /* the session's /dev/fuse fd, once made non-blocking */
@@ -228,6 +231,7 @@ ETFS_EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_bu
     }
     int res = real(se, buf);
     struct timespec start = {0, 0};
+    int answered = 0;
     for (int chained = 0;; chained = 1) {
         if (res == -EAGAIN) {
             if (!chained)
@@ -246,6 +250,8 @@ ETFS_EXPORT int fuse_session_receive_buf(struct fuse_session *se, struct fuse_bu
             etfs_fast_n_chained++;
         if (res <= 0 || (buf->flags & FUSE_BUF_IS_FD) || !etfs_fast_answer(fd, buf->mem, (size_t)res))
             return res;
+        if (++answered >= ETFS_FAST_MAX_CHAIN)
+            return -EINTR; /* the fd may still be readable: pyfuse3 comes straight back */
         clock_gettime(CLOCK_MONOTONIC, &start);
         res = real(se, buf);
     }
