@@ -205,9 +205,6 @@ class RestartRecord(msgspec.Struct, frozen=True):
     source_ino: int = 0  # same size and mtime is not enough: rsync -t can replace a file
 
 
-JOURNAL_ENTRY = 12  # u32 block index + u64 digest
-
-
 def part_paths(path: str) -> tuple[str, str, str]:
     """(part file, restart record, journal) beside the final name, all hidden."""
     parent, name = split(path)
@@ -957,9 +954,7 @@ class TransferService:
             if -(-t.cap.size // old.block_size) > MAX_BLOCKS:
                 return 0
             with root.opened(t.journal, os.O_RDONLY | os.O_NOFOLLOW) as fd:
-                raw = b""
-                while chunk := os.read(fd, 1 << 20):
-                    raw += chunk
+                raw = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
             t.part_fd = root.open(t.part, os.O_RDWR | os.O_NOFOLLOW)
         except (OSError, msgspec.MsgspecError):
             return 0
@@ -969,10 +964,12 @@ class TransferService:
         present = rehashed_bad = 0
         view = memoryview(bytearray(CHUNK))
         hasher = xxhash.xxh3_64()
-        for i in range(len(raw) // JOURNAL_ENTRY):
-            index, digest = d.JOURNAL.unpack_from(raw, i * JOURNAL_ENTRY)
+        whole = len(raw) - len(raw) % d.JOURNAL.size  # a torn last entry is ignored
+        for index, digest in d.JOURNAL.iter_unpack(raw[:whole]):
             if index >= t.nblocks or t.digests[index] is not None:
                 continue
+            if t.verify and not digest:
+                continue  # journaled by an unverified run: fetch (and check) it again
             offset, length = t.block_range(index)
             # The journal is written before the data is surely on disk (a crash can lose the
             # data and keep the entry): a verified block is trusted only if it still hashes right.
@@ -1317,6 +1314,12 @@ class TransferService:
                         if n == 0:
                             break
                         pos += n
+                    now = os.fstat(sfd)
+                    if pos != s.st_size or (now.st_size, now.st_mtime_ns) != (s.st_size, s.st_mtime_ns):
+                        raise TransferError(errno.ESTALE, f"source {src} changed during the copy")
+                    if req.preserve_times or req.mode == "skip-existing":
+                        # so that the next skip-existing run recognises the copy
+                        os.utime(dfd, ns=(s.st_mtime_ns, s.st_mtime_ns))
                     os.fdatasync(dfd)
                     rec.bytes_done = pos
                     with root.parent(part) as (pfd, pname), root.parent(dst) as (dfd2, dname):

@@ -133,6 +133,19 @@ async def test_mode_resume_of_complete_part(pair: Cluster) -> None:
     check_done(pair["onsala"], "/dst", t, expect, src)
 
 
+async def test_same_server_copy_keeps_times_and_skips(pair: Cluster) -> None:
+    """A same-server copy stamps the source's mtime when asked, so skip-existing skips next time."""
+    src = pair["jive"].export / "src"
+    expect = make_file(src, 3 * MIB)
+    dst = pair["jive"].export / "dst"
+    async with open_engine(pair.client_config(block_size=MIB)) as engine:
+        t1 = await engine.copy("jive", "/src", "jive", "/dst", preserve_times=True)
+        assert t1.kind == "local" and t1.state == "done"
+        assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns and sha256(dst) == expect
+        t2 = await engine.copy("jive", "/src", "jive", "/dst", mode="skip-existing")
+        assert t2.state == "skipped", t2
+
+
 async def test_mode_skip_existing(pair: Cluster) -> None:
     src = pair["jive"].export / "src"
     expect = make_file(src, 3 * MIB)

@@ -115,6 +115,22 @@ async def test_all_streams_cut_fails_and_resumes(pair: Cluster) -> None:
     assert proxy.block_bytes - first <= 12 * MIB - first + 2 * 2 * BLOCK
 
 
+async def test_verified_resume_refetches_blocks_of_an_unverified_run(pair: Cluster) -> None:
+    """Blocks journaled by a --no-verify run carry no digest: a verified resume fetches them
+    again instead of publishing a digest it never checked."""
+    expect = make_file(pair["jive"].export / "f", 12 * MIB)
+    with proxied_source(pair["jive"], cut_after=2 * MIB, cut_count=2) as proxy:
+        async with open_engine(pair.client_config(block_size=BLOCK, streams=2)) as engine:
+            with pytest.raises(TransferFailed):
+                await engine.copy("jive", "/f", "onsala", "/g", policy="always", verify=False)
+            first = proxy.block_bytes
+            assert first >= 2 * MIB
+            t = await engine.copy("jive", "/f", "onsala", "/g", mode="resume", policy="always")
+    assert_identical(pair["onsala"], "/g", expect, t)
+    assert proxy.block_bytes - first >= 12 * MIB, "unverified blocks were trusted"
+    assert "resuming with 0 of" in pair["onsala"].proc.log()
+
+
 # --- resume after a killed server or client --------------------------------------------------------------
 def _check_resent(proxy_total: int, size: int) -> None:
     resent = proxy_total - size

@@ -348,6 +348,7 @@ class LocalCopy(Request, frozen=True):
     src: str
     dst: str
     mode: str = "overwrite"
+    preserve_times: bool = False  # stamp the source's mtime (always for skip-existing)
 
 
 ClientMessage = (

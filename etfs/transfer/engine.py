@@ -220,10 +220,17 @@ class TransferEngine:
     # --- kinds of copy ----------------------------------------------------------------------------
     async def _local(self, t: ClientTransfer, spec: CopySpec) -> None:
         info = await self.pool[spec.src_server].call(
-            m.LocalCopy, m.TransferInfo, src=spec.src_path, dst=spec.dst_path, mode=spec.mode
+            m.LocalCopy,
+            m.TransferInfo,
+            src=spec.src_path,
+            dst=spec.dst_path,
+            mode=spec.mode,
+            preserve_times=spec.preserve_times,
         )
         t.server_transfer_id = info.id
         t.bytes_total = t.bytes_done = info.bytes_done
+        if info.state == "skipped":
+            self._end(t, "skipped", "destination has the same size and time")
 
     async def _third_party(self, t: ClientTransfer, spec: CopySpec) -> None:
         src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
