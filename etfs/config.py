@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from etfs.protocol.auth import AuthKeyError, load_key
+
 _MISSING: Any = object()
 
 
@@ -242,6 +244,20 @@ def address_field(f: Fields, key: str, default: Any = _MISSING, default_port: in
 
 
 # --- the client's mountpoints.yaml -----------------------------------------------------------------
+def positive_seconds(f: Fields, key: str, default: float) -> float:
+    value: float = f.float(key, default)
+    if not 0 < value < 1e9:  # also refuses NaN and infinity
+        raise f.error(f"{f.what}.{key} must be a positive number of seconds", key)
+    return value
+
+
+def _non_negative(f: Fields, key: str, default: float) -> float:
+    value: float = f.float(key, default)
+    if not 0 <= value < 1e9:
+        raise f.error(f"{f.what}.{key} must be a number of seconds >= 0", key)
+    return value
+
+
 DEFAULT_PORT = 7070
 THIRD_PARTY = ("auto", "always", "never")
 DIRECTIONS = ("pull", "push")
@@ -350,10 +366,10 @@ def load_client_config(path: str | Path) -> ClientConfig:
     cache = CacheOptions()
     if (c := top.mapping("cache")) is not None:
         cache = CacheOptions(
-            attr_ttl=c.float("attr_ttl", cache.attr_ttl),
-            entry_ttl=c.float("entry_ttl", cache.entry_ttl),
-            negative_ttl=c.float("negative_ttl", cache.negative_ttl),
-            dir_ttl=c.float("dir_ttl", cache.dir_ttl),
+            attr_ttl=_non_negative(c, "attr_ttl", cache.attr_ttl),
+            entry_ttl=_non_negative(c, "entry_ttl", cache.entry_ttl),
+            negative_ttl=_non_negative(c, "negative_ttl", cache.negative_ttl),
+            dir_ttl=_non_negative(c, "dir_ttl", cache.dir_ttl),
         )
         c.done()
     transfer = TransferDefaults()
@@ -369,8 +385,10 @@ def load_client_config(path: str | Path) -> ClientConfig:
         except ValueError as exc:
             raise s.error(f"{s.what}.address: {exc}", "address") from None
         key_file = s.path("key_file")
-        if not os.access(key_file, os.R_OK):
-            raise s.error(f"{s.what}.key_file: cannot read {key_file}", "key_file")
+        try:
+            load_key(key_file)  # unreadable, empty or too short: say so now, not at connect time
+        except AuthKeyError as exc:
+            raise s.error(f"{s.what}.key_file: {exc}", "key_file") from None
         tls = None
         if (tf := s.mapping("tls")) is not None:
             tls = TLSClientOptions(
@@ -413,8 +431,8 @@ def load_client_config(path: str | Path) -> ClientConfig:
         cache=cache,
         transfer=transfer,
         pairs=tuple(pairs),
-        connect_timeout=top.float("connect_timeout", 5.0),
-        request_timeout=top.float("request_timeout", 30.0),
+        connect_timeout=positive_seconds(top, "connect_timeout", 5.0),
+        request_timeout=positive_seconds(top, "request_timeout", 30.0),
     )
     top.done()
     return cfg

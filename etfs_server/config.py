@@ -6,10 +6,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from etfs.config import DEFAULT_PORT, ConfigError, Fields, address_field, load_yaml
+from etfs.config import DEFAULT_PORT, ConfigError, Fields, address_field, load_yaml, positive_seconds
 from etfs.protocol.auth import AuthKeyError, load_key
 
 from .acl import ACL, Right, Rule
+from .exports import EscapeError, normalize
 from .peers import PeerPolicy, parse_entry
 
 
@@ -70,9 +71,13 @@ def _rule(f: Fields) -> Rule:
     if not who:
         raise f.error(f"{f.what}: a rule needs 'who' (a user, @group or *)")
     prefix = f.str("path", "/")
-    if not prefix.startswith("/") or "/../" in prefix + "/" or "\0" in prefix:
-        raise f.error(f"{f.what}.path must be an absolute path inside the export, like /tmp", "path")
-    prefix = "/" + prefix.strip("/") if prefix != "/" else "/"
+    try:
+        if not prefix.startswith("/"):
+            raise EscapeError(prefix)
+        prefix = normalize(prefix)  # the form request paths take, or the rule would never match
+    except EscapeError:
+        what = f"{f.what}.path must be an absolute path inside the export, like /tmp"
+        raise f.error(what, "path") from None
     rights = set()
     for name in f.str_list("rights"):
         if name == "all":
@@ -89,19 +94,17 @@ def _rule(f: Fields) -> Rule:
     return Rule(who=who, prefix=prefix, rights=frozenset(rights))
 
 
-def _positive(f: Fields, key: str, default: float) -> float:
-    value: float = f.float(key, default)
-    if not value > 0:
-        raise f.error(f"{f.what}.{key} must be a positive number of seconds", key)
-    return value
+def default_data_port(control_port: int) -> int:
+    """The data port when none is given: the next one (or "pick one" when control does)."""
+    return control_port + 1 if 0 < control_port < 65535 else 0
 
 
 def load_server_config(path: str | Path) -> ServerConfig:
     """Read and validate a `server.yaml`; raises `ConfigError`."""
     top = load_yaml(path)
     name = top.str("name")
-    listen = address_field(top, "listen", f"127.0.0.1:{DEFAULT_PORT}", DEFAULT_PORT)
-    next_port = listen[1] + 1 if listen[1] else 0  # port 0 (pick one) for control: pick one for data too
+    listen = address_field(top, "listen", None, DEFAULT_PORT) or ("127.0.0.1", DEFAULT_PORT)
+    next_port = default_data_port(listen[1])
     data_listen = address_field(top, "data_listen", None, next_port) or (listen[0], next_port)
     users: dict[str, User] = {}
     for uname, u in top.items("users"):
@@ -137,8 +140,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
         kwargs = dict(
             max_transfers=tr.int("max_active", 16, minimum=1),
             max_streams=tr.int("max_streams", 16, minimum=1),
-            capability_ttl=tr.float("capability_ttl", 300.0),
-            data_timeout=tr.float("data_timeout", 30.0),
+            capability_ttl=positive_seconds(tr, "capability_ttl", 300.0),
+            data_timeout=positive_seconds(tr, "data_timeout", 30.0),
             block_size=tr.int("block_size_mib", 4, minimum=1) * 2**20,
             sender=tr.choice("sender", ("read_send", "sendfile"), "sendfile"),
             receiver=tr.choice("receiver", ("recv_write", "splice"), "splice"),
@@ -160,7 +163,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         users=users,
         state_dir=state_dir,
         advertise_host=top.str("advertise", ""),
-        handshake_timeout=_positive(top, "handshake_timeout", 10.0),
+        handshake_timeout=positive_seconds(top, "handshake_timeout", 10.0),
         tls=tls,
         file=top.file,
         **kwargs,

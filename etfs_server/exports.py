@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,15 +63,32 @@ class ExportRoot:
         rel = path.lstrip("/") or "."
         if not flags & os.O_CREAT:
             mode = 0  # openat2 refuses a mode without O_CREAT
+        # Data opens are non-blocking at first: opening a FIFO (or a device) would otherwise
+        # wait for a partner forever and hold the server's loop or a worker thread.
+        probe = not flags & os.O_PATH and not flags & os.O_NONBLOCK
         try:
-            return native.openat2(self.fd, rel, flags | os.O_CLOEXEC, mode, RESOLVE)
+            fd = native.openat2(
+                self.fd, rel, flags | os.O_CLOEXEC | (os.O_NONBLOCK if probe else 0), mode, RESOLVE
+            )
         except OSError as exc:
             # EXDEV: resolution would leave the export (also when only the final component is
             # followed-free: an intermediate symlink pointing out).  ELOOP: a magic link, a loop,
             # or (with O_NOFOLLOW) a symlink as the last component, which we never follow.
             if exc.errno in (errno.EXDEV, errno.ELOOP):
                 raise EscapeError(path, "leads outside the export (or through a symlink)") from None
+            if exc.errno == errno.ENXIO:  # a FIFO without a reader, a socket
+                raise OSError(errno.EINVAL, f"{path}: not a regular file or directory") from None
             raise
+        if probe:
+            try:
+                kind = stat.S_IFMT(os.fstat(fd).st_mode)
+                if kind not in (stat.S_IFREG, stat.S_IFDIR):
+                    raise OSError(errno.EINVAL, f"{path}: not a regular file or directory")
+                os.set_blocking(fd, True)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
 
     def real_path(self, fd: int) -> str:
         """The export-relative path an open fd really refers to (after following symlinks)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import trio
 
-from etfs.config import ConfigError, parse_address
+from etfs.config import DEFAULT_PORT, ConfigError, parse_address
 
 from .acl import ACL, ALL_RIGHTS, Rule
-from .config import Export, ServerConfig, User, load_server_config
+from .config import Export, ServerConfig, User, default_data_port, load_server_config
 
 log = logging.getLogger("etfs_server")
 
@@ -64,12 +65,9 @@ def _quick_config(args: argparse.Namespace) -> ServerConfig:
             users[name] = User(name, load_key(keyfile))
         except AuthKeyError as exc:
             raise ConfigError("command line", None, str(exc)) from None
-    listen = parse_address(args.listen or "127.0.0.1:7070", 7070)
-    data = (
-        parse_address(args.data_listen, listen[1] + 1)
-        if args.data_listen
-        else (listen[0], listen[1] + 1 if listen[1] else 0)
-    )
+    listen = parse_address(args.listen or f"127.0.0.1:{DEFAULT_PORT}", DEFAULT_PORT)
+    next_port = default_data_port(listen[1])
+    data = parse_address(args.data_listen, next_port) if args.data_listen else (listen[0], next_port)
     name = args.name or "etfs"
     return ServerConfig(
         name=name,
@@ -90,13 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_server_config(args.config) if args.config else _quick_config(args)
         if args.state_dir:
-            config = ServerConfig(**{**config.__dict__, "state_dir": args.state_dir})
+            config = dataclasses.replace(config, state_dir=args.state_dir)
         if args.listen and args.config:
-            listen = parse_address(args.listen, 7070)
-            config = ServerConfig(**{**config.__dict__, "listen": listen})
+            config = dataclasses.replace(config, listen=parse_address(args.listen, DEFAULT_PORT))
         if args.data_listen and args.config:
-            data = parse_address(args.data_listen, config.listen[1] + 1 if config.listen[1] else 0)
-            config = ServerConfig(**{**config.__dict__, "data_listen": data})
+            data = parse_address(args.data_listen, default_data_port(config.listen[1]))
+            config = dataclasses.replace(config, data_listen=data)
     except (ConfigError, ValueError) as exc:
         print(f"etfs-server: {exc}", file=sys.stderr)
         return 2

@@ -70,6 +70,8 @@ def error_reply(rid: int, exc: BaseException) -> m.Err:
         return m.Err(rid, code, text)
     if isinstance(exc, OverflowError):  # a client's number too large for a syscall (uid, time...)
         return m.Err(rid, errno.EINVAL, f"value out of range: {exc}")
+    if isinstance(exc, ValueError):  # e.g. an embedded NUL in a name or symlink target
+        return m.Err(rid, errno.EINVAL, f"invalid argument: {exc}")
     log.error("internal error in request %d", rid, exc_info=exc)
     return m.Err(rid, errno.EIO, f"internal server error: {type(exc).__name__}")
 

@@ -77,7 +77,8 @@ SERVER_CASES: list[tuple[str, str, int | None, str]] = [
     ("bad address text", "listen: 127.0.0.1:0 => listen: 'localhost:http'", 2, "bad port in address"),
     ("bad data address", "+data_listen: ':7071'", 15, "no host in address"),
     ("no exports", "exports: => unused_exports:", 1, "no exports configured"),
-    ("empty exports", "+exports_extra: 1", 15, "unknown key 'exports_extra'"),
+    ("unknown exports-like key", "+exports_extra: 1", 15, "unknown key 'exports_extra'"),
+    ("bad data timeout", "+transfer: {data_timeout: 0}", 15, "data_timeout must be a positive number"),
     ("exports not mapping", "exports: => exports: [a]\nx:", 8, "must be a mapping"),
     ("duplicate key", "+name: again", 15, "duplicate key 'name'"),
     ("bad tls file", "+tls: {cert_file: /nonexistent.pem, key_file: /nonexistent.pem}", 15, "cannot read"),
@@ -239,7 +240,11 @@ CLIENT_CASES: list[tuple[str, str, int | None, str]] = [
     ("unknown key", "+colour: red", 9, "unknown key 'colour'"),
     ("unknown server key", "@servers.jive.+passwd: x", 7, "unknown key 'passwd'"),
     ("wrong type", "+connect_timeout: soon", 9, "connect_timeout must be a number"),
-    ("wrong type streams", "+cache: {attr_ttl: [1]}", 9, "attr_ttl must be a number"),
+    ("wrong type ttl", "+cache: {attr_ttl: [1]}", 9, "attr_ttl must be a number"),
+    ("negative ttl", "+cache: {negative_ttl: -1}", 9, "negative_ttl must be a number of seconds >= 0"),
+    ("zero timeout", "+request_timeout: 0", 9, "request_timeout must be a positive number"),
+    ("nan timeout", "+connect_timeout: .nan", 9, "connect_timeout must be a positive number"),
+    ("short key file", "@servers.jive.key_file: short.key", 6, "at least 16"),
     ("bad address", "@servers.jive.address: 127.0.0.1:123456", 4, "port out of range"),
     ("unreadable key file", "@servers.jive.key_file: missing.key", 6, "cannot read"),
     ("no servers", "root: /r\n", 1, "no servers configured"),
@@ -257,6 +262,7 @@ CLIENT_CASES: list[tuple[str, str, int | None, str]] = [
 
 def client_variant(base: Path, spec: str) -> str:
     good = good_client_yaml(base)
+    (base / "short.key").write_text("short\n")
     if spec.startswith("+"):
         return good + spec[1:] + "\n"
     if spec.startswith("@servers.jive.+"):
@@ -314,6 +320,21 @@ def test_addresses(text: str, want: tuple[str, int]) -> None:
 def test_bad_addresses_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="address"):
         parse_address(text, default_port=9)
+
+
+def test_listen_defaults(base: Path) -> None:
+    (base / "server.yaml").write_text(good_server_yaml(base).replace("listen: 127.0.0.1:0\n", ""))
+    cfg = load_server_config(base / "server.yaml")
+    assert (cfg.listen, cfg.data_listen) == (("127.0.0.1", 7070), ("127.0.0.1", 7071))
+    (base / "server.yaml").write_text(good_server_yaml(base).replace("127.0.0.1:0", "'[::1]:65535'"))
+    assert load_server_config(base / "server.yaml").data_listen == ("::1", 0)  # no port 65536
+
+
+def test_acl_paths_take_the_form_of_request_paths(base: Path) -> None:
+    """A rule for /tmp//x/./y/ must match requests for /tmp/x/y (they are normalised too)."""
+    (base / "server.yaml").write_text(good_server_yaml(base).replace("path: /tmp\n", "path: /tmp//x/./y/\n"))
+    [rule] = load_server_config(base / "server.yaml").exports["main"].acl.rules
+    assert rule.prefix == "/tmp/x/y"
 
 
 def test_transfer_peers_parse(base: Path) -> None:

@@ -91,6 +91,25 @@ async def test_file_operations(srv: tuple[ServerProcess, Setup], nursery: trio.N
     await c.aclose()
 
 
+async def test_fifo_in_export_is_refused_not_waited_on(
+    srv: tuple[ServerProcess, Setup], nursery: trio.Nursery
+) -> None:
+    """Opening a FIFO would wait for a writer forever (and hold the server): EINVAL at once."""
+    sp, setup = srv
+    os.makedirs(setup.export / "tmp" / "fifo", exist_ok=True)
+    os.mkfifo(setup.export / "tmp" / "fifo" / "p")
+    c = sp.client(nursery, "alice", setup.keys["alice"])
+    with trio.fail_after(10):
+        for flags in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR):
+            with pytest.raises(RemoteError) as ei:
+                await c.call(m.Open, m.Opened, path="/tmp/fifo/p", flags=flags)
+            assert ei.value.errno == errno.EINVAL, flags
+        with pytest.raises(RemoteError) as ei:
+            await c.call(m.Checksum, str, path="/tmp/fifo/p")
+        assert ei.value.errno == errno.EINVAL
+        assert (await c.call(m.Stat, m.Attr, path="/tmp/fifo/p")).size == 0  # still listed
+
+
 async def test_pipelined_requests_on_live_server(
     srv: tuple[ServerProcess, Setup], nursery: trio.Nursery
 ) -> None:
