@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"etfs: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an unwritable --log-file or --dir, a root that cannot be created...
+        print(f"etfs: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 2

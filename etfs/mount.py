@@ -67,6 +67,16 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
+def is_our_daemon(pid: int) -> bool:
+    """Is ``pid`` still an etfs process?  A registry outlives a crashed
+    daemon, and its pid may since belong to an unrelated process that must not be signalled."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"etfs.cli" in b" ".join(args) or any(a.endswith(b"/etfs") for a in args[:2])
+
+
 def _mounted_paths() -> set[str]:
     out = set()
     try:
@@ -448,6 +458,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
         print(f"etfs umount: {exc}", file=sys.stderr)
         return 2
     pid = reg.get("pid") if reg else None
+    if isinstance(pid, int) and pid_alive(pid) and not is_our_daemon(pid):
+        pid = None  # the daemon died and its pid was reused: only the mounts are left to undo
     if isinstance(pid, int) and pid_alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15

@@ -381,6 +381,53 @@ def test_fast_xattr_path_answers_other_xattrs(start_server: ServerFactory, start
     assert answered >= 300, (answered, chained)  # chained depends on scheduling: not asserted
 
 
+def test_write_error_is_reported_to_its_writer_not_a_reader(area: tuple[Path, Path, Path]) -> None:
+    """A reader of the same file makes the daemon send the writer's buffered data; the write
+    error that comes back must still reach the writer's close(2), not vanish in the read."""
+    mnt, srv, _ = area
+    far = 2**45  # beyond ext4's largest file: the server's pwrite fails with EFBIG
+    probe = srv / "efbig-probe"
+    try:
+        with open(probe, "wb") as f:
+            try:
+                os.pwrite(f.fileno(), b"x", far)
+                pytest.skip("the export's filesystem takes a 32 TiB offset")
+            except OSError as exc:
+                assert exc.errno == errno.EFBIG
+    finally:
+        probe.unlink(missing_ok=True)
+    w = os.open(mnt / "werr", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(w, b"a" * 1000)
+        os.pwrite(w, b"x" * 100, far)  # buffered by write-behind; fails on the server
+        r = os.open(mnt / "werr", os.O_RDONLY)
+        try:
+            os.read(r, 100)  # flushes the writer's data first
+        finally:
+            os.close(r)
+    finally:
+        with pytest.raises(OSError) as exc:
+            os.close(w)
+    assert exc.value.errno == errno.EFBIG
+
+
+def test_unlinked_open_file_never_touches_a_new_file_of_that_name(area: tuple[Path, Path, Path]) -> None:
+    mnt, srv, _ = area
+    fd = os.open(mnt / "gone", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"hello")
+        os.fsync(fd)
+        os.unlink(mnt / "gone")
+        assert os.fstat(fd).st_size == 5
+        (mnt / "gone").write_bytes(b"OTHER-CONTENT")
+        with pytest.raises(OSError) as exc:
+            os.ftruncate(fd, 2)  # goes by path on the server: must not cut the new file
+        assert exc.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    assert (srv / "gone").read_bytes() == b"OTHER-CONTENT"
+
+
 def test_write_error_surfaces_at_close(start_server: ServerFactory, start_mount: MountFactory) -> None:
     srv = start_server("gamma", acl=[{"who": "tester", "path": "/", "rights": ["list", "read", "write"]}])
     m = start_mount([srv])
@@ -517,3 +564,37 @@ def test_cli_background_mount_stale_cleanup_and_umount(
             for cmd in (["fusermount3", "-u", "-z", str(p)], ["umount", "-l", str(p)]):
                 if mounted(p):
                     subprocess.run(cmd, capture_output=True, check=False)
+
+
+def test_unusable_paths_give_one_line_not_a_traceback(tmp_path: Path, key_file: Path) -> None:
+    cfg = write_client_config(tmp_path / "m.yaml", [], key_file, tmp_path / "root")
+    cfg.write_text(
+        cfg.read_text() + "  x:\n    address: 127.0.0.1:9\n    user: u\n    key_file: " + f"{key_file}\n"
+    )
+    for args in (
+        ["demo", "--dir", "/proc/nonexistent/x"],
+        ["mount", "-c", str(cfg), "-f", "--log-file", "/proc/nonexistent/mount.log"],
+    ):
+        r = subprocess.run(
+            [PY, "-m", "etfs.cli", *args], capture_output=True, text=True, env=env(), timeout=60
+        )
+        assert r.returncode == 1, (args, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.startswith("etfs"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not mounted(tmp_path / "root")
+
+
+def test_umount_does_not_signal_a_reused_pid(tmp_path: Path) -> None:
+    """A registry left by a crashed daemon names a pid that now belongs to someone else."""
+    root = tmp_path / "mnt" / ".etfs"
+    root.mkdir(parents=True)
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (root.parent / "daemon.json").write_text(json.dumps({"pid": other.pid, "root": str(root)}))
+        r = subprocess.run(
+            [PY, "-m", "etfs.cli", "umount", str(root)], capture_output=True, text=True, env=env(), timeout=60
+        )
+        assert other.poll() is None, r.stderr  # still running: not signalled
+    finally:
+        other.kill()
+        other.wait()

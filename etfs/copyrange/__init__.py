@@ -195,7 +195,7 @@ def enable_fast_xattr(on: bool = True) -> None:
     ``system.posix_acl_access`` for every entry; the kernel caches neither) is answered
     ENODATA in C as soon as it is read, and a request that follows within 0.1 ms is read in
     the same call, without a trip through pyfuse3's trio loop. It works only together with
-    the copy_file_range op (same ops table); other requests are not touched.
+    the copy_file_range op (the same interposer); other requests are not touched.
     """
     if _lib is None:
         raise CopyRangeError("etfs.copyrange.install() must run before enable_fast_xattr()")

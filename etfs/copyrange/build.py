@@ -79,6 +79,8 @@ static void _etfs_cfr_on_copy(fuse_req_t req, uint64_t ino_in, int64_t off_in, u
 static void _etfs_cfr_on_interrupt(uint64_t req_id);
 
 static int etfs_cfr_state = ETFS_CFR_NOT_CALLED;
+/* The getxattr fast path (below): the session's /dev/fuse fd, once made non-blocking. */
+static int etfs_fast_fd = -1;
 static size_t etfs_cfr_seen_op_size = 0;
 /* libfuse keeps a copy of the ops table, but keep ours alive for the whole process anyway. */
 static struct fuse_lowlevel_ops etfs_cfr_ops;
@@ -91,21 +93,6 @@ static void etfs_cfr_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t of
     /* extern "Python" takes the GIL itself (pyfuse3 runs libfuse with it released). */
     _etfs_cfr_on_copy(req, (uint64_t)ino_in, (int64_t)off_in, (uint64_t)fi_in->fh,
                       (uint64_t)ino_out, (int64_t)off_out, (uint64_t)fi_out->fh, len, flags);
-}
-
-/* The kernel asks for security.* and system.* attributes on nearly every ls -l entry
-   (security.selinux, system.posix_acl_access) and write (security.capability). etfs only
-   has user.* attributes, so answer the others "no such attribute" right here instead of
-   a round trip through Python (~26 us each); user.* still goes to pyfuse3. */
-static void (*etfs_cfr_python_getxattr)(fuse_req_t, fuse_ino_t, const char *, size_t) = NULL;
-
-static void etfs_cfr_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
-{
-    if (strncmp(name, "user.", 5) != 0 || etfs_cfr_python_getxattr == NULL) {
-        fuse_reply_err(req, ENODATA);
-        return;
-    }
-    etfs_cfr_python_getxattr(req, ino, name, size);
 }
 
 typedef struct fuse_session *(*etfs_cfr_session_new_t)(struct fuse_args *, const struct fuse_lowlevel_ops *,
@@ -139,9 +126,7 @@ ETFS_EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args,
     memset(&etfs_cfr_ops, 0, sizeof(etfs_cfr_ops));
     memcpy(&etfs_cfr_ops, op, op_size);
     etfs_cfr_ops.copy_file_range = etfs_cfr_copy_file_range;
-    etfs_cfr_python_getxattr = etfs_cfr_ops.getxattr;
-    if (etfs_cfr_python_getxattr != NULL)
-        etfs_cfr_ops.getxattr = etfs_cfr_getxattr;
+    etfs_fast_fd = -1; /* a new session: its fd is not yet made non-blocking */
     etfs_cfr_state = ETFS_CFR_INSTALLED;
     /* Pass our full size: the op may lie beyond a (smaller) caller's struct. */
     return real(args, &etfs_cfr_ops, sizeof(etfs_cfr_ops), userdata);
@@ -150,9 +135,9 @@ ETFS_EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args,
 /* ---- The getxattr fast path ---------------------------------------------------------------
    `ls -l` asks two xattrs per entry that the kernel never caches (security.selinux,
    system.posix_acl_access), and writes ask security.capability. etfs has only user.*
-   attributes, so the op table above answers the others ENODATA in C; but each request still
-   costs a trip through pyfuse3's trio loop (~50-100 us), and a 10,000-file `ls -lR` spent
-   ~1.5 s on them. Here, in fuse_session_receive_buf (interposed like fuse_session_new), a
+   attributes (EtfsOperations.getxattr answers the others ENODATA), but each request costs a
+   trip through pyfuse3's trio loop (~50-100 us), and a 10,000-file `ls -lR` spent ~1.5 s on
+   them. Here, in fuse_session_receive_buf (interposed like fuse_session_new), a
    request for such a name is answered on the spot and we keep reading for a moment
    (ETFS_FAST_WAIT_NS, spinning: a sleeping thread costs more to wake than the whole answer)
    because the next request is usually another one of these (`ls` asks them back to back) or
@@ -183,7 +168,6 @@ struct etfs_fuse_out_header {
 #define ETFS_FAST_MAX_CHAIN 64
 
 static int etfs_fast_enabled = 0;
-static int etfs_fast_fd = -1; /* the session's /dev/fuse fd, once made non-blocking */
 static uint64_t etfs_fast_n_answered = 0, etfs_fast_n_chained = 0;
 
 int etfs_fast_enable(int on) { int old = etfs_fast_enabled; etfs_fast_enabled = on; return old; }

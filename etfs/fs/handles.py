@@ -54,8 +54,8 @@ class _Block:
 class OpenFile:
     """One open file handle of the mount (what ``fh`` numbers stand for).
 
-    The copy hook (`etfs.fs.copy`) relies on: ``server``, ``path``, ``inode``, ``flags``,
-    ``bytes_written`` and ``await flush()``.
+    The copy hook (`etfs.fs.copy`) relies on: ``server``, ``path``, ``inode``, ``flags`` and
+    ``await flush()``.
     """
 
     def __init__(
@@ -71,8 +71,6 @@ class OpenFile:
         self.fh = fh
         self.node = node
         self.flags = flags
-        self.bytes_written = 0
-        self.attr = opened.attr
         self._client = client
         self._handle = opened.handle
         self._generation = generation
@@ -92,7 +90,9 @@ class OpenFile:
         # readahead
         self._blocks: dict[int, _Block] = {}
         self._last_end = 0
-        self._eof_block: int | None = None
+        # The size at open bounds the first readahead (a 4 KiB file needs one read, not nine);
+        # reads past it look again, in case the file grew.
+        self._eof_block: int | None = opened.attr.size // READ_BLOCK
 
     # --- identity (read by the copy hook) -----------------------------------------------------
     @property
@@ -119,6 +119,8 @@ class OpenFile:
         async with self._reopen_lock:
             live = await self._client.connection()
             if live.generation != self._generation:
+                if not self.node.linked:
+                    raise OSError(errno.ESTALE, f"{self.path} was deleted: no reopen after a reconnect")
                 try:
                     opened = await self._client.call(
                         m.Open, m.Opened, path=self.path, flags=self.flags & _REOPEN_MASK & ~os.O_APPEND
@@ -170,7 +172,7 @@ class OpenFile:
 
     async def read(self, off: int, size: int) -> bytes | bytearray | memoryview:
         if self._buf or self._inflight:
-            await self.flush()  # read what we wrote
+            await self.sync()  # read what we wrote
         if not self._sequential(off):
             self.drop_readahead()
             self._last_end = off + size
@@ -228,7 +230,6 @@ class OpenFile:
         if not self._buf and len(data) >= WRITE_BLOCK:
             # A whole block at once (dd bs=1M, cp): send it as it came, without copying it.
             self.dirty_end = max(self.dirty_end, off + len(data))
-            self.bytes_written += len(data)
             await self._send(off, data)
             return len(data)
         if self._buf and off == self._buf_off + len(self._buf) and len(self._buf) < WRITE_BLOCK:
@@ -239,7 +240,6 @@ class OpenFile:
             self._buf = bytearray(data)
             self._buf_off = off
         self.dirty_end = max(self.dirty_end, off + len(data))
-        self.bytes_written += len(data)
         if len(self._buf) >= WRITE_BLOCK:
             await self._send_buffer()
         return len(data)
@@ -283,12 +283,17 @@ class OpenFile:
         while self._inflight:
             await self._idle.wait()
 
-    async def flush(self) -> None:
-        """Send buffered writes, wait for all in flight, raise the first error since the last flush."""
+    async def sync(self) -> None:
+        """Send buffered writes and wait for all in flight; a write error stays for this handle's
+        own flush/fsync/close to report (a reader of the same file must not swallow it)."""
         if self._buf:
             await self._send_buffer()
         await self._drain()
         self.dirty_end = 0
+
+    async def flush(self) -> None:
+        """`sync`, then raise the first write error since the last flush."""
+        await self.sync()
         self._take_error()
 
     async def fsync(self, datasync: bool) -> None:

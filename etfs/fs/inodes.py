@@ -163,8 +163,7 @@ class InodeTable:
         if inode is None:
             return None
         node = self._nodes[inode]
-        node.linked = False
-        node.attr = None
+        node.linked = False  # attr stays: fstat of a still-open unlinked file answers from it
         self.discard_if_unused(node)
         return node
 

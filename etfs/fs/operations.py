@@ -163,10 +163,13 @@ class EtfsOperations(pyfuse3.Operations):
         return node
 
     def _remote(self, inode: int) -> Node:
-        """A node below a server directory (or the server directory itself)."""
+        """A node below a server directory (or the server directory itself) that its path
+        still names: requests go by path, and an unlinked file's path may name another file."""
         node = self._node(inode)
         if not node.server:
             raise pyfuse3.FUSEError(errno.EPERM)  # the mount root is not on any server
+        if not node.linked:
+            raise pyfuse3.FUSEError(errno.ESTALE)
         return node
 
     def _dir_attr(self, nlink: int = 2) -> m.Attr:
@@ -212,7 +215,7 @@ class EtfsOperations(pyfuse3.Operations):
         for fh in list(node.open_files):
             f = self._files.get(fh)
             if f is not None and fh != except_fh and f.dirty:
-                await f.flush()
+                await f.sync()
 
     def _remember(self, node: Node, attr: m.Attr) -> pyfuse3.EntryAttributes:
         self.table.set_attr(node, attr, self.config.cache.attr_ttl)
@@ -427,6 +430,12 @@ class EtfsOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         server, path = self._child(parent, name)
+        node = self.table.find(server, path)
+        if node is not None and node.open_files:
+            # Still open here: once unlinked its path is useless, so fstat answers from the
+            # attributes it had at this moment (with its writes on the server first).
+            await self._flush_inode(node)
+            self.table.set_attr(node, await self._call(server, m.Stat, m.Attr, path=path), 0)
         await self._call(server, m.Unlink, None, path=path)
         self.table.detach(server, path)
         self._parent_changed(parent)
@@ -624,6 +633,7 @@ class EtfsOperations(pyfuse3.Operations):
         key = _fs_name(name)
         if not node.server or not key.startswith("user."):
             raise pyfuse3.FUSEError(errno.ENODATA)
+        node = self._remote(inode)
         # Computed attributes; the server's own user.etfs.* (digest, transfer_id, source of a
         # transfer) pass through below.
         if key == "user.etfs.server":
@@ -638,9 +648,9 @@ class EtfsOperations(pyfuse3.Operations):
 
     @_edge
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        node = self._node(inode)
-        if not node.server:
+        if not self._node(inode).server:
             return []
+        node = self._remote(inode)
         # The computed user.etfs.* are readable but not listed: `mv` and `cp -a` copy every
         # listed attribute (and the checksum would read the whole file).
         names = await self._call(node.server, m.ListXattr, list[str], path=node.path)
