@@ -331,7 +331,8 @@ def serve_blocks(
                     _send(sock, view[:got])
                 else:
                     got = native.read_send(fd, sock.fileno(), offset + n, want, buf)
-                hasher.update(view[:got])
+                if digest:
+                    hasher.update(view[:got])
                 n += got
                 if got < want:
                     break
@@ -481,8 +482,9 @@ class Transfer:
                             _pwrite_all(self.part_fd, piece, offset + pos)
                         else:
                             native.recv_write(sock.fileno(), self.part_fd, offset + pos, len(piece), buf)
-                        hasher.update(piece)
-                    ours = hasher.intdigest()
+                        if self.verify:
+                            hasher.update(piece)
+                    ours = hasher.intdigest() if self.verify else None
                 elif pipe is not None:
                     native.splice_recv(sock.fileno(), self.part_fd, offset, length, pipe)
                 else:
@@ -767,6 +769,14 @@ class TransferService:
         deadline = time.monotonic() + HELLO_TIMEOUT
         _set_timeouts(plain, HELLO_TIMEOUT / 4)
         sock = self.tls_server.wrap_socket(plain, server_side=True) if self.tls_server else plain
+        try:
+            return sock, self._hello_frame(sock, deadline)
+        except BaseException:
+            if sock is not plain:
+                sock.close()  # wrapping detached `plain`: the caller's close would miss this one
+            raise
+
+    def _hello_frame(self, sock: socket.socket, deadline: float) -> d.DataHello:
         head = bytearray()
         while len(head) < d.LENGTH.size or len(head) < d.LENGTH.size + d.LENGTH.unpack_from(head)[0]:
             if time.monotonic() > deadline:
@@ -781,7 +791,7 @@ class TransferService:
                 raise ConnectionResetError(errno.ECONNRESET, "peer closed before its hello")
             head += chunk
         _set_timeouts(sock, self.config.data_timeout)
-        return sock, d.decode_hello(bytes(head[d.LENGTH.size :]))
+        return d.decode_hello(bytes(head[d.LENGTH.size :]))
 
     def _data_connection(self, sock: socket.socket, hello: d.DataHello) -> bool:
         """Serve a pull, or hand a push connection to its transfer (then True: do not close it)."""

@@ -106,6 +106,13 @@ def test_cp_recursive_and_local(etfs_env: Env, tmp_path: Path) -> None:
     assert digest(e.export("onsala") / "tmp" / "local.bin") == digest(local)
     r = etfs(e, "cp", *m, str(e.dir("jive") / "tmp" / "tree"), str(e.dir("onsala") / "tmp" / "x"))
     assert r.returncode != 0 and "-r not specified" in r.stderr
+    # A tree onto an existing file: one clear line, no traceback.
+    r = etfs(e, "cp", *m, "-r", str(e.dir("jive") / "tmp" / "tree"), str(tmp_path / "local.bin"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "cannot create directory" in r.stderr
+    # Local -> server, mode new onto an existing file: refused, the file kept.
+    r = etfs(e, "cp", *m, "--mode", "new", str(tmp_path / "d0" / "f"), "onsala:/tmp/local.bin")
+    assert r.returncode != 0 and "exists" in r.stderr, r.stderr
+    assert digest(e.export("onsala") / "tmp" / "local.bin") == digest(local)
 
 
 def test_status_human_and_no_mount(etfs_env: Env) -> None:

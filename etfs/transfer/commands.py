@@ -25,7 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from etfs import _sendfile_cffi as native
+
 from .control import running_mounts
+
+AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
 
 PARALLEL_FILES = 4
 # Hidden files of copies in progress (server transfers, relays, local copies): never copied.
@@ -231,9 +235,9 @@ def _copy_through_client(src: Location, dst: Location, args: argparse.Namespace,
             if args.mode == "new":
                 raise FileExistsError(errno.EEXIST, "destination exists (mode new)")
             dstat = dst.fs_path.stat()
-            if args.mode == "skip-existing" and (dstat.st_size, int(dstat.st_mtime)) == (
+            if args.mode == "skip-existing" and (dstat.st_size, dstat.st_mtime_ns) == (
                 sst.st_size,
-                int(sst.st_mtime),
+                sst.st_mtime_ns,
             ):
                 rep.event(src, dst, {"event": "done", "skipped": True})
                 return True
@@ -242,7 +246,9 @@ def _copy_through_client(src: Location, dst: Location, args: argparse.Namespace,
         try:
             shutil.copyfile(src.fs_path, part)
             shutil.copystat(src.fs_path, part)
-            os.replace(part, dst.fs_path)
+            # mode new: a file that appeared meanwhile is not overwritten (EEXIST)
+            flags = native.RENAME_NOREPLACE if args.mode == "new" else 0
+            native.renameat2(AT_FDCWD, str(part), AT_FDCWD, str(dst.fs_path), flags)
         except BaseException:
             part.unlink(missing_ok=True)
             raise
@@ -276,7 +282,10 @@ def _plan(sources: list[Location], dest: Location, recursive: bool) -> list[tupl
             tdir = target
             for part in rel.parts:
                 tdir = tdir.child(part)
-            tdir.fs_path.mkdir(parents=True, exist_ok=True)
+            try:
+                tdir.fs_path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CommandError(f"cannot create directory '{tdir}': {exc.strerror}") from None
             here = src
             for part in rel.parts:
                 here = here.child(part)
