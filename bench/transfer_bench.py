@@ -5,7 +5,7 @@ Part 1 (loopback): three real etfs servers (source with ``sender: read_send``, s
 ``sender: sendfile``, one destination); the client (`TransferEngine`, in this process)
 copies one file with 1/4/8 streams, with and without verification, from each source.
 In the same run, `bench/raw_pair.py`'s `run_once` moves the same file over N loopback
-sockets (read_send->recv_write and sendfile->splice_recv), the ceiling of the data path.
+sockets (read_send->splice_recv and sendfile->splice_recv, the ends etfs uses), the ceiling.
 Timing covers ``engine.copy`` (capability, start, data, fdatasync, rename): etfs copies
 include an fdatasync, the raw pair does not.  Server peak RSS (VmHWM) is read at the end.
 
@@ -192,9 +192,9 @@ def loopback(args: argparse.Namespace, work: Path, key_file: Path) -> dict[str, 
             for verify in (True, False)
         ]
         results: dict[tuple[str, int, bool], list[float]] = {c: [] for c in configs}
-        raw_cfgs = [
-            (s, r, n) for n in streams for s, r in (("read_send", "recv_write"), ("sendfile", "splice_recv"))
-        ]
+        # The same ends as the etfs copies: the destination server receives with splice (its
+        # default), the source sends with the configuration's sender.
+        raw_cfgs = [(s, "splice_recv", n) for n in streams for s in ("read_send", "sendfile")]
         raw_results: dict[tuple[str, str, int], list[float]] = {c: [] for c in raw_cfgs}
         src_path = str(src_rs.export / "f")
         raw_dst = str(work / "raw.out")
@@ -216,7 +216,7 @@ def loopback(args: argparse.Namespace, work: Path, key_file: Path) -> dict[str, 
             for c, s in zip(order, secs, strict=True):
                 results[c].append(size / s / MB)
             for rc in raw_cfgs:
-                s = raw.run_once(raw.Config(*rc), src_path, raw_dst, size, 4 * MIB)
+                s = raw.run_once(raw.Config(*rc), src_path, raw_dst, size, args.block_mib * MIB)
                 os.unlink(raw_dst)
                 raw_results[rc].append(size / s / MB)
             print(f"run {run + 1}/{args.runs} done", flush=True)
@@ -240,11 +240,7 @@ def loopback(args: argparse.Namespace, work: Path, key_file: Path) -> dict[str, 
     for c in configs:
         sender, n, verify = c
         r = results[c]
-        base = median(
-            raw_results[("read_send", "recv_write", n)]
-            if sender == "read_send"
-            else raw_results[("sendfile", "splice_recv", n)]
-        )
+        base = median(raw_results[(sender, "splice_recv", n)])
         name = f"etfs {sender} x{n} {'verify' if verify else 'no-verify'}"
         print(f"{name:44} {median(r):>11.0f} {min(r):>6.0f} {max(r):>6.0f} {median(r) / base:>7.2f}")
     one = median(results[("read_send", streams[0], True)])
