@@ -229,10 +229,6 @@ def _require_ipv6(host: str, text: str) -> None:
         raise ValueError(f"bad address {text!r}: {host!r} is not an IPv6 address (write [v6]:port)") from None
 
 
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def address_field(f: Fields, key: str, default: Any = _MISSING, default_port: int | None = None) -> Any:
     text = f.str(key, default)
     if text is None or text is default:

@@ -28,7 +28,6 @@ from .transfer import TransferService
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 10.0  # the default; server.yaml `handshake_timeout` overrides it
 MAX_INFLIGHT_PER_CONNECTION = 64
 
 # Requests answered on the trio thread itself, without the hop to a worker thread and back

@@ -55,10 +55,6 @@ def join(parent: str, name: str) -> str:
     return ("/" if parent == "/" else parent + "/") + name
 
 
-def parent_of(path: str) -> str:
-    return path.rsplit("/", 1)[0] or "/"
-
-
 class InodeTable:
     """Typed mapping between inode numbers and remote paths (see the module docstring)."""
 
@@ -75,20 +71,12 @@ class InodeTable:
             self.server_inodes[name] = node.inode
         self._next = itertools.count(ROOT_INODE + 1 + len(servers))
 
-    def __len__(self) -> int:
-        return len(self._nodes)
-
     def get(self, inode: int) -> Node | None:
         return self._nodes.get(inode)
 
     def find(self, server: str, path: str) -> Node | None:
         inode = self._by_key.get((server, path))
         return None if inode is None else self._nodes[inode]
-
-    def server_of(self, inode: int) -> str | None:
-        """The server directory name for a top-level server inode, else None."""
-        node = self._nodes.get(inode)
-        return node.server if node is not None and node.pinned and node.server else None
 
     def ensure(self, server: str, path: str) -> Node:
         """The node for a path, allocating a new inode on first sight (lookup count 0)."""

@@ -114,10 +114,6 @@ class EtfsOperations(pyfuse3.Operations):
         """The open file behind a kernel file handle (KeyError if there is none)."""
         return self._files[fh]
 
-    def inode_for(self, server: str, path: str) -> int | None:
-        node = self.table.find(server, path)
-        return None if node is None else node.inode
-
     def invalidate(self, inode: int) -> None:
         """Forget cached attributes of an inode here and in the kernel (data too).
 

@@ -34,7 +34,6 @@ async def run_client_services(
     from etfs.fs.copy import CopyDispatcher
 
     engine = TransferEngine(pool, config)
-    ops.engine = engine  # lets the filesystem expose transfer info (xattrs, status)
     try:
         reg: Path | None = ensure_registry_dir()
     except OSError as exc:
