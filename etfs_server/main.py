@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -15,7 +16,8 @@ import trio
 from etfs.config import DEFAULT_PORT, ConfigError, parse_address
 
 from .acl import ACL, ALL_RIGHTS, Rule
-from .config import Export, ServerConfig, User, default_data_port, load_server_config
+from .config import Export, ServerConfig, User, default_data_port, load_server_config, mapping_problem
+from .identity import lookup_account
 
 log = logging.getLogger("etfs_server")
 
@@ -37,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="export PATH as NAME (quick start: every user gets all rights on it)",
     )
     p.add_argument("--user", action="append", default=[], metavar="NAME=KEYFILE", help="a user (quick start)")
+    p.add_argument(
+        "--run-as",
+        metavar="ACCOUNT",
+        help="the local account (name or uid) file operations run as, for users the config maps "
+        "to none (no run_as); required when started as root",
+    )
     p.add_argument("--state-dir", type=Path, help="where transfer records are kept")
     p.add_argument("--port-file", type=Path, help="write 'CONTROL DATA' ports here once listening")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -56,13 +64,19 @@ def _quick_config(args: argparse.Namespace) -> ServerConfig:
         if not sep or not name or not Path(path).is_dir():
             raise ConfigError("command line", None, f"--export {spec!r}: expected NAME=DIRECTORY")
         exports[name] = Export(name, Path(path).resolve(), ACL([Rule("*", "/", ALL_RIGHTS)]))
+    account = None
+    if args.run_as:
+        try:
+            account = lookup_account(args.run_as)
+        except KeyError as exc:
+            raise ConfigError("command line", None, f"--run-as: {exc.args[0]}") from None
     users = {}
     for spec in args.user:
         name, sep, keyfile = spec.partition("=")
         if not sep:
             raise ConfigError("command line", None, f"--user {spec!r}: expected NAME=KEYFILE")
         try:
-            users[name] = User(name, load_key(keyfile))
+            users[name] = User(name, load_key(keyfile), account=account)
         except AuthKeyError as exc:
             raise ConfigError("command line", None, str(exc)) from None
     listen = parse_address(args.listen or f"127.0.0.1:{DEFAULT_PORT}", DEFAULT_PORT)
@@ -79,6 +93,19 @@ def _quick_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def _with_default_account(config: ServerConfig, spec: str) -> ServerConfig:
+    """``--run-as`` with a config: the account of every user that has no run_as of their own."""
+    try:
+        account = lookup_account(spec)
+    except KeyError as exc:
+        raise ConfigError("command line", None, f"--run-as: {exc.args[0]}") from None
+    users = {
+        name: u if u.account is not None else dataclasses.replace(u, account=account)
+        for name, u in config.users.items()
+    }
+    return dataclasses.replace(config, users=users)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -89,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_server_config(args.config) if args.config else _quick_config(args)
         if args.state_dir:
             config = dataclasses.replace(config, state_dir=args.state_dir)
+        if args.run_as and args.config:
+            config = _with_default_account(config, args.run_as)
         if args.listen and args.config:
             config = dataclasses.replace(config, listen=parse_address(args.listen, DEFAULT_PORT))
         if args.data_listen and args.config:
@@ -97,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"etfs-server: {exc}", file=sys.stderr)
         return 2
+    euid = os.geteuid()
+    if problem := mapping_problem(config, as_root=euid == 0, own_uid=euid):
+        print(f"etfs-server: {problem}", file=sys.stderr)
+        return 2
+    for user in config.users.values():
+        if euid == 0 and user.account is not None and user.account.is_root:
+            log.info("user %s runs as root here (run_as: root): only the ACL limits them", user.name)
     try:
         trio.run(_run, config, args.port_file)
     except KeyboardInterrupt:

@@ -145,7 +145,7 @@ def _server_yaml(name: str, export: Path, key_file: Path, state: Path, acl: list
         f"      - {{who: {r['who']}, path: {r['path']}, rights: {json.dumps(r['rights'])}}}" for r in acl
     )
     return (
-        f"name: {name}\nlisten: 127.0.0.1:0\ndata_listen: 127.0.0.1:0\nstate_dir: {state}\n"
+        f"name: {name}\nlisten: 127.0.0.1:0\ndata_listen: 127.0.0.1:0\nstate_dir: {state}\nrun_as: root\n"
         f"users:\n  tester:\n    key_file: {key_file}\n"
         f"exports:\n  {name}:\n    path: {export}\n    acl:\n{rules}\n"
     )

@@ -52,6 +52,7 @@ int etfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *
 #define RENAME_EXCHANGE ...
 int etfs_sync_file_range(int fd, long long offset, long long nbytes, unsigned int flags);
 #define SYNC_FILE_RANGE_WRITE ...
+int etfs_set_fs_identity(unsigned int uid, unsigned int gid, int ngroups, const unsigned int *groups);
 """
 
 C_SOURCE = r"""
@@ -71,6 +72,7 @@ C_SOURCE = r"""
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/fsuid.h>
 #include <sys/time.h>
 #include <sys/types.h>
 #include <time.h>
@@ -442,6 +444,27 @@ int etfs_sync_file_range(int fd, long long offset, long long nbytes, unsigned in
 int etfs_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath, unsigned int flags)
 {
     return (int)syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);
+}
+
+/* The filesystem identity of the calling thread only: the raw setgroups syscall (glibc's
+   setgroups() changes every thread of the process) and setfsgid/setfsuid, which report no
+   errors, so each is read back.  Leaving fsuid 0 also drops this thread's filesystem
+   capabilities (CAP_DAC_OVERRIDE, CAP_CHOWN, CAP_FOWNER, CAP_FSETID); fsuid 0 restores them. */
+int etfs_set_fs_identity(unsigned int uid, unsigned int gid, int ngroups, const unsigned int *groups)
+{
+    if (syscall(SYS_setgroups, (long)ngroups, groups) != 0)
+        return -1;
+    setfsgid((gid_t)gid);
+    if ((unsigned int)setfsgid((gid_t)-1) != gid) {
+        errno = EPERM;
+        return -1;
+    }
+    setfsuid((uid_t)uid);
+    if ((unsigned int)setfsuid((uid_t)-1) != uid) {
+        errno = EPERM;
+        return -1;
+    }
+    return 0;
 }
 
 int etfs_openat2(int dirfd, const char *path, int flags, int mode, unsigned long long resolve)
