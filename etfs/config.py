@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from etfs.protocol.auth import AuthKeyError, load_key
+from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
 
 _MISSING: Any = object()
 
@@ -277,8 +278,8 @@ def _non_negative(f: Fields, key: str, default: float) -> float:
 
 DEFAULT_PORT = 7070
 THIRD_PARTY = ("auto", "always", "never")
-DIRECTIONS = ("pull", "push")
-MODES = ("new", "overwrite", "resume", "skip-existing")
+DIRECTIONS = tuple(DATA_DIRECTIONS)
+MODES = tuple(CopyMode)
 
 
 @dataclass(frozen=True)

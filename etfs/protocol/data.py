@@ -45,6 +45,7 @@ class DataReady(msgspec.Struct, frozen=True, tag_field="t", tag="ready"):
 class DataError(msgspec.Struct, frozen=True, tag_field="t", tag="error"):
     errno: int
     message: str
+    code: str = ""  # an `etfs.protocol.transfer.FailureCode` value
 
 
 _enc = msgspec.msgpack.Encoder()

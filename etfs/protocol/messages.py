@@ -143,6 +143,8 @@ class TransferInfo(msgspec.Struct, frozen=True):
     errno: int
     started: float
     finished: float
+    # Why it failed, for programs: a `etfs.protocol.transfer.FailureCode` value ("" unless failed).
+    code: str = ""
 
 
 # --- requests --------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import msgspec
 import trio
 
 from etfs.protocol import messages as m
+from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
 
 from .engine import ClientTransfer, TransferEngine
 
@@ -38,8 +39,8 @@ log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20
 
 
-COPY_MODES = frozenset({"new", "overwrite", "resume", "skip-existing"})
-DIRECTIONS = frozenset({"pull", "push"})
+COPY_MODES = frozenset(CopyMode)
+DIRECTIONS = frozenset(DATA_DIRECTIONS)
 MAX_STREAMS = 64
 
 

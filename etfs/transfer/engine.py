@@ -21,7 +21,6 @@ import errno
 import itertools
 import logging
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,10 +33,10 @@ import xxhash
 from etfs.client import ConnectionLost, Pool, RemoteError, ServerClient
 from etfs.config import ClientConfig, TransferDefaults
 from etfs.protocol import messages as m
+from etfs.protocol.transfer import TERMINAL, CopyMode, FailureCode, noreplace, parse_code, relay_part_name
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("done", "failed", "skipped", "cancelled")
 RELAY_BLOCK = 1024 * 1024
 RELAY_INFLIGHT = 8
 MAX_RETRIES = 3
@@ -47,7 +46,14 @@ UNREACHABLE = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.
 
 
 class TransferFailed(OSError):
-    """A copy failed; ``errno`` and ``strerror`` say why (also kept in the transfer record)."""
+    """A copy failed; ``errno`` and ``strerror`` say why (also kept in the transfer record).
+
+    ``code`` is the destination's typed reason (`TransferInfo.code`) when it gave one.
+    """
+
+    def __init__(self, errno: int, message: str, code: FailureCode | None = None) -> None:
+        super().__init__(errno, message)
+        self.code = code or FailureCode.NONE
 
 
 @dataclass
@@ -87,12 +93,6 @@ class CopySpec:
     mode: str
     opts: TransferDefaults
     preserve_times: bool = False
-
-
-def relay_part_name(path: str) -> str:
-    """A hidden name beside ``path`` for a relay copy (its own: a server transfer may run too)."""
-    parent, _, name = path.rpartition("/")
-    return f"{parent}/.{name}.etfs-relay-{secrets.token_hex(4)}"
 
 
 @contextlib.contextmanager
@@ -236,7 +236,7 @@ class TransferEngine:
         src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
         mode = spec.mode
         if (
-            mode == "skip-existing"
+            mode == CopyMode.SKIP_EXISTING
             and await self._skip_check(src, spec.src_path, dst, spec.dst_path) != "skipped"
         ):
             # Different after all: copy, and stamp the source's time so the next run can skip.
@@ -257,9 +257,7 @@ class TransferEngine:
                 retry = (
                     isinstance(exc, ConnectionLost)
                     or (isinstance(exc, RemoteError) and exc.errno == errno.EBUSY and attempt > 1)
-                    or (
-                        isinstance(exc, TransferFailed) and "capability refused: expired" in str(exc.strerror)
-                    )
+                    or (isinstance(exc, TransferFailed) and exc.code == FailureCode.CAPABILITY_EXPIRED)
                 )
                 if not retry:
                     raise
@@ -358,7 +356,9 @@ class TransferEngine:
                 if info.state == "done":
                     return
                 if info.state == "failed":
-                    raise TransferFailed(info.errno or errno.EIO, info.reason or "transfer failed")
+                    raise TransferFailed(
+                        info.errno or errno.EIO, info.reason or "transfer failed", parse_code(info.code)
+                    )
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
@@ -376,10 +376,13 @@ class TransferEngine:
         """Copy through the client: pipelined reads from the source, writes into a part file."""
         src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
         src_path, dst_path, mode, opts = spec.src_path, spec.dst_path, spec.mode, spec.opts
-        if mode == "skip-existing" and await self._skip_check(src, src_path, dst, dst_path) == "skipped":
+        if (
+            mode == CopyMode.SKIP_EXISTING
+            and await self._skip_check(src, src_path, dst, dst_path) == "skipped"
+        ):
             self._end(t, "skipped", "destination has the same size, time and digest")
             return
-        if mode == "new":
+        if mode == CopyMode.NEW:
             try:
                 await dst.call(m.Stat, m.Attr, path=dst_path)
             except RemoteError as exc:
@@ -439,10 +442,10 @@ class TransferEngine:
                 if theirs != digest.hexdigest():
                     raise TransferFailed(errno.EIO, "verification failed: the destination's digest differs")
                 t.digest = "xxh3-128:" + theirs
-            if spec.preserve_times or mode == "skip-existing":
+            if spec.preserve_times or mode == CopyMode.SKIP_EXISTING:
                 mtime = sfile.attr.mtime_ns
                 await dst.call(m.SetAttr, m.Attr, path=part, atime_ns=mtime, mtime_ns=mtime)
-            await dst.call(m.Rename, None, old=part, new=dst_path, noreplace=mode == "new")
+            await dst.call(m.Rename, None, old=part, new=dst_path, noreplace=noreplace(mode))
             ok = True
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
