@@ -354,3 +354,45 @@ def etfs_env(tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> Iterat
         finally:
             for s in servers.values():
                 s.stop()
+
+
+# --- nothing left behind ----------------------------------------------------------------------------
+def _leftovers(base: str, netns_prefix: str) -> list[str]:
+    """Mounts under ``base``, live etfs processes whose command line names ``base`` (their
+    configs and mountpoints live there), and network namespaces this run created."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4]
+            if point.startswith(base):
+                found.append(f"mount {point}")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone meanwhile
+        if state != "Z" and base in cmd and ("etfs_server" in cmd or "etfs.cli" in cmd):
+            found.append(f"process {pid}: {cmd[:160]}")
+    netns_dir = Path("/run/netns")
+    if netns_dir.is_dir():
+        found += [f"network namespace {n}" for n in os.listdir(netns_dir) if n.startswith(netns_prefix)]
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fail the run if any test left a mount, an etfs process or a namespace behind.
+
+    Session scope and autouse: set up first, so torn down last, after every other fixture.
+    """
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    deadline = time.monotonic() + 10  # SIGTERMed processes may still be on their way out
+    left = _leftovers(base, f"etfs-{os.getpid()}-")
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _leftovers(base, f"etfs-{os.getpid()}-")
+    assert not left, "tests left these behind:\n" + "\n".join(left)
