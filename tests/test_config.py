@@ -378,3 +378,21 @@ def test_transfer_peers_parse(base: Path) -> None:
     assert load_server_config(base / "server.yaml").peers.addresses("192.0.2.7", 7071)
     with pytest.raises(PermissionError):
         peers.addresses("127.0.0.1", 7071)
+
+
+@pytest.mark.parametrize("target", ["/dev/null", "symlink", "fifo"])
+def test_port_file_never_replaces_what_is_not_a_file(base: Path, target: str) -> None:
+    (base / "server.yaml").write_text(good_server_yaml(base))
+    if target == "symlink":
+        port_file = base / "ports"
+        os.symlink(base / "elsewhere", port_file)
+    elif target == "fifo":
+        port_file = base / "ports"
+        os.mkfifo(port_file)
+    else:
+        port_file = Path(target)
+    before = os.lstat(port_file)
+    out = run_server(base / "server.yaml", "--port-file", str(port_file))
+    assert out.returncode == 2 and "not a regular file" in out.stderr, out.stderr
+    after = os.lstat(port_file)
+    assert (after.st_mode, after.st_ino, after.st_rdev) == (before.st_mode, before.st_ino, before.st_rdev)
