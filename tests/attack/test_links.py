@@ -35,9 +35,6 @@ def _refused(r: Reply) -> bool:
 
 
 # --- a hard link of a read-only file into a writable prefix ----------------------------------------
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 2: Link checks read on the source, not what the link confers"
-)
 def test_hardlink_of_readonly_file_cannot_be_written(shared_server: AttackServer) -> None:
     srv = shared_server
     srv.plant("/tmp/ro/hl.txt", b"HARDLINK-ORIGINAL\n", 0o644)
@@ -137,7 +134,6 @@ def test_planted_hardlink_part_file_is_never_written(
 
 
 # --- Rename(exchange) out of a write-only inbox -----------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 9 item 2: exchange checks only delete on old and write on new")
 def test_exchange_does_not_leak_inbox(shared_server: AttackServer) -> None:
     srv = shared_server
     srv.plant("/tmp/inbox/report-x.txt", ALICE_REPORT, 0o640)
@@ -178,22 +174,12 @@ def may_succeed(op: str, a: str, b: str) -> bool:
     return {"delete", "write"} <= ra and {"delete", "write"} <= rb and ra == rb
 
 
-# Combinations today's server performs although they confer a right (observed at 22ef1b0).
-FAILING_TODAY = {
-    ("link", "/tmp/ro", "/tmp/bob"),
-    ("link", "/tmp/ro", "/tmp/inbox"),
-    ("exchange", "/tmp/bob", "/tmp/inbox"),
-}
-
 CASES = [
     pytest.param(
         op,
         a,
         b,
         id=f"{op}-{SHORT[a]}-{SHORT[b]}",
-        marks=[pytest.mark.xfail(strict=True, reason=f"issue 9 item 2: {op} {a} -> {b} confers a right")]
-        if (op, a, b) in FAILING_TODAY
-        else [],
     )
     for op, (a, b) in itertools.product(("link", "rename", "exchange"), itertools.permutations(PREFIXES, 2))
 ]

@@ -41,9 +41,6 @@ def _disk(srv: AttackServer, rel: str) -> tuple[int, int, int]:
 
 
 # --- setuid / setgid / chown by a user without those rights ----------------------------------------
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 3: Create passes mode 04755 through (server runs as root)"
-)
 def test_create_setuid_mode_is_not_honoured(shared_server: AttackServer) -> None:
     srv = shared_server
     with srv.client("bob") as c:
@@ -58,7 +55,6 @@ def test_create_setuid_mode_is_not_honoured(shared_server: AttackServer) -> None
             assert not mode & SETID, f"Create gave bob a set-id file: mode {mode:o}, uid {uid}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 3: SetAttr(mode=06755) sets setuid+setgid")
 def test_setattr_setid_mode_is_not_honoured(shared_server: AttackServer) -> None:
     srv = shared_server
     with srv.client("bob") as c:
@@ -68,7 +64,6 @@ def test_setattr_setid_mode_is_not_honoured(shared_server: AttackServer) -> None
     assert not mode & SETID, f"SetAttr gave bob a set-id file: mode {mode:o}, uid {uid}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 3: SetAttr(uid=0, mode=06755) makes a setuid root file")
 def test_setattr_uid0_setid_gives_no_root_file(shared_server: AttackServer) -> None:
     srv = shared_server
     with srv.client("bob") as c:
@@ -82,7 +77,6 @@ def test_setattr_uid0_setid_gives_no_root_file(shared_server: AttackServer) -> N
     assert (uid, gid) == before[1:], f"bob changed the owner: {before[1:]} -> {(uid, gid)}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 3: SetAttr(uid=4242) gives a file to any account")
 def test_setattr_foreign_owner_is_refused(shared_server: AttackServer) -> None:
     srv = shared_server
     with srv.client("bob") as c:
@@ -122,9 +116,6 @@ def bare_server() -> Iterator[AttackServer]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 3: server.yaml has no run_as/may_chown/may_setid/umask yet"
-)
 def test_privilege_model_config_maps_users_to_accounts() -> None:
     """Accepted config; files bob creates belong to his account and honour the export's umask."""
     with bare_server() as srv:
@@ -139,9 +130,6 @@ def test_privilege_model_config_maps_users_to_accounts() -> None:
 
 
 @pytest.mark.skipif(not ROOT, reason="the mapped account's permissions only differ from ours as root")
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 3: file operations run as root, not as the user's account"
-)
 def test_privilege_model_os_permissions_apply_beneath_acl() -> None:
     """A root-owned 0600 file in bob's own prefix: his account (nobody) may not read it."""
     with bare_server() as srv:
@@ -157,7 +145,6 @@ def test_privilege_model_os_permissions_apply_beneath_acl() -> None:
 
 
 @pytest.mark.skipif(not ROOT, reason="only a server started as root must refuse")
-@pytest.mark.xfail(strict=True, reason="issue 9 item 3: etfs-server starts as root without any user mapping")
 def test_refuses_to_start_as_root_without_run_as() -> None:
     with bare_server() as srv:
         doc = srv.config_doc(privileges=False)

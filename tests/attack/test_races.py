@@ -114,7 +114,6 @@ def _assert_never(won: str | None, elapsed: float, n: int, stats: SwapStats) -> 
 
 
 # --- read alice's file ------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 9 item 1: Open re-resolves the path after the ACL check")
 def test_race_open_read_of_alice_file(fresh_server: AttackServer) -> None:
     srv = fresh_server
 
@@ -149,7 +148,6 @@ def _ro_unchanged(srv: AttackServer) -> Callable[[], str | None]:
     return check
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 1: Create re-resolves the path after the ACL check")
 def test_race_create_write_into_readonly(fresh_server: AttackServer) -> None:
     srv = fresh_server
 
@@ -169,9 +167,6 @@ def test_race_create_write_into_readonly(fresh_server: AttackServer) -> None:
 
 
 # --- /private: stat, list, read -------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 1: Stat/List/Open re-resolve the path after the ACL check"
-)
 def test_race_stat_list_read_of_private(fresh_server: AttackServer) -> None:
     srv = fresh_server
     private_ino = srv.path("/private/passwords").stat().st_ino
