@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 import trio
 
+from etfs.procs import pid_alive
 from etfs.protocol import messages as m
 
 from .engine import ClientTransfer, TransferEngine
@@ -124,11 +125,36 @@ def running_mounts() -> list[dict[str, Any]]:
                 continue
             if not isinstance(info.get("servers"), dict):
                 continue
-            os.kill(int(info["pid"]), 0)
+            if not pid_alive(int(info["pid"])):
+                continue
         except (OSError, ValueError, KeyError, TypeError):
             continue
         out.append(info)
     return out
+
+
+def forget_dead_daemons(reg: Path | None = None) -> list[Path]:
+    """Remove the registry entries (``PID.json``, ``PID.sock``) of daemons that are dead.
+
+    Dead means `pid_alive` says so: gone, or a zombie nobody reaped yet (after kill -9).
+    Used when a daemon starts and by `etfs umount`; returns what was removed.
+    """
+    d = registry_dir() if reg is None else reg
+    try:
+        check_private_dir(d)
+        entries = list(d.glob("*.json")) + list(d.glob("*.sock"))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        try:
+            pid = int(entry.stem)
+        except ValueError:
+            continue
+        if not pid_alive(pid):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 @dataclass(frozen=True)
