@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,6 +71,8 @@ class ClientTransfer:
     started: float = field(default_factory=time.time)
     finished: float = 0.0
     server_transfer_id: str = ""
+    # After a cancel: did every server involved confirm the transfer stopped?  (None: no cancel)
+    cancel_confirmed: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,9 +125,17 @@ class TransferEngine:
         self.changed = trio.Event()
 
     # --- bookkeeping ------------------------------------------------------------------------------
-    def _new(self, source: str, destination: str, **kw: Any) -> ClientTransfer:
+    def _new(
+        self,
+        source: str,
+        destination: str,
+        on_record: Callable[[ClientTransfer], None] | None = None,
+        **kw: Any,
+    ) -> ClientTransfer:
         tid = f"c{os.getpid()}-{next(self._ids)}"
         t = ClientTransfer(id=tid, source=source, destination=destination, **kw)
+        if on_record is not None:
+            on_record(t)
         self.transfers[tid] = t
         finished = [x for x in self.transfers.values() if x.state in TERMINAL]
         for old in sorted(finished, key=lambda x: x.finished)[: max(0, len(finished) - KEEP_FINISHED)]:
@@ -166,8 +176,13 @@ class TransferEngine:
         verify: bool | None = None,
         preserve_times: bool = False,
         policy: str | None = None,
+        on_record: Callable[[ClientTransfer], None] | None = None,
     ) -> ClientTransfer:
-        """Copy one file between (or within) servers: the finished record, or `TransferFailed`."""
+        """Copy one file between (or within) servers: the finished record, or `TransferFailed`.
+
+        ``on_record`` is called with every record the copy creates (a fallback to a relay makes a
+        second one), so a caller whose task is cancelled can still tell how the copy ended.
+        """
         opts = self.config.transfer_for(src_server, dst_server)
         opts = TransferDefaults(
             streams=streams or opts.streams,
@@ -179,12 +194,16 @@ class TransferEngine:
         spec = CopySpec(src_server, src_path, dst_server, dst_path, mode, opts, preserve_times)
         source, destination = f"{src_server}:{src_path}", f"{dst_server}:{dst_path}"
         if src_server == dst_server:
-            t = self._new(source, destination, kind="local", mode=mode, streams=0, direction="local")
+            t = self._new(
+                source, destination, on_record, kind="local", mode=mode, streams=0, direction="local"
+            )
             return await self._guard(t, self._local(t, spec))
         if opts.third_party == "never":
-            t = self._new(source, destination, kind="relay", mode=mode, direction="client")
+            t = self._new(source, destination, on_record, kind="relay", mode=mode, direction="client")
             return await self._guard(t, self._relay(t, spec))
-        t = self._new(source, destination, mode=mode, streams=opts.streams, direction=opts.direction)
+        t = self._new(
+            source, destination, on_record, mode=mode, streams=opts.streams, direction=opts.direction
+        )
         try:
             return await self._guard(t, self._third_party(t, spec))
         except TransferFailed as exc:
@@ -196,7 +215,7 @@ class TransferEngine:
                     exc.strerror,
                 )
                 t.reason = f"fell back to a copy through the client: {exc.strerror}"
-                r = self._new(source, destination, kind="relay", mode=mode, direction="client")
+                r = self._new(source, destination, on_record, kind="relay", mode=mode, direction="client")
                 return await self._guard(r, self._relay(r, spec))
             raise
 
@@ -205,7 +224,14 @@ class TransferEngine:
         try:
             await work
         except trio.Cancelled:
-            self._end(t, "cancelled", "cancelled by the client")
+            # (the destination may have finished before the cancel reached it: then it is done)
+            if t.state != "done":
+                if t.cancel_confirmed is None:
+                    # A relay stops with our own task; a same-server copy is the server's to finish.
+                    t.cancel_confirmed = t.kind == "relay"
+                    if t.kind == "local":
+                        t.reason = "cancelled; the server finishes a same-server copy on its own"
+                self._end(t, "cancelled", t.reason or "cancelled by the client")
             raise
         except TransferFailed as exc:
             self._end(t, "failed", exc.strerror or str(exc))
@@ -359,18 +385,41 @@ class TransferEngine:
                     return
                 if info.state == "failed":
                     raise TransferFailed(info.errno or errno.EIO, info.reason or "transfer failed")
-        except BaseException:
+        except BaseException as exc:
+            # Stop it on the destination (which closes the data connections, so the source stops
+            # too) and wait until it did: the server answers once the transfer is over, its part
+            # file and journal kept for a resume.
+            final: m.TransferInfo | None = None
+            problem = "no answer in 3 s"
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
-                    await dst.call(
+                    final = await dst.call(
                         m.TransferCancel,
-                        None,
+                        m.TransferInfo,
                         transfer_id=cap.transfer_id,
                         reason="cancelled by the client",
                     )
-                except OSError:
-                    pass
+                except OSError as err:
+                    problem = err.strerror or str(err)
+            if isinstance(exc, trio.Cancelled):
+                self._after_cancel(t, dst.name, final, problem)
             raise
+
+    def _after_cancel(
+        self, t: ClientTransfer, dst_name: str, info: m.TransferInfo | None, problem: str
+    ) -> None:
+        """Record what a cancelled third-party transfer's destination said about its end."""
+        if info is None or info.state not in TERMINAL:
+            t.cancel_confirmed = False
+            t.reason = f"cancelled; {dst_name} did not confirm that the transfer stopped ({problem})"
+            log.warning("transfer %s: %s", t.id, t.reason)
+        elif info.state == "done":
+            # Finished before the cancel arrived: the file is complete, and we say so.
+            t.bytes_done, t.digest, t.cancel_confirmed = info.bytes_done, info.digest, True
+            self._end(t, "done", "finished before the cancel reached the destination")
+        else:
+            t.bytes_done, t.cancel_confirmed = info.bytes_done, True
+            t.reason = "cancelled by the client; the part file is kept for a resume"
 
     async def _relay(self, t: ClientTransfer, spec: CopySpec) -> None:
         """Copy through the client: pipelined reads from the source, writes into a part file."""
