@@ -34,7 +34,7 @@ AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
 
 PARALLEL_FILES = 4
 # Hidden files of copies in progress (server transfers, relays, local copies): never copied.
-PARTIAL = re.compile(r"^\..*\.etfs-(part(\.journal|\.restart)?|relay-[0-9a-f]+|local-[0-9a-f]+)$")
+PARTIAL = re.compile(r"^\..*\.etfs-(part(\.journal|\.restart)?|relay(-[0-9a-f]+|\.id)?|local-[0-9a-f]+)$")
 
 
 # After Ctrl-C: how long to wait for the mount daemon to confirm the servers stopped.

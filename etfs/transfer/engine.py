@@ -21,7 +21,6 @@ import errno
 import itertools
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -92,9 +91,19 @@ class CopySpec:
 
 
 def relay_part_name(path: str) -> str:
-    """A hidden name beside ``path`` for a relay copy (its own: a server transfer may run too)."""
+    """The hidden part file beside ``path`` of a relay copy (its own: a server transfer may run too).
+
+    Always the same name, so that the next copy into ``path`` finds what a broken relay left:
+    it resumes it when the source is the same file (`relay_id_name` says which), removes it
+    otherwise, and a successful server-to-server copy into ``path`` removes it too.
+    """
     parent, _, name = path.rpartition("/")
-    return f"{parent}/.{name}.etfs-relay-{secrets.token_hex(4)}"
+    return f"{parent}/.{name}.etfs-relay"
+
+
+def relay_id_name(path: str) -> str:
+    """Beside the relay part file: which source file (and version) it holds the start of."""
+    return relay_part_name(path) + ".id"
 
 
 @contextlib.contextmanager
@@ -116,6 +125,13 @@ def single_errors() -> Iterator[None]:
         raise first from None
 
 
+def is_cancellation(exc: BaseException) -> bool:
+    """`trio.Cancelled`, or a group of nothing else (what a cancelled nursery raises)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
+
+
 class TransferEngine:
     def __init__(self, pool: Pool, config: ClientConfig) -> None:
         self.pool = pool
@@ -123,6 +139,7 @@ class TransferEngine:
         self.transfers: dict[str, ClientTransfer] = {}
         self._ids = itertools.count(1)
         self.changed = trio.Event()
+        self._relaying: set[tuple[str, str]] = set()  # (server, path) of relays running now
 
     # --- bookkeeping ------------------------------------------------------------------------------
     def _new(
@@ -223,7 +240,15 @@ class TransferEngine:
         """Run one copy coroutine; turn every outcome into a final state on the record."""
         try:
             await work
-        except trio.Cancelled:
+        except TransferFailed as exc:
+            self._end(t, "failed", exc.strerror or str(exc))
+            raise
+        except OSError as exc:
+            self._end(t, "failed", exc.strerror or str(exc))
+            raise TransferFailed(exc.errno or errno.EIO, exc.strerror or str(exc)) from None
+        except BaseException as exc:
+            if not is_cancellation(exc):
+                raise
             # (the destination may have finished before the cancel reached it: then it is done)
             if t.state != "done":
                 if t.cancel_confirmed is None:
@@ -233,12 +258,6 @@ class TransferEngine:
                         t.reason = "cancelled; the server finishes a same-server copy on its own"
                 self._end(t, "cancelled", t.reason or "cancelled by the client")
             raise
-        except TransferFailed as exc:
-            self._end(t, "failed", exc.strerror or str(exc))
-            raise
-        except OSError as exc:
-            self._end(t, "failed", exc.strerror or str(exc))
-            raise TransferFailed(exc.errno or errno.EIO, exc.strerror or str(exc)) from None
         if t.state not in TERMINAL:
             self._end(t, "done")
         return t
@@ -274,6 +293,7 @@ class TransferEngine:
             attempt += 1
             try:
                 await self._third_party_once(t, src, dst, spec, mode)
+                await self._forget_relay(spec.dst_server, spec.dst_path)
                 return
             except (ConnectionLost, RemoteError, TransferFailed) as exc:
                 # Worth another try: our control connection broke (the destination stopped the
@@ -401,7 +421,7 @@ class TransferEngine:
                     )
                 except OSError as err:
                     problem = err.strerror or str(err)
-            if isinstance(exc, trio.Cancelled):
+            if is_cancellation(exc):
                 self._after_cancel(t, dst.name, final, problem)
             raise
 
@@ -422,9 +442,16 @@ class TransferEngine:
             t.reason = "cancelled by the client; the part file is kept for a resume"
 
     async def _relay(self, t: ClientTransfer, spec: CopySpec) -> None:
-        """Copy through the client: pipelined reads from the source, writes into a part file."""
+        """Copy through the client: pipelined reads from the source, in-order writes into a part
+        file (`relay_part_name`) renamed into place at the end.
+
+        A broken relay (daemon killed, server gone, Ctrl-C) leaves the part file and its
+        identity record: the next copy into the same destination resumes it after checking
+        (digests computed by each server) that the bytes there match the source, or starts
+        over.  Writes go in order, so the part file's size says how far it got.
+        """
         src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
-        src_path, dst_path, mode, opts = spec.src_path, spec.dst_path, spec.mode, spec.opts
+        src_path, dst_path, mode = spec.src_path, spec.dst_path, spec.mode
         if mode == "skip-existing" and await self._skip_check(src, src_path, dst, dst_path) == "skipped":
             self._end(t, "skipped", "destination has the same size, time and digest")
             return
@@ -436,19 +463,52 @@ class TransferEngine:
                     raise
             else:
                 raise TransferFailed(errno.EEXIST, f"destination {dst_path} exists (mode new)")
+        key = (spec.dst_server, dst_path)
+        if key in self._relaying:
+            raise TransferFailed(errno.EBUSY, f"another copy through the client into {dst_path} is running")
+        self._relaying.add(key)
+        try:
+            await self._relay_locked(t, spec, src, dst)
+        finally:
+            self._relaying.discard(key)
+
+    async def _relay_locked(
+        self, t: ClientTransfer, spec: CopySpec, src: ServerClient, dst: ServerClient
+    ) -> None:
+        src_path, dst_path, mode, opts = spec.src_path, spec.dst_path, spec.mode, spec.opts
         sfile = await src.call(m.Open, m.Opened, path=src_path, flags=os.O_RDONLY)
         size = sfile.attr.size
         t.bytes_total = size
-        part = relay_part_name(dst_path)
+        part, id_path = relay_part_name(dst_path), relay_id_name(dst_path)
+        identity = msgspec.json.encode(
+            {
+                "source": f"{spec.src_server}:{src_path}",
+                "size": size,
+                "ino": sfile.attr.ino,
+                "mtime_ns": sfile.attr.mtime_ns,
+                "ctime_ns": sfile.attr.ctime_ns,
+            }
+        )
         dfile: m.Opened | None = None
         digest = xxhash.xxh3_128()
+        keep = True  # a failure keeps the part file for a resume, unless it is worthless
         ok = False
         try:
-            dfile = await dst.call(m.Create, m.Opened, path=part, mode=0o644, flags=os.O_WRONLY | os.O_EXCL)
+            start = 0 if mode == "new" else await self._relay_resumable(src, dst, spec, size, identity)
+            if start:
+                dfile = await dst.call(m.Open, m.Opened, path=part, flags=os.O_WRONLY)
+                log.info("relay %s: resuming %s with %d of %d bytes already there", t.id, part, start, size)
+            else:
+                await _unlink_quietly(dst, id_path)
+                dfile = await dst.call(
+                    m.Create, m.Opened, path=part, mode=0o600, flags=os.O_WRONLY | os.O_TRUNC
+                )
+                await _write_small(dst, id_path, identity)
+            t.bytes_done = start
             results: dict[int, bytes] = {}
             ready = trio.Condition()
-            offsets = list(range(0, size, RELAY_BLOCK))
-            next_write = [0]  # readers stay at most RELAY_INFLIGHT blocks ahead of the writer
+            offsets = list(range(start, size, RELAY_BLOCK))
+            next_write = [start]  # readers stay at most RELAY_INFLIGHT blocks ahead of the writer
 
             async def reader(offs: list[int]) -> None:
                 for off in offs:
@@ -457,7 +517,7 @@ class TransferEngine:
                             await ready.wait()
                     data = await src.call(m.Read, bytes, handle=sfile.handle, offset=off, size=RELAY_BLOCK)
                     if len(data) != min(RELAY_BLOCK, size - off):
-                        raise TransferFailed(errno.EIO, f"source {src_path} changed size during the copy")
+                        raise _SourceChanged(errno.ESTALE, f"source {src_path} changed size during the copy")
                     async with ready:
                         results[off] = data
                         ready.notify_all()
@@ -477,17 +537,30 @@ class TransferEngine:
                     t.bytes_via_client += len(data)
                     self._notify()
 
-            with single_errors():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(writer)
-                    for k in range(RELAY_INFLIGHT):
-                        nursery.start_soon(reader, offsets[k::RELAY_INFLIGHT])
+            try:
+                with single_errors():
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(writer)
+                        for k in range(RELAY_INFLIGHT):
+                            nursery.start_soon(reader, offsets[k::RELAY_INFLIGHT])
+                now = await src.call(m.Stat, m.Attr, path=src_path)
+                if (now.size, now.ino, now.mtime_ns, now.ctime_ns) != (
+                    size,
+                    sfile.attr.ino,
+                    sfile.attr.mtime_ns,
+                    sfile.attr.ctime_ns,
+                ):
+                    raise _SourceChanged(errno.ESTALE, f"source {src_path} changed during the copy")
+            except _SourceChanged as exc:
+                keep = False
+                raise TransferFailed(exc.errno, exc.strerror) from None
             await dst.call(m.Fsync, None, handle=dfile.handle)
             if opts.verify:
-                theirs = await dst.call(m.Checksum, str, path=part)
+                theirs = await dst.call(m.Checksum, str, path=part, offset=start)
                 if theirs != digest.hexdigest():
+                    keep = False
                     raise TransferFailed(errno.EIO, "verification failed: the destination's digest differs")
-                t.digest = "xxh3-128:" + theirs
+                t.digest = "xxh3-128:" + (theirs if not start else await dst.call(m.Checksum, str, path=part))
             if spec.preserve_times or mode == "skip-existing":
                 mtime = sfile.attr.mtime_ns
                 await dst.call(m.SetAttr, m.Attr, path=part, atime_ns=mtime, mtime_ns=mtime)
@@ -501,11 +574,76 @@ class TransferEngine:
                         await client.call(m.Close, None, handle=h)
                     except OSError:
                         pass
-                if not ok and dfile is not None:
-                    try:
-                        await dst.call(m.Unlink, None, path=part)
-                    except OSError:
-                        pass
+                if ok or not keep:
+                    if not ok:
+                        await _unlink_quietly(dst, part)
+                    await _unlink_quietly(dst, id_path)
+
+    async def _relay_resumable(
+        self, src: ServerClient, dst: ServerClient, spec: CopySpec, size: int, identity: bytes
+    ) -> int:
+        """Bytes of a previous relay's part file that can be kept (0: start over).
+
+        Kept: whole blocks, when the identity record names this very source file (path, size,
+        inode, modification and change times) and, with verification on, the two servers'
+        digests of that range agree.
+        """
+        part, id_path = relay_part_name(spec.dst_path), relay_id_name(spec.dst_path)
+        try:
+            old = await _read_small(dst, id_path)
+            have = (await dst.call(m.Stat, m.Attr, path=part)).size
+        except RemoteError as exc:
+            if exc.errno == errno.ENOENT:
+                return 0
+            raise
+        if old != identity:
+            log.info("relay into %s: removing a part file of another source file or version", spec.dst_path)
+            return 0
+        start = min(have, size) // RELAY_BLOCK * RELAY_BLOCK
+        if start and spec.opts.verify:
+            mine = await src.call(m.Checksum, str, path=spec.src_path, offset=0, length=start)
+            theirs = await dst.call(m.Checksum, str, path=part, offset=0, length=start)
+            if mine != theirs:
+                log.warning("relay into %s: the part file differs from the source; starting over", part)
+                return 0
+        return start
+
+    async def _forget_relay(self, server: str, path: str) -> None:
+        """A copy into ``path`` succeeded otherwise: what a broken relay left there is abandoned."""
+        if (server, path) in self._relaying:
+            return
+        dst = self.pool[server]
+        for name in (relay_part_name(path), relay_id_name(path)):
+            await _unlink_quietly(dst, name)
 
     def status(self) -> list[dict[str, Any]]:
         return [t.as_dict() for t in self.transfers.values()]
+
+
+class _SourceChanged(OSError):
+    """The relay's source changed under it: its part file is worthless."""
+
+
+async def _unlink_quietly(client: ServerClient, path: str) -> None:
+    try:
+        await client.call(m.Unlink, None, path=path)
+    except OSError:
+        pass
+
+
+async def _read_small(client: ServerClient, path: str, limit: int = 65536) -> bytes:
+    f = await client.call(m.Open, m.Opened, path=path, flags=os.O_RDONLY)
+    try:
+        return await client.call(m.Read, bytes, handle=f.handle, offset=0, size=limit)
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.call(m.Close, None, handle=f.handle)
+
+
+async def _write_small(client: ServerClient, path: str, data: bytes) -> None:
+    f = await client.call(m.Create, m.Opened, path=path, mode=0o600, flags=os.O_WRONLY | os.O_TRUNC)
+    try:
+        await client.call(m.Write, int, handle=f.handle, offset=0, data=data)
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.call(m.Close, None, handle=f.handle)
