@@ -24,6 +24,7 @@ __all__ = [
     "noreplace",
     "parse_code",
     "part_paths",
+    "relay_id_name",
     "relay_part_name",
     "same_version",
 ]
@@ -111,7 +112,7 @@ def parse_code(text: str) -> FailureCode | None:
 PART_SUFFIX = ".etfs-part"
 # Every such name (server transfer part, restart record and journal; relay; local copy):
 # tools that walk a tree (`etfs cp -r`) skip them.
-WORK_FILE = re.compile(r"^\..*\.etfs-(part(\.journal|\.restart)?|relay-[0-9a-f]+|local-[0-9a-f]+)$")
+WORK_FILE = re.compile(r"^\..*\.etfs-(part(\.journal|\.restart)?|relay(-[0-9a-f]+|\.id)?|local-[0-9a-f]+)$")
 
 
 def part_paths(path: str) -> tuple[str, str, str]:
@@ -122,9 +123,19 @@ def part_paths(path: str) -> tuple[str, str, str]:
 
 
 def relay_part_name(path: str) -> str:
-    """A hidden name beside ``path`` for a relay copy (its own: a server transfer may run too)."""
+    """The hidden part file beside ``path`` of a relay copy (its own: a server transfer may run too).
+
+    Always the same name, so that the next copy into ``path`` finds what a broken relay left:
+    it resumes it when the source is the same file (`relay_id_name` says which), removes it
+    otherwise, and a successful server-to-server copy into ``path`` removes it too.
+    """
     parent, name = posixpath.split(path)
-    return posixpath.join(parent, f".{name}.etfs-relay-{secrets.token_hex(4)}")
+    return posixpath.join(parent, f".{name}.etfs-relay")
+
+
+def relay_id_name(path: str) -> str:
+    """Beside the relay part file: which source file (and version) it holds the start of."""
+    return relay_part_name(path) + ".id"
 
 
 def local_part_name(name: str) -> str:
