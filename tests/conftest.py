@@ -318,6 +318,15 @@ class Env:
 @pytest.fixture(scope="module")
 def etfs_env(tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> Iterator[Env]:
     """Two servers (jive, onsala) and one mount with per-server mountpoints, for a whole module."""
+    with make_env(tmp_path_factory, key_file) as e:
+        yield e
+
+
+@contextmanager
+def make_env(
+    tmp_path_factory: pytest.TempPathFactory, key_file: Path, client_extra: str = ""
+) -> Iterator[Env]:
+    """Two servers (jive, onsala) and one mount; ``client_extra``: more mountpoints.yaml lines."""
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
         pytest.skip("needs /dev/fuse and fusermount3")
     servers: dict[str, Server] = {}
@@ -343,7 +352,9 @@ def etfs_env(tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> Iterat
         base = tmp_path_factory.mktemp("mount")
         root = base / "mnt" / ".etfs"
         mps = {n: base / "mnt" / n for n in servers}
-        cfg = write_client_config(base / "mountpoints.yaml", list(servers.values()), key_file, root, mps)
+        cfg = write_client_config(
+            base / "mountpoints.yaml", list(servers.values()), key_file, root, mps, client_extra
+        )
         mount = Mount(cfg, root, mps, base / "mount.log")
         mount.start()
         yield Env(servers, mount)

@@ -46,7 +46,7 @@ def test_blocks_arrive_whole_with_their_digest(
     t.journal_fd = os.open(tmp_path / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     src_fd = os.open(src, os.O_RDONLY)
     a, b = _tcp_pair()
-    served: list[int | BaseException] = []
+    served: list[tuple[int, bool] | BaseException] = []
 
     def source() -> None:
         try:
@@ -64,7 +64,7 @@ def test_blocks_arrive_whole_with_their_digest(
             os.close(fd)
         a.close()
         b.close()
-    assert served == [size]
+    assert served == [(size, True)]  # all bytes, and the destination said it has every block
     assert (tmp_path / "part").read_bytes() == data
     assert rec.bytes_done == size
     want = [xxhash.xxh3_64_intdigest(data[i * block : (i + 1) * block]) if verify else 0 for i in range(4)]

@@ -14,7 +14,10 @@ import socket
 import ssl
 from typing import Any
 
+import msgspec
+
 from etfs.protocol import data as d
+from etfs.protocol.transfer import FailureCode
 
 from ..config import ServerConfig
 from ..peers import PeerRefused, connect
@@ -134,18 +137,50 @@ class DataLinks:
             log.warning("data connection to %s refused: not in transfer.peers", host)
             raise TransferError(errno.EACCES, exc.strerror or str(exc)) from None
 
-    def connect(self, host: str, port: int, tls: bool) -> socket.socket:
-        """A data connection to another server's data port (blocking, bounded by timeouts).
+    def open(self, host: str, port: int, tls: bool, secret: bytes, hello: d.DataHello) -> socket.socket:
+        """A data connection to another server's data port: greeting checked, ``hello`` sent.
 
-        Only to addresses `transfer.peers` allows (PeerRefused otherwise).
+        Only to addresses `transfer.peers` allows (EACCES otherwise), and nothing but the
+        opener (magic, key id, nonce: nothing a client chose) is sent until the listener
+        proved it knows ``secret``; then ``hello``, with our proof.  Whatever keeps
+        a proven etfs data port from answering (refused, timed out, unreachable, something
+        else listening, TLS failing) is one and the same error: the client who named the
+        address learns nothing about the network behind it.
         """
-        sock = connect(self.config.peers, host, port, CONNECT_TIMEOUT)
+        try:
+            sock = connect(self.config.peers, host, port, CONNECT_TIMEOUT)
+        except PeerRefused as exc:
+            log.warning("data connection to %s refused: not allowed by transfer.peers", host)
+            raise TransferError(errno.EACCES, exc.strerror or str(exc)) from None
+        except OSError as exc:
+            log.info("data connection to %s:%d: %s", host, port, exc)
+            raise no_data_port(host, port) from None
         try:
             sock.settimeout(None)
-            set_timeouts(sock, self.config.data_timeout)
+            set_timeouts(sock, CONNECT_TIMEOUT)
             if tls:
                 sock = self.tls_client.wrap_socket(sock)
+            first, nonce = d.opener(secret)
+            send(sock, first)
+            proof = d.check_greeting(secret, nonce, recv_exact(sock, d.GREETING.size))
+            set_timeouts(sock, self.config.data_timeout)
+            send(sock, d.encode(msgspec.structs.replace(hello, proof=proof)))
+        except LookupError:
+            sock.close()
+            raise TransferError(
+                errno.EACCES, "capability refused: not known at its data port", FailureCode.CAPABILITY_REFUSED
+            ) from None
+        except (OSError, d.DataProtocolError) as exc:
+            sock.close()
+            log.info("data connection to %s:%d: no etfs greeting: %s", host, port, exc)
+            raise no_data_port(host, port) from None
         except BaseException:
             sock.close()
             raise
         return sock
+
+
+def no_data_port(host: str, port: int) -> TransferError:
+    return TransferError(
+        errno.EHOSTUNREACH, f"no etfs data port answered at {host}:{port}", FailureCode.PEER_UNREACHABLE
+    )

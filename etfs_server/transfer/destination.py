@@ -130,6 +130,7 @@ class DestinationTransfer:
         self.lock = threading.Lock()
         self.sockets: list[socket.socket] = []
         self.cancelled = False
+        self.stale = False  # a stream saw the source change: the transfer fails, whatever arrived
         self.changed = trio.Event()
         self.finished = trio.Event()
         self.push_sockets: trio.MemorySendChannel[socket.socket] | None = None
@@ -180,6 +181,13 @@ class DestinationTransfer:
         for dig in self.digests:
             h.update((dig or 0).to_bytes(8, "big"))
         return "xxh3-64-tree:" + h.hexdigest()
+
+    def source_changed(self) -> TransferError:
+        """Any stale signal on any stream fails the whole transfer (no other stream fills in)."""
+        self.stale = True
+        if self.queue is not None:
+            self.queue.close()
+        return TransferError(errno.ESTALE, f"source {self.cap.path} changed during the transfer")
 
     def cancel(self, reason: str, code: int) -> None:
         if self.rec.state in TERMINAL or self.cancelled:
@@ -359,7 +367,7 @@ class DestinationTransfer:
                 offset, length = self.block_range(index)
                 got_off, got_len, status = d.BLOCK.unpack(recv_exact(sock, d.BLOCK.size))
                 if status == d.STATUS_STALE:
-                    raise TransferError(errno.ESTALE, f"source {self.cap.path} changed during the transfer")
+                    raise self.source_changed()
                 if status or got_off != offset or got_len != length:
                     raise TransferError(errno.EIO, f"source refused block at {offset} (status {status})")
                 ours: int | None = None
@@ -380,7 +388,9 @@ class DestinationTransfer:
                     native.splice_recv(sock.fileno(), self.part_fd, offset, length, pipe)
                 else:
                     native.recv_write(sock.fileno(), self.part_fd, offset, length, buf)
-                (theirs,) = d.DIGEST.unpack(recv_exact(sock, d.DIGEST.size))
+                theirs, after = d.TRAILER.unpack(recv_exact(sock, d.TRAILER.size))
+                if after == d.STATUS_STALE:
+                    raise self.source_changed()
                 if self.verify:
                     if ours is None:
                         # Spliced: read the block back from the page cache to hash it.
@@ -415,7 +425,9 @@ class DestinationTransfer:
                     pass  # only a hint (some filesystems refuse it)
                 self.block_done(index, ours)
                 queue.done()
-            send(sock, d.REQUEST.pack(0, 0, d.FLAG_DONE))
+            # FLAG_END: every block is here, the source may forget the capability.
+            end = d.FLAG_END if not self.stale and not self.missing() else 0
+            send(sock, d.REQUEST.pack(0, 0, d.FLAG_DONE | end))
         finally:
             if pipe is not None:
                 pipe.close()
@@ -525,6 +537,8 @@ class DestinationTransfer:
                     streams.start_soon(one_stream, i)
             progress_task_done.set()
         missing = self.missing()
+        if self.stale:
+            raise TransferError(errno.ESTALE, f"source {self.cap.path} changed during the transfer")
         if missing:
             if self.cancelled:
                 raise TransferError(self.rec.errno or errno.EINTR, self.rec.reason or "cancelled")

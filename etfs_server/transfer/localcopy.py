@@ -9,6 +9,7 @@ import os
 from etfs.protocol.transfer import CopyMode, TransferState, part_paths, same_version
 
 from ..exports import ExportRoot
+from .capabilities import file_identity
 from .destination import remove_quietly, rename_into_place
 from .errors import TransferError
 from .records import Record
@@ -46,7 +47,7 @@ def copy_within(
                     break
                 pos += n
             now = os.fstat(sfd)
-            if pos != s.st_size or (now.st_size, now.st_mtime_ns) != (s.st_size, s.st_mtime_ns):
+            if pos != s.st_size or file_identity(now) != file_identity(s):
                 raise TransferError(errno.ESTALE, f"source {src} changed during the copy")
             if preserve_times or mode == CopyMode.SKIP_EXISTING:
                 # so that the next skip-existing run recognises the copy

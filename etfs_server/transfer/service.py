@@ -12,7 +12,6 @@ import logging
 import re
 import secrets
 import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,7 +26,7 @@ from ..acl import Right
 from ..config import ServerConfig
 from ..exports import ExportRoot
 from ..handlers import Session
-from .datapath import DataLinks, send
+from .datapath import DataLinks
 from .destination import MAX_SIZE, DestinationTransfer, Settings, block_size_for
 from .errors import TransferError, failure_code
 from .listener import DataListener
@@ -60,9 +59,10 @@ class TransferService:
         self.roots = roots
         self.links = DataLinks(config)
         self.data_threads = trio.CapacityLimiter(config.max_transfers * config.max_streams * 2 + 8)
+        self.by_ticket: dict[bytes, DestinationTransfer] = {}  # push transfers by key id of their ticket
         self.source = SourceRole(config, roots, self.links, self.data_threads)
         self.listener = DataListener(
-            self.links, self.source, self._find, self.data_threads, config.data_timeout
+            self.links, self.source, self.by_ticket.get, self.data_threads, config.data_timeout
         )
         self.store = RecordStore(config.state_dir)
         self.records: dict[str, Record] = {r.id: r for r in self.store.load_all()}
@@ -78,9 +78,6 @@ class TransferService:
                 rec.fail(errno.EINTR, "server restarted during the transfer", FailureCode.CANCELLED)
                 rec.finished = time.time()
                 self.store.save(rec)
-
-    def _find(self, transfer_id: str) -> DestinationTransfer | None:
-        return self.active.get(transfer_id)
 
     async def start(self, nursery: trio.Nursery, data_port: int) -> None:
         self._nursery = self.source.nursery = nursery
@@ -119,6 +116,9 @@ class TransferService:
         tid = req.transfer_id or cap.transfer_id
         if not TRANSFER_ID.fullmatch(tid):
             raise TransferError(errno.EINVAL, "a transfer id is 1-64 letters, digits, '-' or '_'")
+        if tid != cap.transfer_id:
+            # A capability means one transfer: the source refuses any other id anyway.
+            raise TransferError(errno.EINVAL, "the transfer id must be the capability's")
         if tid in self.active or tid in self.records:
             raise TransferError(errno.EEXIST, f"transfer {tid} exists already")
         if direction == Direction.PULL:
@@ -181,6 +181,7 @@ class TransferService:
         rec.streams = min(rec.streams, todo) if todo else 0
         if direction == Direction.PUSH:
             t.push_sockets, t.push_receive = trio.open_memory_channel[socket.socket](max(1, rec.streams))
+            self.by_ticket[d.key_id(t.ticket)] = t
         self.store.save(rec)
         assert self._nursery is not None
         self._nursery.start_soon(
@@ -200,23 +201,11 @@ class TransferService:
     def _connect_source(self, t: DestinationTransfer, stream: int) -> socket.socket:
         """One pull data connection to the source, past its answer to our hello (blocking)."""
         cap = t.cap
+        if not cap.secret:
+            raise TransferError(errno.EACCES, "capability refused: it carries no secret")
+        hello = d.DataHello("pull", cap.token, cap.transfer_id, stream, b"", t.rec.destination, t.rec.streams)
+        sock = self.links.open(cap.data_host, cap.data_port, cap.data_tls, cap.secret, hello)
         try:
-            sock = self.links.connect(cap.data_host, cap.data_port, cap.data_tls)
-        except ssl.SSLError as exc:
-            raise TransferError(errno.EACCES, f"TLS with the source's data port failed: {exc}") from None
-        except OSError as exc:
-            raise TransferError(
-                exc.errno or errno.EHOSTUNREACH,
-                f"cannot connect to the source's data port {cap.data_host}:{cap.data_port}: "
-                f"{exc.strerror or exc}",
-            ) from None
-        try:
-            send(
-                sock,
-                d.encode(
-                    d.DataHello(kind="pull", token=cap.token, transfer_id=cap.transfer_id, stream=stream)
-                ),
-            )
             t.expect_ready(sock)
         except BaseException:
             sock.close()
@@ -236,6 +225,7 @@ class TransferService:
     def _release(self, t: DestinationTransfer) -> None:
         """Forget a transfer that is over: its id, its destination claim, its sockets."""
         self.active.pop(t.rec.id, None)
+        self.by_ticket.pop(d.key_id(t.ticket), None)
         if self.by_path.get((t.rec.export, t.rec.path)) == t.rec.id:
             del self.by_path[(t.rec.export, t.rec.path)]
         if t.push_sockets is not None:

@@ -22,13 +22,12 @@ import xxhash
 from etfs import _sendfile_cffi as native
 from etfs.protocol import data as d
 from etfs.protocol import messages as m
-from etfs.protocol.transfer import FailureCode
 
 from ..acl import Right
 from ..config import ServerConfig
 from ..exports import ExportRoot
 from ..handlers import Session
-from .capabilities import CapabilityBody, Signer
+from .capabilities import CapabilityBody, CapabilityTable, Issued, Signer, file_identity
 from .datapath import CHUNK, DataLinks, hash_range, recv_exact, send
 from .errors import TransferError
 
@@ -36,27 +35,38 @@ log = logging.getLogger(__name__)
 
 
 def serve_blocks(
-    sock: socket.socket, fd: int, size: int, sender: str, block_limit: int, mtime_ns: int = -1
-) -> int:
+    sock: socket.socket,
+    fd: int,
+    size: int,
+    sender: str,
+    block_limit: int,
+    identity: tuple[int, int, int, int, int] | None = None,
+) -> tuple[int, bool]:
     """Source side of one data connection: answer block requests until the peer is done.
 
-    Before each block the file is checked against the capability's size and mtime: a file
-    changed under a transfer is answered with STATUS_STALE instead of a mix of versions.
+    The file must keep ``identity`` (`file_identity`) before and after each block it sends:
+    a changed file is answered with STATUS_STALE (in the header, or in the trailer when it
+    changed while the block was on its way) instead of a mix of versions.  Returns the bytes
+    sent and whether the destination said the transfer has every block (FLAG_END).
     """
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     hasher = xxhash.xxh3_64()
     sent = 0
+
+    def changed() -> bool:
+        now = os.fstat(fd)
+        return now.st_size != size or (identity is not None and file_identity(now) != identity)
+
     while True:
         try:
             raw = recv_exact(sock, d.REQUEST.size)
         except ConnectionResetError:
-            return sent  # the destination closed: it has what it wanted
+            return sent, False  # the destination closed: it has what it wanted, or gave up
         offset, length, flags = d.REQUEST.unpack(raw)
         if flags & d.FLAG_DONE:
-            return sent
-        now = os.fstat(fd)
-        if now.st_size != size or (mtime_ns >= 0 and now.st_mtime_ns != mtime_ns):
+            return sent, bool(flags & d.FLAG_END)
+        if changed():
             send(sock, d.BLOCK.pack(offset, 0, d.STATUS_STALE))
             continue
         if offset > size or length > block_limit or offset + length > size:
@@ -92,7 +102,9 @@ def serve_blocks(
             n = native.read_send(fd, sock.fileno(), offset, length, buf)
         if n != length or digest_value is None:
             raise TransferError(errno.EIO, f"source file shrank while sending (got {n} of {length} bytes)")
-        send(sock, d.DIGEST.pack(digest_value))
+        # Checked again once the block is out: a write (even with its mtime put back) while
+        # the block was read shows in ctime, and the destination must not keep the block.
+        send(sock, d.TRAILER.pack(digest_value, d.STATUS_STALE if changed() else 0))
         sent += n
 
 
@@ -110,9 +122,7 @@ class SourceRole:
         self.roots = roots
         self.links = links
         self.data_threads = data_threads
-        self.signer = Signer.load(config.state_dir)
-        # Data connections opened per capability: one transfer's streams, not a free-for-all.
-        self.cap_uses: dict[str, tuple[int, float]] = {}
+        self.caps = CapabilityTable(Signer.load(config.state_dir))
         self.data_port = 0
         self.nursery: trio.Nursery | None = None
 
@@ -145,12 +155,15 @@ class SourceRole:
             ino=s.st_ino,
             expires=time.time() + ttl,
             user=session.user,
+            dev=s.st_dev,
+            ctime_ns=s.st_ctime_ns,
         )
+        issued = self.caps.issue(body)
         log.info(
             "capability %s issued to %s for %s (%d bytes)", body.transfer_id, session.user, path, s.st_size
         )
         return m.Capability(
-            token=self.signer.sign(body),
+            token=issued.token,
             transfer_id=body.transfer_id,
             path=path,
             size=s.st_size,
@@ -160,68 +173,55 @@ class SourceRole:
             expires=body.expires,
             data_tls=self.links.tls_server is not None,
             ino=s.st_ino,
+            secret=issued.secret,
         )
 
-    def open(self, token: bytes, count: bool = True) -> tuple[CapabilityBody, int]:
-        """Check a capability and open its file (blocking); the caller closes the fd."""
-        body = self.signer.check(token)
-        if count:
-            uses, expires = self.cap_uses.get(body.transfer_id, (0, body.expires))
-            if uses >= 2 * self.config.max_streams:
-                raise TransferError(
-                    errno.EACCES,
-                    "capability refused: already used by a full transfer",
-                    FailureCode.CAPABILITY_REFUSED,
-                )
-            self.cap_uses[body.transfer_id] = (uses + 1, expires)
-            now = time.time()
-            for tid in [k for k, (_, exp) in self.cap_uses.items() if exp < now]:
-                del self.cap_uses[tid]
+    def open_file(self, issued: Issued) -> int:
+        """The capability's file, if it is still the one it was issued for (blocking)."""
+        body = issued.body
         root = self.roots.get(body.export)
         if root is None:
             raise TransferError(errno.ENOENT, f"capability names unknown export {body.export!r}")
         fd = root.open(body.path, os.O_RDONLY | os.O_NOFOLLOW)
-        s = os.fstat(fd)
-        if (s.st_ino, s.st_size, s.st_mtime_ns) != (body.ino, body.size, body.mtime_ns):
+        if file_identity(os.fstat(fd)) != body.identity():
             os.close(fd)
             raise TransferError(errno.ESTALE, f"source {body.path} changed since the capability was issued")
-        return body, fd
+        return fd
 
-    def serve(self, sock: socket.socket, body: CapabilityBody, fd: int) -> None:
-        """Answer one data connection's block requests; closes ``fd``."""
+    def serve(self, sock: socket.socket, issued: Issued, fd: int) -> None:
+        """Answer one data connection's block requests; closes ``fd`` and releases the connection."""
+        body = issued.body
+        ended = False
         try:
             send(sock, d.encode(d.DataReady(size=body.size, mtime_ns=body.mtime_ns)))
-            sent = serve_blocks(sock, fd, body.size, self.config.sender, d.MAX_BLOCK, body.mtime_ns)
+            sent, ended = serve_blocks(sock, fd, body.size, self.config.sender, d.MAX_BLOCK, body.identity())
             log.debug("transfer %s: stream served %d bytes of %s", body.transfer_id, sent, body.path)
         finally:
             os.close(fd)
+            self.caps.release(issued, ended)
 
     async def push(self, session: Session, req: m.TransferPush) -> None:
-        body, fd = await trio.to_thread.run_sync(self.open, req.capability.token, False)
-        os.close(fd)
+        body = self.caps.signer.check(req.capability.token)
         if body.user != session.user:
             raise TransferError(errno.EACCES, "push refused: the capability was issued to another user")
         self.links.check_peer(req.host)
         streams = max(0, min(req.streams, self.config.max_streams))
+        issued = self.caps.claim_push(req.capability.token, f"{req.host}:{req.port}", streams)
         assert self.nursery is not None
 
         def connect_one(stream: int) -> None:
-            body, fd = self.open(req.capability.token)
+            fd, serving = -1, False
             try:
-                sock = self.links.connect(req.host, req.port, req.tls)
-            except OSError:
-                os.close(fd)
-                raise
-            with sock:
-                send(
-                    sock,
-                    d.encode(
-                        d.DataHello(
-                            kind="push", token=req.ticket, transfer_id=body.transfer_id, stream=stream
-                        )
-                    ),
-                )
-                self.serve(sock, body, fd)
+                fd = self.open_file(issued)
+                hello = d.DataHello("push", req.ticket, body.transfer_id, stream)
+                with self.links.open(req.host, req.port, req.tls, req.ticket, hello) as sock:
+                    serving = True  # serve() closes fd and releases the connection
+                    self.serve(sock, issued, fd)
+            finally:
+                if not serving:
+                    if fd >= 0:
+                        os.close(fd)
+                    self.caps.release(issued, False)
 
         async def run_one(stream: int) -> None:
             try:
