@@ -200,6 +200,9 @@ class Session:
             raise OSError(errno.EBADF, f"no open file handle {req.handle}")
         os.close(h.fd)
 
+    def op_fstat(self, req: m.FStat) -> m.Attr:
+        return to_attr(os.fstat(self._handle(req.handle).fd))
+
     def op_fsync(self, req: m.Fsync) -> None:
         h = self._handle(req.handle)
         (os.fdatasync if req.datasync else os.fsync)(h.fd)

@@ -80,13 +80,14 @@ class OpenFile:
         # write-behind
         self._buf = bytearray()
         self._buf_off = 0
-        self._inflight: dict[int, tuple[int, int]] = {}
+        # id -> (offset, end, done) of writes that left the buffer and are not yet answered
+        self._inflight: dict[int, tuple[int, int, trio.Event]] = {}
         self._inflight_ids = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._progress = trio.Event()  # set (and replaced) whenever a write finishes
         self._slots = trio.Semaphore(WRITES_IN_FLIGHT)
         self._error: OSError | None = None
-        self.dirty_end = 0  # end of the furthest write not yet known to be on the server
         # readahead
         self._blocks: dict[int, _Block] = {}
         self._last_end = 0
@@ -227,9 +228,9 @@ class OpenFile:
     async def write(self, off: int, data: bytes) -> int:
         self._take_error()
         self.drop_readahead()
+        self.node.touch()
         if not self._buf and len(data) >= WRITE_BLOCK:
             # A whole block at once (dd bs=1M, cp): send it as it came, without copying it.
-            self.dirty_end = max(self.dirty_end, off + len(data))
             await self._send(off, data)
             return len(data)
         if self._buf and off == self._buf_off + len(self._buf) and len(self._buf) < WRITE_BLOCK:
@@ -239,10 +240,15 @@ class OpenFile:
                 await self._send_buffer()
             self._buf = bytearray(data)
             self._buf_off = off
-        self.dirty_end = max(self.dirty_end, off + len(data))
         if len(self._buf) >= WRITE_BLOCK:
             await self._send_buffer()
         return len(data)
+
+    @property
+    def dirty_end(self) -> int:
+        """End of the furthest write not yet known to be on the server (0: none)."""
+        end = self._buf_off + len(self._buf) if self._buf else 0
+        return max([end, *(e for _, e, _ in self._inflight.values())])
 
     async def _send_buffer(self) -> None:
         # The bytearray itself goes out (msgpack encodes it as bin): no copy to bytes.
@@ -253,20 +259,31 @@ class OpenFile:
         await self._send(off, data)
 
     async def _send(self, off: int, data: bytes | bytearray) -> None:
+        # The write is registered before the first checkpoint: from the moment it left the
+        # buffer, readers, stat and sync must see it as in flight (a read that slipped
+        # through here used to fetch the old file and shrink the kernel's size).
         end = off + len(data)
-        # Overlapping writes must reach the server in order: wait for the earlier ones.
-        if any(s < end and off < e for s, e in self._inflight.values()):
-            await self._drain()
-        await self._slots.acquire()
+        earlier = [done for s, e, done in self._inflight.values() if s < end and off < e]
         self._inflight_ids += 1
         wid = self._inflight_ids
-        self._inflight[wid] = (off, end)
-        self._idle = trio.Event()
-        self._nursery.start_soon(self._write_task, wid, off, data)
+        done = trio.Event()
+        self._inflight[wid] = (off, end, done)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self._nursery.start_soon(self._write_task, wid, off, data, earlier)
+        # Back-pressure: the writer waits while too much is in flight.
+        while len(self._inflight) > WRITES_IN_FLIGHT:
+            await self._progress.wait()
 
-    async def _write_task(self, wid: int, off: int, data: bytes | bytearray) -> None:
+    async def _write_task(
+        self, wid: int, off: int, data: bytes | bytearray, earlier: list[trio.Event]
+    ) -> None:
         try:
-            await self.call(m.Write, int, offset=off, data=data)
+            # Overlapping writes must reach the server in order.
+            for ev in earlier:
+                await ev.wait()
+            async with self._slots:
+                await self.call(m.Write, int, offset=off, data=data)
         except OSError as exc:
             log.warning(
                 "%s:%s: write of %d bytes at %d failed: %s", self.server, self.path, len(data), off, exc
@@ -274,8 +291,12 @@ class OpenFile:
             if self._error is None:
                 self._error = exc
         finally:
-            self._slots.release()
-            self._inflight.pop(wid, None)
+            _, _, done = self._inflight.pop(wid)
+            done.set()
+            # The server's file changed: attributes asked for before now are stale.
+            self.node.touch()
+            self._progress.set()
+            self._progress = trio.Event()
             if not self._inflight:
                 self._idle.set()
 
@@ -289,7 +310,6 @@ class OpenFile:
         if self._buf:
             await self._send_buffer()
         await self._drain()
-        self.dirty_end = 0
 
     async def flush(self) -> None:
         """`sync`, then raise the first write error since the last flush."""

@@ -32,7 +32,7 @@ from etfs.config import ClientConfig
 from etfs.protocol import messages as m
 
 from .handles import OpenFile
-from .inodes import ROOT_INODE, InodeTable, Node, join
+from .inodes import ROOT_INODE, InodeTable, Node, join, stamp
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class DirHandle:
 
     node: Node
     entries: list[m.Entry] = field(default_factory=list)
+    asked: list[int] = field(default_factory=list)  # per entry: `stamp` when its page was asked for
     after: str = ""
     more: bool = True
 
@@ -122,7 +123,7 @@ class EtfsOperations(pyfuse3.Operations):
         """
         node = self.table.get(inode)
         if node is not None:
-            self.table.expire(node)
+            node.touch()
             for fh in node.open_files:
                 f = self._files.get(fh)
                 if f is not None:
@@ -213,8 +214,8 @@ class EtfsOperations(pyfuse3.Operations):
             if f is not None and fh != except_fh and f.dirty:
                 await f.sync()
 
-    def _remember(self, node: Node, attr: m.Attr) -> pyfuse3.EntryAttributes:
-        self.table.set_attr(node, attr, self.config.cache.attr_ttl)
+    def _remember(self, node: Node, attr: m.Attr, asked: int) -> pyfuse3.EntryAttributes:
+        self.table.set_attr(node, attr, self.config.cache.attr_ttl, asked)
         return self._entry(node, attr)
 
     async def _attr(self, node: Node) -> m.Attr:
@@ -223,8 +224,16 @@ class EtfsOperations(pyfuse3.Operations):
         cached = self.table.fresh_attr(node)
         if cached is not None:
             return cached
-        if not node.linked and node.attr is not None:
-            return node.attr  # unlinked but still open: its path now names something else
+        asked = stamp()
+        if not node.linked:
+            # Unlinked but still open: its path now names something else; ask by handle.
+            for fh in node.open_files:
+                if (f := self._files.get(fh)) is not None:
+                    attr = await f.call(m.FStat, m.Attr)
+                    self.table.set_attr(node, attr, 0, asked)
+                    return attr
+            if node.attr is not None:
+                return node.attr
         if node.pinned:
             # A down or hung server's directory still exists in the root (so bind mounts and
             # `ls -l` of the root never wait for it); using its contents fails instead.
@@ -239,7 +248,7 @@ class EtfsOperations(pyfuse3.Operations):
             attr = attr_or_none
         else:
             attr = await self._call(node.server, m.Stat, m.Attr, path=node.path)
-        self.table.set_attr(node, attr, self.config.cache.attr_ttl)
+        self.table.set_attr(node, attr, self.config.cache.attr_ttl, asked)
         return attr
 
     def _child(self, parent: Node, name: bytes) -> tuple[str, str]:
@@ -247,14 +256,14 @@ class EtfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         return parent.server, join(parent.path, _fs_name(name))
 
-    def _new_entry(self, server: str, path: str, attr: m.Attr) -> pyfuse3.EntryAttributes:
+    def _new_entry(self, server: str, path: str, attr: m.Attr, asked: int) -> pyfuse3.EntryAttributes:
         """An entry the kernel will hold a reference to (lookup count + 1)."""
         node = self.table.ensure(server, path)
         node.lookups += 1
-        return self._remember(node, attr)
+        return self._remember(node, attr, asked)
 
     def _parent_changed(self, parent: Node) -> None:
-        self.table.expire(parent)
+        parent.touch()  # its mtime, ctime and maybe nlink changed
 
     def _creating(self, parent: Node, name: bytes) -> tuple[str, str]:
         """`_child` for a request that creates ``name`` (before sending it: it may succeed
@@ -288,6 +297,7 @@ class EtfsOperations(pyfuse3.Operations):
                 negative.st_ino = 0
                 negative.entry_timeout = min(absent_for, self.config.cache.negative_ttl)
                 return negative
+        asked = stamp()
         try:
             attr = await self._call(server, m.Stat, m.Attr, path=path)
         except OSError as exc:
@@ -297,7 +307,7 @@ class EtfsOperations(pyfuse3.Operations):
             negative.st_ino = 0  # cached by the kernel as "does not exist" for negative_ttl
             negative.entry_timeout = self.config.cache.negative_ttl
             return negative
-        return self._new_entry(server, path, attr)
+        return self._new_entry(server, path, attr, asked)
 
     @_edge
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -307,6 +317,9 @@ class EtfsOperations(pyfuse3.Operations):
     @_edge
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        # Writes accepted here reach the server first, so size and mtime are those of every
+        # completed write(2).
+        await self._flush_inode(node)
         return self._entry(node, await self._attr(node))
 
     @_edge
@@ -344,8 +357,10 @@ class EtfsOperations(pyfuse3.Operations):
             req["mtime_ns"] = attr.st_mtime_ns
         if not req:  # e.g. ctime only
             return self._entry(node, await self._attr(node))
+        node.touch()
+        asked = stamp()
         new = await self._call(node.server, m.SetAttr, m.Attr, path=node.path, **req)
-        return self._remember(node, new)
+        return self._remember(node, new, asked)
 
     # --- directories --------------------------------------------------------------------------
     @_edge
@@ -369,24 +384,26 @@ class EtfsOperations(pyfuse3.Operations):
                 child.lookups += 1
             return
         if start_id == 0:  # (re)start: a fresh listing
-            h.entries, h.after, h.more = [], "", True
+            h.entries, h.asked, h.after, h.more = [], [], "", True
         i = start_id
         ttl = self.config.cache.dir_ttl
         while True:
             if i >= len(h.entries):
                 if not h.more:
                     return
+                asked = stamp()
                 page = await self._call(
                     node.server, m.List, m.ListPage, path=node.path, after=h.after, limit=LIST_PAGE
                 )
                 h.entries.extend(page.entries)
+                h.asked.extend([asked] * len(page.entries))
                 h.more = page.more and bool(page.entries)
                 if page.entries:
                     h.after = page.entries[-1].name
                 continue
             ent = h.entries[i]
             child = self.table.ensure(node.server, join(node.path, ent.name))
-            self.table.set_attr(child, ent.attr, ttl)
+            self.table.set_attr(child, ent.attr, ttl, h.asked[i])
             if not pyfuse3.readdir_reply(token, ent.name.encode(), self._entry(child, ent.attr), i + 1):
                 self.table.discard_if_unused(child)
                 return
@@ -408,9 +425,10 @@ class EtfsOperations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         server, path = self._creating(parent, name)
         epoch = self._client(server).namespace_epoch
+        asked = stamp()
         attr = await self._call(server, m.Mkdir, m.Attr, path=path, mode=mode & 0o7777)
         self._parent_changed(parent)
-        entry = self._new_entry(server, path, attr)
+        entry = self._new_entry(server, path, attr, asked)
         self.table.know_empty(self._node(entry.st_ino), self.config.cache.negative_ttl, epoch)
         return entry
 
@@ -431,7 +449,8 @@ class EtfsOperations(pyfuse3.Operations):
             # Still open here: once unlinked its path is useless, so fstat answers from the
             # attributes it had at this moment (with its writes on the server first).
             await self._flush_inode(node)
-            self.table.set_attr(node, await self._call(server, m.Stat, m.Attr, path=path), 0)
+            asked = stamp()
+            self.table.set_attr(node, await self._call(server, m.Stat, m.Attr, path=path), 0, asked)
         await self._call(server, m.Unlink, None, path=path)
         self.table.detach(server, path)
         self._parent_changed(parent)
@@ -473,9 +492,10 @@ class EtfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         server, path = self._creating(parent, name)
+        asked = stamp()
         attr = await self._call(server, m.Symlink, m.Attr, path=path, target=os.fsdecode(target))
         self._parent_changed(parent)
-        return self._new_entry(server, path, attr)
+        return self._new_entry(server, path, attr, asked)
 
     @_edge
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -492,21 +512,22 @@ class EtfsOperations(pyfuse3.Operations):
         server, path = self._creating(parent, new_name)
         if server != node.server:
             raise pyfuse3.FUSEError(errno.EXDEV)
+        node.touch()  # its nlink and ctime change
+        asked = stamp()
         attr = await self._call(server, m.Link, m.Attr, old=node.path, new=path)
-        self.table.expire(node)  # its nlink changed
         self._parent_changed(parent)
         # Inodes are per path, so the new name gets its own inode number.
-        return self._new_entry(server, path, attr)
+        return self._new_entry(server, path, attr, asked)
 
     # --- files --------------------------------------------------------------------------------
-    def _register(self, node: Node, flags: int, opened: m.Opened) -> pyfuse3.FileInfo:
+    def _register(self, node: Node, flags: int, opened: m.Opened, asked: int) -> pyfuse3.FileInfo:
         client = self._client(node.server)
         live = client._live
         generation = live.generation if live is not None else client.generation
         fh = next(self._fh)
         self._files[fh] = OpenFile(fh, node, flags, client, opened, generation, self._nursery)
         node.open_files.add(fh)
-        self.table.set_attr(node, opened.attr, self.config.cache.attr_ttl)
+        self.table.set_attr(node, opened.attr, self.config.cache.attr_ttl, asked)
         # keep_cache=False: each open re-reads, so changes made on the server show up.
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
@@ -523,10 +544,12 @@ class EtfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_TRUNC:
             await self._flush_inode(node)
+            node.touch()
+        asked = stamp()
         opened = await self._call(
             node.server, m.Open, m.Opened, path=node.path, flags=self._server_flags(flags)
         )
-        return self._register(node, flags, opened)
+        return self._register(node, flags, opened, asked)
 
     @_edge
     async def create(
@@ -534,13 +557,17 @@ class EtfsOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._node(parent_inode)
         server, path = self._creating(parent, name)
+        if flags & os.O_TRUNC and (existing := self.table.find(server, path)) is not None:
+            await self._flush_inode(existing)
+            existing.touch()
+        asked = stamp()
         opened = await self._call(
             server, m.Create, m.Opened, path=path, mode=mode & 0o7777, flags=self._server_flags(flags)
         )
         self._parent_changed(parent)
-        entry = self._new_entry(server, path, opened.attr)
+        entry = self._new_entry(server, path, opened.attr, asked)
         node = self._node(entry.st_ino)
-        return self._register(node, flags, opened), entry
+        return self._register(node, flags, opened, asked), entry
 
     @_edge
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
@@ -551,9 +578,7 @@ class EtfsOperations(pyfuse3.Operations):
     @_edge
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         f = self._files[fh]
-        n = await f.write(off, buf)
-        self.table.expire(f.node)
-        return n
+        return await f.write(off, buf)
 
     @_edge
     async def flush(self, fh: int) -> None:

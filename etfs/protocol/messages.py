@@ -193,6 +193,12 @@ class Close(Request, frozen=True):
     handle: int
 
 
+class FStat(Request, frozen=True):
+    """Attributes of an open file by handle (an unlinked file has no path to stat)."""
+
+    handle: int
+
+
 class Fsync(Request, frozen=True):
     handle: int
     datasync: bool = False
@@ -362,6 +368,7 @@ ClientMessage = (
     | Read
     | Write
     | Close
+    | FStat
     | Fsync
     | Mkdir
     | Rmdir
