@@ -271,6 +271,14 @@ class Session:
                 os.utime(proc, ns=(atime, mtime), follow_symlinks=not is_link)
             return to_attr(os.fstat(pfd))
 
+    def op_ftruncate(self, req: m.FTruncate) -> m.Attr:
+        h = self._handle(req.handle)
+        if not h.writable:
+            raise OSError(errno.EBADF, "file handle not open for writing")
+        _check_range(0, req.size)
+        os.ftruncate(h.fd, req.size)
+        return to_attr(os.fstat(h.fd))
+
     # --- checksums and xattrs ---------------------------------------------------------------------
     def op_checksum(self, req: m.Checksum) -> str:
         path = self.check(req.path, Right.READ)

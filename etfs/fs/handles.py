@@ -30,7 +30,7 @@ import trio
 from etfs.client import ConnectionLost, ServerClient
 from etfs.protocol import messages as m
 
-from .inodes import Node
+from .inodes import Node, stamp
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,6 +46,9 @@ _REOPEN_MASK = ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL)
 @dataclass
 class _Block:
     index: int
+    # `stamp` when it was asked for: a block older than the node's last change is stale
+    # (another handle wrote, a truncate, a copy).
+    asked: int = field(default_factory=stamp)
     ready: trio.Event = field(default_factory=trio.Event)
     data: bytes = b""
     error: OSError | None = None
@@ -122,17 +125,34 @@ class OpenFile:
             if live.generation != self._generation:
                 if not self.node.linked:
                     raise OSError(errno.ESTALE, f"{self.path} was deleted: no reopen after a reconnect")
-                try:
-                    opened = await self._client.call(
-                        m.Open, m.Opened, path=self.path, flags=self.flags & _REOPEN_MASK & ~os.O_APPEND
-                    )
-                except OSError as exc:
-                    log.warning("%s:%s: reopen after reconnect failed: %s", self.server, self.path, exc)
-                    raise OSError(errno.EIO, f"cannot reopen {self.path} after reconnect: {exc}") from None
+                await self._open_again(live.generation)
                 log.info("%s:%s: reopened after reconnect", self.server, self.path)
-                self._handle = opened.handle
-                self._generation = live.generation
         return self._handle
+
+    async def _open_again(self, generation: int) -> None:
+        try:
+            opened = await self._client.call(
+                m.Open, m.Opened, path=self.path, flags=self.flags & _REOPEN_MASK & ~os.O_APPEND
+            )
+        except OSError as exc:
+            log.warning("%s:%s: reopen failed: %s", self.server, self.path, exc)
+            raise OSError(errno.EIO, f"cannot reopen {self.path}: {exc}") from None
+        self._handle = opened.handle
+        self._generation = generation
+
+    async def replaced(self) -> None:
+        """The server's file at this path was replaced by a new one (a copy renamed its part
+        file onto it): reopen, so this handle reads and writes the file its path names."""
+        async with self._reopen_lock:
+            old, old_generation = self._handle, self._generation
+            live = await self._client.connection()
+            await self._open_again(live.generation)
+            self.drop_readahead()
+            if old_generation == live.generation:
+                try:
+                    await self._client.call(m.Close, None, handle=old)
+                except OSError as exc:
+                    log.debug("%s:%s: close of the replaced handle: %s", self.server, self.path, exc)
 
     async def call(self, req: type[m.Request], result: type[T] | None, **fields: Any) -> T:
         """A request on this file's server handle (``handle=`` is filled in), retried once on reset."""
@@ -158,7 +178,7 @@ class OpenFile:
 
     def _fetch(self, index: int) -> _Block:
         blk = self._blocks.get(index)
-        if blk is None:
+        if blk is None or blk.asked < self.node.changed:
             blk = self._blocks[index] = _Block(index)
             self._nursery.start_soon(self._fetch_task, blk)
         return blk

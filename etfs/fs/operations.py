@@ -115,6 +115,22 @@ class EtfsOperations(pyfuse3.Operations):
         """The open file behind a kernel file handle (KeyError if there is none)."""
         return self._files[fh]
 
+    async def sync_inode(self, inode: int) -> None:
+        """Send every open file's pending writes of an inode to its server."""
+        node = self.table.get(inode)
+        if node is not None:
+            await self._flush_inode(node)
+
+    async def replaced(self, inode: int) -> None:
+        """The inode's server file was replaced under its path (a copy renamed onto it): open
+        handles follow the new file, caches here and in the kernel are dropped."""
+        node = self.table.get(inode)
+        if node is not None:
+            for fh in list(node.open_files):
+                if (f := self._files.get(fh)) is not None:
+                    await f.replaced()
+        self.invalidate(inode)
+
     def invalidate(self, inode: int) -> None:
         """Forget cached attributes of an inode here and in the kernel (data too).
 
@@ -331,9 +347,14 @@ class EtfsOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        node = self._remote(inode)
-        if node.pinned:
+        node = self._node(inode)
+        if not node.server or node.pinned:
             raise pyfuse3.FUSEError(errno.EPERM)
+        # An unlinked (or replaced) file still open here can be truncated through a handle;
+        # its other attributes are out of reach (no path).
+        by_handle = None if node.linked else self._writable_handle(node, fh)
+        if not node.linked and (by_handle is None or not fields.update_size):
+            raise pyfuse3.FUSEError(errno.ESTALE)
         req: dict[str, Any] = {}
         if fields.update_size:
             await self._flush_inode(node)
@@ -359,8 +380,20 @@ class EtfsOperations(pyfuse3.Operations):
             return self._entry(node, await self._attr(node))
         node.touch()
         asked = stamp()
-        new = await self._call(node.server, m.SetAttr, m.Attr, path=node.path, **req)
+        if by_handle is not None:
+            new = await by_handle.call(m.FTruncate, m.Attr, size=attr.st_size)
+        else:
+            new = await self._call(node.server, m.SetAttr, m.Attr, path=node.path, **req)
         return self._remember(node, new, asked)
+
+    def _writable_handle(self, node: Node, fh: int | None) -> OpenFile | None:
+        """The open file to change an unlinked node through: ``fh`` if given, else any writable one."""
+        candidates = [fh] if fh is not None else sorted(node.open_files)
+        for c in candidates:
+            f = self._files.get(c) if c is not None else None
+            if f is not None and f.node is node and f.flags & os.O_ACCMODE != os.O_RDONLY:
+                return f
+        return None
 
     # --- directories --------------------------------------------------------------------------
     @_edge

@@ -236,6 +236,14 @@ class SetAttr(Request, frozen=True):
     mtime_now: bool = False
 
 
+class FTruncate(Request, frozen=True):
+    """ftruncate of an open file by handle (an unlinked file has no path); the handle must be
+    open for writing."""
+
+    handle: int
+    size: int
+
+
 class Symlink(Request, frozen=True):
     path: str
     target: str
@@ -375,6 +383,7 @@ ClientMessage = (
     | Unlink
     | Rename
     | SetAttr
+    | FTruncate
     | Symlink
     | Readlink
     | Link
