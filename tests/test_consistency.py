@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import Env
+from conftest import Env, MountFactory, ServerFactory
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
@@ -87,3 +87,31 @@ def test_second_handle_sees_writes_at_once(jive: tuple[Path, Path]) -> None:
     finally:
         os.close(w)
         os.close(r)
+
+
+def test_close_to_open_across_two_mounts(start_server: ServerFactory, start_mount: MountFactory) -> None:
+    """What one client closes, another client's next open sees (as NFS promises), even with
+    the file's old attributes and pages cached on the reader."""
+    srv = start_server("jive")
+    a = start_mount([srv], mountpoints=False).dir("jive") / "tmp"
+    b = start_mount([srv], mountpoints=False).dir("jive") / "tmp"
+    rnd = random.Random(7)
+    for j in range(3):  # new names are subject to negative_ttl: create them before b looks
+        (a / f"c2o{j}").write_bytes(b"old")
+    for i in range(40):
+        name = f"c2o{i % 3}"
+        writer, reader = (a, b) if i % 2 == 0 else (b, a)
+        os.stat(reader / name)  # the reader caches the old attributes (attr_ttl)
+        (reader / name).read_bytes()  # and the old pages
+        want = rnd.randbytes(rnd.choice([0, 10, 4096, 70_000, 1_500_000]))
+        with open(writer / name, "wb") as f:
+            f.write(want)
+        fd = os.open(reader / name, os.O_RDONLY)
+        try:
+            assert os.fstat(fd).st_size == len(want), f"round {i}"
+            got = b""
+            while chunk := os.read(fd, 1 << 20):
+                got += chunk
+            assert got == want, f"round {i}: read {len(got)} bytes, want {len(want)}"
+        finally:
+            os.close(fd)

@@ -86,6 +86,10 @@ class DirHandle:
     more: bool = True
 
 
+def _changed_elsewhere(old: m.Attr, new: m.Attr) -> bool:
+    return (old.size, old.mtime_ns, old.ctime_ns) != (new.size, new.mtime_ns, new.ctime_ns)
+
+
 def _fs_name(name: bytes) -> str:
     return name.decode("utf-8")
 
@@ -146,9 +150,9 @@ class EtfsOperations(pyfuse3.Operations):
                     f.drop_readahead()
         self._nursery.start_soon(self._notify_kernel, inode)
 
-    async def _notify_kernel(self, inode: int) -> None:
+    async def _notify_kernel(self, inode: int, attr_only: bool = False) -> None:
         try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, attr_only)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTCONN):  # kernel does not know it / unmounted
                 log.debug("invalidate_inode(%d): %s", inode, exc)
@@ -579,10 +583,18 @@ class EtfsOperations(pyfuse3.Operations):
             await self._flush_inode(node)
             node.touch()
         asked = stamp()
+        before = node.attr
         opened = await self._call(
             node.server, m.Open, m.Opened, path=node.path, flags=self._server_flags(flags)
         )
-        return self._register(node, flags, opened, asked)
+        info = self._register(node, flags, opened, asked)
+        if before is not None and _changed_elsewhere(before, opened.attr):
+            # Close-to-open: the file changed since the kernel got its attributes (another
+            # client wrote it); the kernel would keep reading up to the old size until
+            # attr_ttl ran out.  Only attributes: open itself drops the pages (keep_cache
+            # False), and this invalidation takes no lock the open holds.
+            await self._notify_kernel(node.inode, attr_only=True)
+        return info
 
     @_edge
     async def create(
