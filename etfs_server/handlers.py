@@ -173,8 +173,32 @@ class Session:
         path = self.check(req.path, Right.WRITE)
         keep = os.O_ACCMODE | os.O_TRUNC | os.O_APPEND | os.O_EXCL
         flags = (req.flags & keep) | os.O_CREAT | os.O_NOFOLLOW
-        fd = self.root.open(path, flags, req.mode & 0o7777)
-        return m.Opened(self._new_handle(fd, path, flags), to_attr(os.fstat(fd)))
+        fd, created = self._open_create(path, flags, req.mode & 0o7777)
+        try:
+            if created:
+                # The client's kernel applied the caller's umask already; the server's own
+                # umask must not take more away (a 0620 create came out 0600).
+                os.fchmod(fd, req.mode & 0o7777)
+            attr = to_attr(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return m.Opened(self._new_handle(fd, path, flags), attr)
+
+    def _open_create(self, path: str, flags: int, mode: int) -> tuple[int, bool]:
+        """Open with O_CREAT, and say whether this call created the file."""
+        if flags & os.O_EXCL:
+            return self.root.open(path, flags, mode), True
+        for _ in range(8):  # the name may come and go between the two opens
+            try:
+                return self.root.open(path, flags | os.O_EXCL, mode), True
+            except FileExistsError:
+                pass
+            try:
+                return self.root.open(path, flags & ~os.O_CREAT), False
+            except FileNotFoundError:
+                continue
+        raise OSError(errno.EAGAIN, f"{path} keeps appearing and disappearing")
 
     def op_read(self, req: m.Read) -> bytes:
         h = self._handle(req.handle)
@@ -212,7 +236,25 @@ class Session:
         path = self.check(req.path, Right.WRITE)
         with self.root.parent(path) as (fd, name):
             os.mkdir(name, req.mode & 0o7777, dir_fd=fd)
-            return to_attr(os.stat(name, dir_fd=fd, follow_symlinks=False))
+            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                # The caller's mode exactly (see op_create), keeping a setgid bit inherited
+                # from the parent as mkdir(2) does.
+                os.fchmod(dfd, (req.mode & 0o1777) | (os.fstat(dfd).st_mode & st.S_ISGID))
+                return to_attr(os.fstat(dfd))
+            finally:
+                os.close(dfd)
+
+    def op_mknod(self, req: m.Mknod) -> m.Attr:
+        path = self.check(req.path, Right.WRITE)
+        kind = st.S_IFMT(req.mode)
+        if kind not in (st.S_IFIFO, st.S_IFSOCK, st.S_IFREG):
+            raise PermissionError(errno.EPERM, "device files are not created on etfs servers")
+        with self.root.parent(path) as (fd, name):
+            os.mknod(name, kind | (req.mode & 0o7777), 0, dir_fd=fd)
+        with self.root.opened(path) as pfd:  # O_PATH: a FIFO is never opened for I/O here
+            os.chmod(f"/proc/self/fd/{pfd}", req.mode & 0o7777)
+            return to_attr(os.fstat(pfd))
 
     def op_rmdir(self, req: m.Rmdir) -> None:
         path = self.check(req.path, Right.DELETE)
@@ -263,12 +305,20 @@ class Session:
             if req.uid is not None or req.gid is not None:
                 uid = -1 if req.uid is None else req.uid
                 gid = -1 if req.gid is None else req.gid
-                os.chown(proc, uid, gid, follow_symlinks=not is_link)
+                if is_link:  # lchown of the /proc magic link would not reach the symlink
+                    with self.root.parent(path) as (dfd, name):
+                        os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                else:
+                    os.chown(proc, uid, gid)
             if req.atime_ns is not None or req.mtime_ns is not None or req.atime_now or req.mtime_now:
                 now = time.time_ns()
                 atime = now if req.atime_now else (s.st_atime_ns if req.atime_ns is None else req.atime_ns)
                 mtime = now if req.mtime_now else (s.st_mtime_ns if req.mtime_ns is None else req.mtime_ns)
-                os.utime(proc, ns=(atime, mtime), follow_symlinks=not is_link)
+                if is_link:
+                    with self.root.parent(path) as (dfd, name):
+                        os.utime(name, ns=(atime, mtime), dir_fd=dfd, follow_symlinks=False)
+                else:
+                    os.utime(proc, ns=(atime, mtime))
             return to_attr(os.fstat(pfd))
 
     def op_ftruncate(self, req: m.FTruncate) -> m.Attr:

@@ -145,6 +145,12 @@ class InodeTable:
         if node.names is not None:
             node.names.add(name)
 
+    def same_file(self, server: str, ino: int) -> list[Node]:
+        """Nodes (one per name) last seen as the server file ``ino``: hard links of it."""
+        return [
+            n for n in self._nodes.values() if n.server == server and n.attr is not None and n.attr.ino == ino
+        ]
+
     def forget(self, inode: int, nlookup: int) -> None:
         node = self._nodes.get(inode)
         if node is None:

@@ -27,6 +27,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from etfs import copyrange
 from etfs.client import ConnectionLost, Pool, ServerClient
 from etfs.config import ClientConfig
 from etfs.protocol import messages as m
@@ -491,6 +492,8 @@ class EtfsOperations(pyfuse3.Operations):
         await self._call(server, m.Unlink, None, path=path)
         self.table.detach(server, path)
         self._parent_changed(parent)
+        if node is not None:
+            await self._links_changed(node)
 
     @_edge
     async def rename(
@@ -515,12 +518,16 @@ class EtfsOperations(pyfuse3.Operations):
             self._creating(old_parent, name_old)
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
         await self._call(server, m.Rename, None, old=old, new=new, noreplace=noreplace, exchange=exchange)
+        moved, replaced = self.table.find(server, old), None if exchange else self.table.find(server, new)
         if exchange:
             self.table.exchange(server, old, new)
         else:
             self.table.rename(server, old, new)
         self._parent_changed(old_parent)
         self._parent_changed(new_parent)
+        for n in (moved, replaced):  # their ctime (and a replaced file's nlink) changed
+            if n is not None:
+                await self._links_changed(n)
 
     # --- links --------------------------------------------------------------------------------
     @_edge
@@ -553,7 +560,31 @@ class EtfsOperations(pyfuse3.Operations):
         asked = stamp()
         attr = await self._call(server, m.Link, m.Attr, old=node.path, new=path)
         self._parent_changed(parent)
+        await self._links_changed(node, force=True)
         # Inodes are per path, so the new name gets its own inode number.
+        return self._new_entry(server, path, attr, asked)
+
+    async def _links_changed(self, node: Node, force: bool = False) -> None:
+        """A name of ``node``'s file was added, removed or moved: every name of a multiply
+        linked file shows the new link count and ctime.  Inodes here are per name, so the
+        other names are found by the server's inode number; the kernel's cached attributes
+        of them are dropped too (attributes only: no lock involved)."""
+        attr = node.attr
+        if attr is None or (attr.nlink < 2 and not force):
+            return
+        for other in self.table.same_file(node.server, attr.ino):
+            other.touch()
+            await self._notify_kernel(other.inode, attr_only=True)
+
+    @_edge
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        server, path = self._creating(parent, name)
+        asked = stamp()
+        attr = await self._call(server, m.Mknod, m.Attr, path=path, mode=mode, rdev=rdev)
+        self._parent_changed(parent)
         return self._new_entry(server, path, attr, asked)
 
     # --- files --------------------------------------------------------------------------------
@@ -660,7 +691,11 @@ class EtfsOperations(pyfuse3.Operations):
     # --- filesystem ---------------------------------------------------------------------------
     @_edge
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        # pyfuse3 does not say which inode statfs is for: report the sum over reachable servers.
+        # pyfuse3 does not say which inode statfs is for; the copyrange shim does (read it
+        # before any await).  Below a server: that server's file system; the mount root (or
+        # without the shim): the sum over reachable servers.
+        node = self.table.get(copyrange.statfs_inode())
+        servers = [node.server] if node is not None and node.server else list(self.config.servers)
         frsize = 4096
         total = [0, 0, 0, 0, 0]
         namemax = 255
@@ -682,7 +717,7 @@ class EtfsOperations(pyfuse3.Operations):
             namemax = min(namemax, s.namemax)
 
         async with trio.open_nursery() as nursery:
-            for server in self.config.servers:
+            for server in servers:
                 nursery.start_soon(one, server)
         out = pyfuse3.StatvfsData()
         out.f_bsize = BLKSIZE
@@ -730,6 +765,7 @@ class EtfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)  # computed etfs information is read-only
         if not key.startswith("user."):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        node.touch()  # ctime
         await self._call(node.server, m.SetXattr, None, path=node.path, name=key, value=value)
 
     @_edge
@@ -740,4 +776,5 @@ class EtfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         if not key.startswith("user."):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        node.touch()
         await self._call(node.server, m.RemoveXattr, None, path=node.path, name=key)

@@ -244,6 +244,15 @@ class FTruncate(Request, frozen=True):
     size: int
 
 
+class Mknod(Request, frozen=True):
+    """Create a FIFO or a socket (``mode`` has the file type); the server never opens it (the
+    client's kernel handles them locally)."""
+
+    path: str
+    mode: int
+    rdev: int = 0
+
+
 class Symlink(Request, frozen=True):
     path: str
     target: str
@@ -384,6 +393,7 @@ ClientMessage = (
     | Rename
     | SetAttr
     | FTruncate
+    | Mknod
     | Symlink
     | Readlink
     | Link
