@@ -5,8 +5,9 @@ one per server) and a twin of each in ``ref`` (local disk), with open handles on
 `step()` draws one operation (pwrite at random offsets with holes and past EOF, write and
 read at the file position, O_APPEND, truncate and ftruncate up and down, mmap MAP_SHARED
 reads and writes with msync, copy_file_range within a file and between files of the same and
-of different directories, fsync, close and reopen, several handles on one file, rename and
-unlink of open files), runs it on the reference and on the mount, and compares results or
+of different directories, GNU cp between directories (a transfer on the mount) also onto
+open files, fsync, close and reopen, several handles on one file, rename and unlink of open
+files), runs it on the reference and on the mount, and compares results or
 errnos; then it compares sizes of every open handle and the full contents of the files the
 operation touched.  A mismatch raises `Mismatch` with the seed, the step and the last
 operations, enough to replay it with the same seed.
@@ -21,6 +22,7 @@ import errno
 import mmap
 import os
 import random
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +53,13 @@ class Handle:
 
 def _outcome(fn: Callable[[], object]) -> tuple[str, object]:
     try:
-        return ("ok", fn())
+        r = fn()
+        return ("ok", None if isinstance(r, subprocess.CompletedProcess) else r)
     except OSError as exc:
         return ("err", errno.errorcode.get(exc.errno or 0, exc.errno))
+    except subprocess.CalledProcessError as exc:
+        # the message names the path; only whether it failed is comparable
+        return ("err", f"exit {exc.returncode}")
 
 
 def _short(x: object) -> str:
@@ -364,6 +370,22 @@ class Model:
         self.handles.append(Handle(m, r, h.key, flags))
         return [h.key]
 
+    def op_cp(self) -> list[str]:
+        """GNU cp of a file (maybe open, with writes pending) onto a name of another directory
+        (a server-to-server transfer on the mount), maybe open too."""
+        src = self.rnd.choice(self.names)
+        d = src.split("/")[0]
+        dst = self.rnd.choice([n for n in self.names if n.split("/")[0] != d] or self.names)
+        if dst == src:
+            return []
+        self.history.append(f"cp {src} {dst}")
+        self.both(
+            "cp",
+            lambda: subprocess.run(["cp", self.rpath(src), self.rpath(dst)], check=True, capture_output=True),
+            lambda: subprocess.run(["cp", self.mpath(src), self.mpath(dst)], check=True, capture_output=True),
+        )
+        return [dst]
+
     def op_drop_caches(self) -> list[str]:
         self.history.append("drop_caches")
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -387,6 +409,7 @@ class Model:
         "rename": 2,
         "unlink": 2,
         "reopen": 4,
+        "cp": 2,
     }
 
     def _touched(self, h: Handle) -> list[str]:
