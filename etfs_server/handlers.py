@@ -282,6 +282,9 @@ class Session:
         self.load.drop_handle()
         os.close(h.fd)
 
+    def op_fstat(self, req: m.FStat) -> m.Attr:
+        return to_attr(os.fstat(self._handle(req.handle).fd))
+
     def op_fsync(self, req: m.Fsync) -> None:
         h = self._handle(req.handle)
         (os.fdatasync if req.datasync else os.fsync)(h.fd)
@@ -301,6 +304,22 @@ class Session:
                 return to_attr(s)
             finally:
                 os.close(fd)
+
+    def op_mknod(self, req: m.Mknod) -> m.Attr:
+        kind = st.S_IFMT(req.mode)
+        if kind not in (st.S_IFIFO, st.S_IFSOCK, st.S_IFREG):
+            raise PermissionError(errno.EPERM, "device files are not created on etfs servers")
+        mode = self._creation_mode(req.mode)
+        with self.at(req.path, Right.WRITE) as loc:
+            dfd, name = loc.at
+            os.mknod(name, kind | mode, 0, dir_fd=dfd)
+            pfd = self.root.open_at(loc, os.O_PATH)  # O_PATH: a FIFO is never opened for I/O here
+            try:
+                if os.fstat(pfd).st_mode & 0o7777 != mode:  # the server's process umask
+                    os.chmod(f"/proc/self/fd/{pfd}", mode)
+                return to_attr(os.fstat(pfd))
+            finally:
+                os.close(pfd)
 
     def op_rmdir(self, req: m.Rmdir) -> None:
         with self.at(req.path, Right.DELETE) as loc:
@@ -381,16 +400,19 @@ class Session:
                 finally:
                     os.close(fd)
             pfd = self.root.open_at(loc, os.O_PATH)
-        try:
-            return self._setattr(pfd, req)
-        finally:
-            os.close(pfd)
+            try:
+                return self._setattr(loc, pfd, req)
+            finally:
+                os.close(pfd)
 
-    def _setattr(self, pfd: int, req: m.SetAttr) -> m.Attr:
+    def _setattr(self, loc: Located, pfd: int, req: m.SetAttr) -> m.Attr:
         # An O_PATH fd cannot be fchmod'ed; its /proc magic link can (we opened it confined).
         proc = f"/proc/self/fd/{pfd}"
         s = os.fstat(pfd)
         is_link = st.S_ISLNK(s.st_mode)
+        # A symlink is changed through its directory: the /proc link of an O_PATH fd of a
+        # symlink would lead to what it points to.
+        dfd, name = loc.at
         if req.uid is not None or req.gid is not None:
             for value in (req.uid, req.gid):
                 if value is not None and not 0 <= value < 2**32 - 1:
@@ -398,7 +420,10 @@ class Session:
             self._check_chown(s, req.uid, req.gid)
             uid = -1 if req.uid is None else req.uid
             gid = -1 if req.gid is None else req.gid
-            os.chown(proc, uid, gid, follow_symlinks=not is_link)
+            if is_link:
+                os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            else:
+                os.chown(proc, uid, gid)
             if not self.may_setid and not is_link and not st.S_ISDIR(s.st_mode):
                 # A root server keeps setuid/setgid across chown (CAP_FSETID); a user would not.
                 after = os.fstat(pfd)
@@ -413,7 +438,10 @@ class Session:
             now = time.time_ns()
             atime = now if req.atime_now else (s.st_atime_ns if req.atime_ns is None else req.atime_ns)
             mtime = now if req.mtime_now else (s.st_mtime_ns if req.mtime_ns is None else req.mtime_ns)
-            os.utime(proc, ns=(atime, mtime), follow_symlinks=not is_link)
+            if is_link:
+                os.utime(name, ns=(atime, mtime), dir_fd=dfd, follow_symlinks=False)
+            else:
+                os.utime(proc, ns=(atime, mtime))
         return to_attr(os.fstat(pfd))
 
     def _check_chown(self, s: os.stat_result, uid: int | None, gid: int | None) -> None:
@@ -429,6 +457,14 @@ class Session:
                 raise PermissionError(
                     errno.EPERM, f"user {self.user!r} may only give files to the account's own groups"
                 )
+
+    def op_ftruncate(self, req: m.FTruncate) -> m.Attr:
+        h = self._handle(req.handle)
+        if not h.writable:
+            raise OSError(errno.EBADF, "file handle not open for writing")
+        _check_range(0, req.size)
+        os.ftruncate(h.fd, req.size)
+        return to_attr(os.fstat(h.fd))
 
     # --- checksums and xattrs ---------------------------------------------------------------------
     def op_checksum(self, req: m.Checksum) -> str:
@@ -489,8 +525,11 @@ OPERATIONS: dict[type[m.Request], Callable[[Session, Any], Any]] = {
     m.Read: Session.op_read,
     m.Write: Session.op_write,
     m.Close: Session.op_close,
+    m.FStat: Session.op_fstat,
+    m.FTruncate: Session.op_ftruncate,
     m.Fsync: Session.op_fsync,
     m.Mkdir: Session.op_mkdir,
+    m.Mknod: Session.op_mknod,
     m.Rmdir: Session.op_rmdir,
     m.Unlink: Session.op_unlink,
     m.Rename: Session.op_rename,

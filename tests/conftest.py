@@ -146,7 +146,9 @@ def _server_yaml(name: str, export: Path, key_file: Path, state: Path, acl: list
     )
     return (
         f"name: {name}\nlisten: 127.0.0.1:0\ndata_listen: 127.0.0.1:0\nstate_dir: {state}\nrun_as: root\n"
-        f"users:\n  tester:\n    key_file: {key_file}\n"
+        # The client of these tests is root: like root on a local disk it may chown and set
+        # setuid bits (tests/test_privileges.py and tests/attack check users that may not).
+        f"users:\n  tester:\n    key_file: {key_file}\n    may_chown: true\n    may_setid: true\n"
         f"exports:\n  {name}:\n    path: {export}\n    acl:\n{rules}\n"
     )
 

@@ -209,6 +209,17 @@ def fast_xattr_stats() -> tuple[int, int]:
     return int(_lib.etfs_fast_answered()), int(_lib.etfs_fast_chained())
 
 
+def statfs_inode() -> int:
+    """The inode of the statfs request being handled, or 0 (not known: shim not loaded).
+
+    pyfuse3's statfs handler gets no inode; read this as the handler's first statement (the C
+    side records it just before pyfuse3 starts the handler, with nothing in between).
+    """
+    if _lib is None:
+        return 0
+    return int(_lib.etfs_statfs_ino())
+
+
 def set_handler(handler: Handler | None) -> None:
     """Set the callable run for each request (None: answer EOPNOTSUPP, the kernel copies itself).
 

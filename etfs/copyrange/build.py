@@ -42,6 +42,9 @@ size_t etfs_cfr_op_size_compiled(void);
    (the Python side then runs its callback itself, outside libfuse's locks). */
 int etfs_cfr_watch_interrupt(fuse_req_t req, uint64_t req_id);
 
+/* The inode of the statfs request being handled (0: none seen, or the op is not wrapped). */
+uint64_t etfs_statfs_ino(void);
+
 /* The getxattr fast path (see below): enable before pyfuse3.init(). */
 int etfs_fast_enable(int on);
 uint64_t etfs_fast_answered(void);
@@ -95,6 +98,21 @@ static void etfs_cfr_copy_file_range(fuse_req_t req, fuse_ino_t ino_in, off_t of
                       (uint64_t)ino_out, (int64_t)off_out, (uint64_t)fi_out->fh, len, flags);
 }
 
+/* statfs: pyfuse3 drops the inode, so `df /mnt/jive` could only get a sum over all servers.
+   pyfuse3 runs the handler's coroutine right after this callback returns, in the same task and
+   before anything else is read from the device, so the handler reads the inode from here as
+   its first statement. */
+static void (*etfs_real_statfs)(fuse_req_t req, fuse_ino_t ino) = NULL;
+static uint64_t etfs_statfs_current = 0;
+
+static void etfs_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+    etfs_statfs_current = (uint64_t)ino;
+    etfs_real_statfs(req, ino);
+}
+
+uint64_t etfs_statfs_ino(void) { return etfs_statfs_current; }
+
 typedef struct fuse_session *(*etfs_cfr_session_new_t)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                         size_t, void *);
 
@@ -126,6 +144,10 @@ ETFS_EXPORT struct fuse_session *fuse_session_new(struct fuse_args *args,
     memset(&etfs_cfr_ops, 0, sizeof(etfs_cfr_ops));
     memcpy(&etfs_cfr_ops, op, op_size);
     etfs_cfr_ops.copy_file_range = etfs_cfr_copy_file_range;
+    if (etfs_cfr_ops.statfs != NULL && etfs_cfr_ops.statfs != etfs_statfs) {
+        etfs_real_statfs = etfs_cfr_ops.statfs;
+        etfs_cfr_ops.statfs = etfs_statfs;
+    }
     etfs_fast_fd = -1; /* a new session: its fd is not yet made non-blocking */
     etfs_cfr_state = ETFS_CFR_INSTALLED;
     /* Pass our full size: the op may lie beyond a (smaller) caller's struct. */

@@ -78,12 +78,29 @@ class CopyDispatcher:
             if req.off_in != 0 or req.off_out != 0:
                 req.reply_error(errno.EOPNOTSUPP)  # a range copy: the kernel's read/write fallback
                 return
+            if (
+                src.inode == dst.inode
+                or (src.server, src.path) == (dst.server, dst.path)
+                or not (src.node.linked and dst.node.linked)
+            ):
+                # Within one file, or a file only a handle still names: the kernel copies the
+                # range (a transfer goes by path).
+                req.reply_error(errno.EOPNOTSUPP)
+                return
             try:
+                # The transfer reads the server's files: this client's writes go first.
+                await self.ops.sync_inode(src.inode)
+                await self.ops.sync_inode(dst.inode)
                 attr = await self.ops.pool[src.server].call(m.Stat, m.Attr, path=src.path)
+                dst_attr = await self.ops.pool[dst.server].call(m.Stat, m.Attr, path=dst.path)
             except OSError as exc:
                 req.reply_error(reply_errno(exc))
                 return
             if req.length < attr.size and req.length < WHOLE_FILE_MIN:
+                req.reply_error(errno.EOPNOTSUPP)
+                return
+            if dst_attr.size > attr.size:
+                # A transfer replaces the whole destination; copy_file_range keeps its tail.
                 req.reply_error(errno.EOPNOTSUPP)
                 return
             job = Job(size=attr.size)
@@ -120,7 +137,9 @@ class CopyDispatcher:
             with job.scope:
                 await dst.flush()
                 await self.engine.copy(src.server, src.path, dst.server, dst.path, mode="resume")
-                self.ops.invalidate(dst.inode)
+                # The destination's part file was renamed onto its path: its open handles
+                # (cp's own) still name the old file until reopened.
+                await self.ops.replaced(dst.inode)
             if job.scope.cancelled_caught:
                 job.error = OSError(errno.EINTR, "interrupted")
         except TransferFailed as exc:

@@ -30,7 +30,7 @@ import trio
 from etfs.client import ConnectionLost, ServerClient
 from etfs.protocol import messages as m
 
-from .inodes import Node
+from .inodes import Node, stamp
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,6 +46,9 @@ _REOPEN_MASK = ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL)
 @dataclass
 class _Block:
     index: int
+    # `stamp` when it was asked for: a block older than the node's last change is stale
+    # (another handle wrote, a truncate, a copy).
+    asked: int = field(default_factory=stamp)
     ready: trio.Event = field(default_factory=trio.Event)
     data: bytes = b""
     error: OSError | None = None
@@ -80,13 +83,14 @@ class OpenFile:
         # write-behind
         self._buf = bytearray()
         self._buf_off = 0
-        self._inflight: dict[int, tuple[int, int]] = {}
+        # id -> (offset, end, done) of writes that left the buffer and are not yet answered
+        self._inflight: dict[int, tuple[int, int, trio.Event]] = {}
         self._inflight_ids = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._progress = trio.Event()  # set (and replaced) whenever a write finishes
         self._slots = trio.Semaphore(WRITES_IN_FLIGHT)
         self._error: OSError | None = None
-        self.dirty_end = 0  # end of the furthest write not yet known to be on the server
         # readahead
         self._blocks: dict[int, _Block] = {}
         self._last_end = 0
@@ -121,17 +125,34 @@ class OpenFile:
             if live.generation != self._generation:
                 if not self.node.linked:
                     raise OSError(errno.ESTALE, f"{self.path} was deleted: no reopen after a reconnect")
-                try:
-                    opened = await self._client.call(
-                        m.Open, m.Opened, path=self.path, flags=self.flags & _REOPEN_MASK & ~os.O_APPEND
-                    )
-                except OSError as exc:
-                    log.warning("%s:%s: reopen after reconnect failed: %s", self.server, self.path, exc)
-                    raise OSError(errno.EIO, f"cannot reopen {self.path} after reconnect: {exc}") from None
+                await self._open_again(live.generation)
                 log.info("%s:%s: reopened after reconnect", self.server, self.path)
-                self._handle = opened.handle
-                self._generation = live.generation
         return self._handle
+
+    async def _open_again(self, generation: int) -> None:
+        try:
+            opened = await self._client.call(
+                m.Open, m.Opened, path=self.path, flags=self.flags & _REOPEN_MASK & ~os.O_APPEND
+            )
+        except OSError as exc:
+            log.warning("%s:%s: reopen failed: %s", self.server, self.path, exc)
+            raise OSError(errno.EIO, f"cannot reopen {self.path}: {exc}") from None
+        self._handle = opened.handle
+        self._generation = generation
+
+    async def replaced(self) -> None:
+        """The server's file at this path was replaced by a new one (a copy renamed its part
+        file onto it): reopen, so this handle reads and writes the file its path names."""
+        async with self._reopen_lock:
+            old, old_generation = self._handle, self._generation
+            live = await self._client.connection()
+            await self._open_again(live.generation)
+            self.drop_readahead()
+            if old_generation == live.generation:
+                try:
+                    await self._client.call(m.Close, None, handle=old)
+                except OSError as exc:
+                    log.debug("%s:%s: close of the replaced handle: %s", self.server, self.path, exc)
 
     async def call(self, req: type[m.Request], result: type[T] | None, **fields: Any) -> T:
         """A request on this file's server handle (``handle=`` is filled in), retried once on reset."""
@@ -157,7 +178,7 @@ class OpenFile:
 
     def _fetch(self, index: int) -> _Block:
         blk = self._blocks.get(index)
-        if blk is None:
+        if blk is None or blk.asked < self.node.changed:
             blk = self._blocks[index] = _Block(index)
             self._nursery.start_soon(self._fetch_task, blk)
         return blk
@@ -227,9 +248,9 @@ class OpenFile:
     async def write(self, off: int, data: bytes) -> int:
         self._take_error()
         self.drop_readahead()
+        self.node.touch()
         if not self._buf and len(data) >= WRITE_BLOCK:
             # A whole block at once (dd bs=1M, cp): send it as it came, without copying it.
-            self.dirty_end = max(self.dirty_end, off + len(data))
             await self._send(off, data)
             return len(data)
         if self._buf and off == self._buf_off + len(self._buf) and len(self._buf) < WRITE_BLOCK:
@@ -239,10 +260,15 @@ class OpenFile:
                 await self._send_buffer()
             self._buf = bytearray(data)
             self._buf_off = off
-        self.dirty_end = max(self.dirty_end, off + len(data))
         if len(self._buf) >= WRITE_BLOCK:
             await self._send_buffer()
         return len(data)
+
+    @property
+    def dirty_end(self) -> int:
+        """End of the furthest write not yet known to be on the server (0: none)."""
+        end = self._buf_off + len(self._buf) if self._buf else 0
+        return max([end, *(e for _, e, _ in self._inflight.values())])
 
     async def _send_buffer(self) -> None:
         # The bytearray itself goes out (msgpack encodes it as bin): no copy to bytes.
@@ -253,20 +279,31 @@ class OpenFile:
         await self._send(off, data)
 
     async def _send(self, off: int, data: bytes | bytearray) -> None:
+        # The write is registered before the first checkpoint: from the moment it left the
+        # buffer, readers, stat and sync must see it as in flight (a read that slipped
+        # through here used to fetch the old file and shrink the kernel's size).
         end = off + len(data)
-        # Overlapping writes must reach the server in order: wait for the earlier ones.
-        if any(s < end and off < e for s, e in self._inflight.values()):
-            await self._drain()
-        await self._slots.acquire()
+        earlier = [done for s, e, done in self._inflight.values() if s < end and off < e]
         self._inflight_ids += 1
         wid = self._inflight_ids
-        self._inflight[wid] = (off, end)
-        self._idle = trio.Event()
-        self._nursery.start_soon(self._write_task, wid, off, data)
+        done = trio.Event()
+        self._inflight[wid] = (off, end, done)
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self._nursery.start_soon(self._write_task, wid, off, data, earlier)
+        # Back-pressure: the writer waits while too much is in flight.
+        while len(self._inflight) > WRITES_IN_FLIGHT:
+            await self._progress.wait()
 
-    async def _write_task(self, wid: int, off: int, data: bytes | bytearray) -> None:
+    async def _write_task(
+        self, wid: int, off: int, data: bytes | bytearray, earlier: list[trio.Event]
+    ) -> None:
         try:
-            await self.call(m.Write, int, offset=off, data=data)
+            # Overlapping writes must reach the server in order.
+            for ev in earlier:
+                await ev.wait()
+            async with self._slots:
+                await self.call(m.Write, int, offset=off, data=data)
         except OSError as exc:
             log.warning(
                 "%s:%s: write of %d bytes at %d failed: %s", self.server, self.path, len(data), off, exc
@@ -274,8 +311,12 @@ class OpenFile:
             if self._error is None:
                 self._error = exc
         finally:
-            self._slots.release()
-            self._inflight.pop(wid, None)
+            _, _, done = self._inflight.pop(wid)
+            done.set()
+            # The server's file changed: attributes asked for before now are stale.
+            self.node.touch()
+            self._progress.set()
+            self._progress = trio.Event()
             if not self._inflight:
                 self._idle.set()
 
@@ -289,7 +330,6 @@ class OpenFile:
         if self._buf:
             await self._send_buffer()
         await self._drain()
-        self.dirty_end = 0
 
     async def flush(self) -> None:
         """`sync`, then raise the first write error since the last flush."""

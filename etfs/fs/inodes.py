@@ -21,6 +21,15 @@ from etfs.protocol import messages as m
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+# A logical clock of this client's changes: a server reply to a request sent before this
+# client's last change of a file describes the file before that change and must not be
+# cached (it would roll back a size or mtime the client knows to be newer).
+_clock = itertools.count(1)
+
+
+def stamp() -> int:
+    """The current point of the change clock (take it before sending a request)."""
+    return next(_clock)
 
 
 @dataclass
@@ -44,6 +53,12 @@ class Node:
     names: set[str] | None = None
     names_until: float = 0.0
     names_epoch: int = 0
+    changed: int = 0  # `stamp` of this client's last change of the file (data, size, attributes)
+
+    def touch(self) -> None:
+        """This client changed the file: cached attributes are stale, older replies too."""
+        self.changed = stamp()
+        self.attr_expires = 0.0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -88,7 +103,11 @@ class InodeTable:
         self._by_key[node.key] = node.inode
         return node
 
-    def set_attr(self, node: Node, attr: m.Attr, ttl: float) -> None:
+    def set_attr(self, node: Node, attr: m.Attr, ttl: float, asked: int) -> None:
+        """Cache a server's attributes, asked for at ``asked`` (a `stamp`), unless this client
+        changed the file since."""
+        if node.changed > asked:
+            return
         node.attr = attr
         node.attr_expires = time.monotonic() + ttl
 
@@ -125,6 +144,12 @@ class InodeTable:
         """A name is being created (or may have been) in the directory: ask the server about it."""
         if node.names is not None:
             node.names.add(name)
+
+    def same_file(self, server: str, ino: int) -> list[Node]:
+        """Nodes (one per name) last seen as the server file ``ino``: hard links of it."""
+        return [
+            n for n in self._nodes.values() if n.server == server and n.attr is not None and n.attr.ino == ino
+        ]
 
     def forget(self, inode: int, nlookup: int) -> None:
         node = self._nodes.get(inode)

@@ -27,12 +27,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from etfs import copyrange
 from etfs.client import ConnectionLost, Pool, ServerClient
 from etfs.config import ClientConfig
 from etfs.protocol import messages as m
 
 from .handles import OpenFile
-from .inodes import ROOT_INODE, InodeTable, Node, join
+from .inodes import ROOT_INODE, InodeTable, Node, join, stamp
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,13 @@ class DirHandle:
 
     node: Node
     entries: list[m.Entry] = field(default_factory=list)
+    asked: list[int] = field(default_factory=list)  # per entry: `stamp` when its page was asked for
     after: str = ""
     more: bool = True
+
+
+def _changed_elsewhere(old: m.Attr, new: m.Attr) -> bool:
+    return (old.size, old.mtime_ns, old.ctime_ns) != (new.size, new.mtime_ns, new.ctime_ns)
 
 
 def _fs_name(name: bytes) -> str:
@@ -114,6 +120,22 @@ class EtfsOperations(pyfuse3.Operations):
         """The open file behind a kernel file handle (KeyError if there is none)."""
         return self._files[fh]
 
+    async def sync_inode(self, inode: int) -> None:
+        """Send every open file's pending writes of an inode to its server."""
+        node = self.table.get(inode)
+        if node is not None:
+            await self._flush_inode(node)
+
+    async def replaced(self, inode: int) -> None:
+        """The inode's server file was replaced under its path (a copy renamed onto it): open
+        handles follow the new file, caches here and in the kernel are dropped."""
+        node = self.table.get(inode)
+        if node is not None:
+            for fh in list(node.open_files):
+                if (f := self._files.get(fh)) is not None:
+                    await f.replaced()
+        self.invalidate(inode)
+
     def invalidate(self, inode: int) -> None:
         """Forget cached attributes of an inode here and in the kernel (data too).
 
@@ -122,16 +144,16 @@ class EtfsOperations(pyfuse3.Operations):
         """
         node = self.table.get(inode)
         if node is not None:
-            self.table.expire(node)
+            node.touch()
             for fh in node.open_files:
                 f = self._files.get(fh)
                 if f is not None:
                     f.drop_readahead()
         self._nursery.start_soon(self._notify_kernel, inode)
 
-    async def _notify_kernel(self, inode: int) -> None:
+    async def _notify_kernel(self, inode: int, attr_only: bool = False) -> None:
         try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, attr_only)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTCONN):  # kernel does not know it / unmounted
                 log.debug("invalidate_inode(%d): %s", inode, exc)
@@ -213,8 +235,8 @@ class EtfsOperations(pyfuse3.Operations):
             if f is not None and fh != except_fh and f.dirty:
                 await f.sync()
 
-    def _remember(self, node: Node, attr: m.Attr) -> pyfuse3.EntryAttributes:
-        self.table.set_attr(node, attr, self.config.cache.attr_ttl)
+    def _remember(self, node: Node, attr: m.Attr, asked: int) -> pyfuse3.EntryAttributes:
+        self.table.set_attr(node, attr, self.config.cache.attr_ttl, asked)
         return self._entry(node, attr)
 
     async def _attr(self, node: Node) -> m.Attr:
@@ -223,8 +245,16 @@ class EtfsOperations(pyfuse3.Operations):
         cached = self.table.fresh_attr(node)
         if cached is not None:
             return cached
-        if not node.linked and node.attr is not None:
-            return node.attr  # unlinked but still open: its path now names something else
+        asked = stamp()
+        if not node.linked:
+            # Unlinked but still open: its path now names something else; ask by handle.
+            for fh in node.open_files:
+                if (f := self._files.get(fh)) is not None:
+                    attr = await f.call(m.FStat, m.Attr)
+                    self.table.set_attr(node, attr, 0, asked)
+                    return attr
+            if node.attr is not None:
+                return node.attr
         if node.pinned:
             # A down or hung server's directory still exists in the root (so bind mounts and
             # `ls -l` of the root never wait for it); using its contents fails instead.
@@ -239,7 +269,7 @@ class EtfsOperations(pyfuse3.Operations):
             attr = attr_or_none
         else:
             attr = await self._call(node.server, m.Stat, m.Attr, path=node.path)
-        self.table.set_attr(node, attr, self.config.cache.attr_ttl)
+        self.table.set_attr(node, attr, self.config.cache.attr_ttl, asked)
         return attr
 
     def _child(self, parent: Node, name: bytes) -> tuple[str, str]:
@@ -247,14 +277,14 @@ class EtfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         return parent.server, join(parent.path, _fs_name(name))
 
-    def _new_entry(self, server: str, path: str, attr: m.Attr) -> pyfuse3.EntryAttributes:
+    def _new_entry(self, server: str, path: str, attr: m.Attr, asked: int) -> pyfuse3.EntryAttributes:
         """An entry the kernel will hold a reference to (lookup count + 1)."""
         node = self.table.ensure(server, path)
         node.lookups += 1
-        return self._remember(node, attr)
+        return self._remember(node, attr, asked)
 
     def _parent_changed(self, parent: Node) -> None:
-        self.table.expire(parent)
+        parent.touch()  # its mtime, ctime and maybe nlink changed
 
     def _creating(self, parent: Node, name: bytes) -> tuple[str, str]:
         """`_child` for a request that creates ``name`` (before sending it: it may succeed
@@ -288,6 +318,7 @@ class EtfsOperations(pyfuse3.Operations):
                 negative.st_ino = 0
                 negative.entry_timeout = min(absent_for, self.config.cache.negative_ttl)
                 return negative
+        asked = stamp()
         try:
             attr = await self._call(server, m.Stat, m.Attr, path=path)
         except OSError as exc:
@@ -297,7 +328,7 @@ class EtfsOperations(pyfuse3.Operations):
             negative.st_ino = 0  # cached by the kernel as "does not exist" for negative_ttl
             negative.entry_timeout = self.config.cache.negative_ttl
             return negative
-        return self._new_entry(server, path, attr)
+        return self._new_entry(server, path, attr, asked)
 
     @_edge
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -307,6 +338,9 @@ class EtfsOperations(pyfuse3.Operations):
     @_edge
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        # Writes accepted here reach the server first, so size and mtime are those of every
+        # completed write(2).
+        await self._flush_inode(node)
         return self._entry(node, await self._attr(node))
 
     @_edge
@@ -318,9 +352,14 @@ class EtfsOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        node = self._remote(inode)
-        if node.pinned:
+        node = self._node(inode)
+        if not node.server or node.pinned:
             raise pyfuse3.FUSEError(errno.EPERM)
+        # An unlinked (or replaced) file still open here can be truncated through a handle;
+        # its other attributes are out of reach (no path).
+        by_handle = None if node.linked else self._writable_handle(node, fh)
+        if not node.linked and (by_handle is None or not fields.update_size):
+            raise pyfuse3.FUSEError(errno.ESTALE)
         req: dict[str, Any] = {}
         if fields.update_size:
             await self._flush_inode(node)
@@ -344,8 +383,22 @@ class EtfsOperations(pyfuse3.Operations):
             req["mtime_ns"] = attr.st_mtime_ns
         if not req:  # e.g. ctime only
             return self._entry(node, await self._attr(node))
-        new = await self._call(node.server, m.SetAttr, m.Attr, path=node.path, **req)
-        return self._remember(node, new)
+        node.touch()
+        asked = stamp()
+        if by_handle is not None:
+            new = await by_handle.call(m.FTruncate, m.Attr, size=attr.st_size)
+        else:
+            new = await self._call(node.server, m.SetAttr, m.Attr, path=node.path, **req)
+        return self._remember(node, new, asked)
+
+    def _writable_handle(self, node: Node, fh: int | None) -> OpenFile | None:
+        """The open file to change an unlinked node through: ``fh`` if given, else any writable one."""
+        candidates = [fh] if fh is not None else sorted(node.open_files)
+        for c in candidates:
+            f = self._files.get(c) if c is not None else None
+            if f is not None and f.node is node and f.flags & os.O_ACCMODE != os.O_RDONLY:
+                return f
+        return None
 
     # --- directories --------------------------------------------------------------------------
     @_edge
@@ -369,24 +422,26 @@ class EtfsOperations(pyfuse3.Operations):
                 child.lookups += 1
             return
         if start_id == 0:  # (re)start: a fresh listing
-            h.entries, h.after, h.more = [], "", True
+            h.entries, h.asked, h.after, h.more = [], [], "", True
         i = start_id
         ttl = self.config.cache.dir_ttl
         while True:
             if i >= len(h.entries):
                 if not h.more:
                     return
+                asked = stamp()
                 page = await self._call(
                     node.server, m.List, m.ListPage, path=node.path, after=h.after, limit=LIST_PAGE
                 )
                 h.entries.extend(page.entries)
+                h.asked.extend([asked] * len(page.entries))
                 h.more = page.more and bool(page.entries)
                 if page.entries:
                     h.after = page.entries[-1].name
                 continue
             ent = h.entries[i]
             child = self.table.ensure(node.server, join(node.path, ent.name))
-            self.table.set_attr(child, ent.attr, ttl)
+            self.table.set_attr(child, ent.attr, ttl, h.asked[i])
             if not pyfuse3.readdir_reply(token, ent.name.encode(), self._entry(child, ent.attr), i + 1):
                 self.table.discard_if_unused(child)
                 return
@@ -408,9 +463,10 @@ class EtfsOperations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         server, path = self._creating(parent, name)
         epoch = self._client(server).namespace_epoch
+        asked = stamp()
         attr = await self._call(server, m.Mkdir, m.Attr, path=path, mode=mode & 0o7777)
         self._parent_changed(parent)
-        entry = self._new_entry(server, path, attr)
+        entry = self._new_entry(server, path, attr, asked)
         self.table.know_empty(self._node(entry.st_ino), self.config.cache.negative_ttl, epoch)
         return entry
 
@@ -431,10 +487,13 @@ class EtfsOperations(pyfuse3.Operations):
             # Still open here: once unlinked its path is useless, so fstat answers from the
             # attributes it had at this moment (with its writes on the server first).
             await self._flush_inode(node)
-            self.table.set_attr(node, await self._call(server, m.Stat, m.Attr, path=path), 0)
+            asked = stamp()
+            self.table.set_attr(node, await self._call(server, m.Stat, m.Attr, path=path), 0, asked)
         await self._call(server, m.Unlink, None, path=path)
         self.table.detach(server, path)
         self._parent_changed(parent)
+        if node is not None:
+            await self._links_changed(node)
 
     @_edge
     async def rename(
@@ -459,12 +518,16 @@ class EtfsOperations(pyfuse3.Operations):
             self._creating(old_parent, name_old)
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
         await self._call(server, m.Rename, None, old=old, new=new, noreplace=noreplace, exchange=exchange)
+        moved, replaced = self.table.find(server, old), None if exchange else self.table.find(server, new)
         if exchange:
             self.table.exchange(server, old, new)
         else:
             self.table.rename(server, old, new)
         self._parent_changed(old_parent)
         self._parent_changed(new_parent)
+        for n in (moved, replaced):  # their ctime (and a replaced file's nlink) changed
+            if n is not None:
+                await self._links_changed(n)
 
     # --- links --------------------------------------------------------------------------------
     @_edge
@@ -473,9 +536,10 @@ class EtfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         server, path = self._creating(parent, name)
+        asked = stamp()
         attr = await self._call(server, m.Symlink, m.Attr, path=path, target=os.fsdecode(target))
         self._parent_changed(parent)
-        return self._new_entry(server, path, attr)
+        return self._new_entry(server, path, attr, asked)
 
     @_edge
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -492,21 +556,46 @@ class EtfsOperations(pyfuse3.Operations):
         server, path = self._creating(parent, new_name)
         if server != node.server:
             raise pyfuse3.FUSEError(errno.EXDEV)
+        node.touch()  # its nlink and ctime change
+        asked = stamp()
         attr = await self._call(server, m.Link, m.Attr, old=node.path, new=path)
-        self.table.expire(node)  # its nlink changed
         self._parent_changed(parent)
+        await self._links_changed(node, force=True)
         # Inodes are per path, so the new name gets its own inode number.
-        return self._new_entry(server, path, attr)
+        return self._new_entry(server, path, attr, asked)
+
+    async def _links_changed(self, node: Node, force: bool = False) -> None:
+        """A name of ``node``'s file was added, removed or moved: every name of a multiply
+        linked file shows the new link count and ctime.  Inodes here are per name, so the
+        other names are found by the server's inode number; the kernel's cached attributes
+        of them are dropped too (attributes only: no lock involved)."""
+        attr = node.attr
+        if attr is None or (attr.nlink < 2 and not force):
+            return
+        for other in self.table.same_file(node.server, attr.ino):
+            other.touch()
+            await self._notify_kernel(other.inode, attr_only=True)
+
+    @_edge
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        server, path = self._creating(parent, name)
+        asked = stamp()
+        attr = await self._call(server, m.Mknod, m.Attr, path=path, mode=mode, rdev=rdev)
+        self._parent_changed(parent)
+        return self._new_entry(server, path, attr, asked)
 
     # --- files --------------------------------------------------------------------------------
-    def _register(self, node: Node, flags: int, opened: m.Opened) -> pyfuse3.FileInfo:
+    def _register(self, node: Node, flags: int, opened: m.Opened, asked: int) -> pyfuse3.FileInfo:
         client = self._client(node.server)
         live = client._live
         generation = live.generation if live is not None else client.generation
         fh = next(self._fh)
         self._files[fh] = OpenFile(fh, node, flags, client, opened, generation, self._nursery)
         node.open_files.add(fh)
-        self.table.set_attr(node, opened.attr, self.config.cache.attr_ttl)
+        self.table.set_attr(node, opened.attr, self.config.cache.attr_ttl, asked)
         # keep_cache=False: each open re-reads, so changes made on the server show up.
         return pyfuse3.FileInfo(fh=fh, keep_cache=False)
 
@@ -523,10 +612,20 @@ class EtfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_TRUNC:
             await self._flush_inode(node)
+            node.touch()
+        asked = stamp()
+        before = node.attr
         opened = await self._call(
             node.server, m.Open, m.Opened, path=node.path, flags=self._server_flags(flags)
         )
-        return self._register(node, flags, opened)
+        info = self._register(node, flags, opened, asked)
+        if before is not None and _changed_elsewhere(before, opened.attr):
+            # Close-to-open: the file changed since the kernel got its attributes (another
+            # client wrote it); the kernel would keep reading up to the old size until
+            # attr_ttl ran out.  Only attributes: open itself drops the pages (keep_cache
+            # False), and this invalidation takes no lock the open holds.
+            await self._notify_kernel(node.inode, attr_only=True)
+        return info
 
     @_edge
     async def create(
@@ -534,13 +633,17 @@ class EtfsOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._node(parent_inode)
         server, path = self._creating(parent, name)
+        if flags & os.O_TRUNC and (existing := self.table.find(server, path)) is not None:
+            await self._flush_inode(existing)
+            existing.touch()
+        asked = stamp()
         opened = await self._call(
             server, m.Create, m.Opened, path=path, mode=mode & 0o7777, flags=self._server_flags(flags)
         )
         self._parent_changed(parent)
-        entry = self._new_entry(server, path, opened.attr)
+        entry = self._new_entry(server, path, opened.attr, asked)
         node = self._node(entry.st_ino)
-        return self._register(node, flags, opened), entry
+        return self._register(node, flags, opened, asked), entry
 
     @_edge
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
@@ -551,9 +654,7 @@ class EtfsOperations(pyfuse3.Operations):
     @_edge
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         f = self._files[fh]
-        n = await f.write(off, buf)
-        self.table.expire(f.node)
-        return n
+        return await f.write(off, buf)
 
     @_edge
     async def flush(self, fh: int) -> None:
@@ -590,7 +691,11 @@ class EtfsOperations(pyfuse3.Operations):
     # --- filesystem ---------------------------------------------------------------------------
     @_edge
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        # pyfuse3 does not say which inode statfs is for: report the sum over reachable servers.
+        # pyfuse3 does not say which inode statfs is for; the copyrange shim does (read it
+        # before any await).  Below a server: that server's file system; the mount root (or
+        # without the shim): the sum over reachable servers.
+        node = self.table.get(copyrange.statfs_inode())
+        servers = [node.server] if node is not None and node.server else list(self.config.servers)
         frsize = 4096
         total = [0, 0, 0, 0, 0]
         namemax = 255
@@ -612,7 +717,7 @@ class EtfsOperations(pyfuse3.Operations):
             namemax = min(namemax, s.namemax)
 
         async with trio.open_nursery() as nursery:
-            for server in self.config.servers:
+            for server in servers:
                 nursery.start_soon(one, server)
         out = pyfuse3.StatvfsData()
         out.f_bsize = BLKSIZE
@@ -660,6 +765,7 @@ class EtfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)  # computed etfs information is read-only
         if not key.startswith("user."):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        node.touch()  # ctime
         await self._call(node.server, m.SetXattr, None, path=node.path, name=key, value=value)
 
     @_edge
@@ -670,4 +776,5 @@ class EtfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         if not key.startswith("user."):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        node.touch()
         await self._call(node.server, m.RemoveXattr, None, path=node.path, name=key)

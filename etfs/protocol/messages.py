@@ -198,6 +198,12 @@ class Close(Request, frozen=True):
     handle: int
 
 
+class FStat(Request, frozen=True):
+    """Attributes of an open file by handle (an unlinked file has no path to stat)."""
+
+    handle: int
+
+
 class Fsync(Request, frozen=True):
     handle: int
     datasync: bool = False
@@ -233,6 +239,23 @@ class SetAttr(Request, frozen=True):
     mtime_ns: int | None = None
     atime_now: bool = False
     mtime_now: bool = False
+
+
+class FTruncate(Request, frozen=True):
+    """ftruncate of an open file by handle (an unlinked file has no path); the handle must be
+    open for writing."""
+
+    handle: int
+    size: int
+
+
+class Mknod(Request, frozen=True):
+    """Create a FIFO or a socket (``mode`` has the file type); the server never opens it (the
+    client's kernel handles them locally)."""
+
+    path: str
+    mode: int
+    rdev: int = 0
 
 
 class Symlink(Request, frozen=True):
@@ -367,12 +390,15 @@ ClientMessage = (
     | Read
     | Write
     | Close
+    | FStat
     | Fsync
     | Mkdir
     | Rmdir
     | Unlink
     | Rename
     | SetAttr
+    | FTruncate
+    | Mknod
     | Symlink
     | Readlink
     | Link

@@ -1,0 +1,98 @@
+"""The long run of the random-operation model test (tests/fsmodel.py) against a real mount.
+
+    python bench/model_run.py [--ops 300000] [--seed 1] [--steps 2000] [--drop-caches 0.001]
+
+Starts two etfs-servers (jive, onsala) on loopback and one mount of both, then runs the model
+with seeds --seed, --seed+1, ... (--steps operations each, on fresh files) until --ops
+operations ran; every step is compared with a reference directory on local disk.  With
+--drop-caches P (root only) the page cache is dropped before a step with probability P.
+Prints the operations run, their mix, the time taken and PASS, or the first mismatch (seed,
+step and the operations before it: rerun with that seed to reproduce) and FAIL.
+Everything it started is stopped by pid and unmounted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from conftest import KEY, Mount, Server, _server_yaml, write_client_config  # noqa: E402
+from fsmodel import Mismatch, Model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", type=int, default=300_000, help="operations in total")
+    p.add_argument("--seed", type=int, default=1, help="first seed")
+    p.add_argument("--steps", type=int, default=2000, help="operations per seed")
+    p.add_argument("--drop-caches", type=float, default=0.0, help="probability per step (root)")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="etfs-model-") as tmp:
+        base = Path(tmp)
+        key = base / "tester.key"
+        key.write_text(KEY)
+        servers: list[Server] = []
+        mount: Mount | None = None
+        try:
+            for name in ("jive", "onsala"):
+                d = base / f"srv-{name}"
+                (d / "export" / "tmp").mkdir(parents=True)
+                cfg = d / "server.yaml"
+                acl: list[dict[str, object]] = [{"who": "tester", "path": "/", "rights": ["all"]}]
+                cfg.write_text(_server_yaml(name, d / "export", key, d / "state", acl))
+                s = Server(name, d / "export", cfg, d / "ports", d / "server.log")
+                servers.append(s)
+                s.start()
+            root = base / "mnt" / ".etfs"
+            mps = {s.name: base / "mnt" / s.name for s in servers}
+            cfg = write_client_config(base / "mountpoints.yaml", servers, key, root, mps)
+            mount = Mount(cfg, root, mps, base / "mount.log")
+            mount.start()
+            return run(args, base, mount)
+        finally:
+            if mount is not None:
+                mount.stop()
+            for s in servers:
+                s.stop()
+
+
+def run(args: argparse.Namespace, base: Path, mount: Mount) -> int:
+    done = 0
+    seed = args.seed
+    mix: collections.Counter[str] = collections.Counter()
+    t0 = time.monotonic()
+    last_report = t0
+    while done < args.ops:
+        steps = min(args.steps, args.ops - done)
+        dirs = [mount.dir("jive") / "tmp" / f"m{seed}", mount.dir("onsala") / "tmp" / f"m{seed}"]
+        model = Model(seed, dirs, base / "ref" / f"m{seed}", drop_caches=args.drop_caches)
+        try:
+            for _ in range(steps):
+                model.step()
+            model.close_all()
+        except Mismatch as exc:
+            mix.update(model.ops)
+            print(f"FAIL after {done + model.steps} operations ({time.monotonic() - t0:.0f} s): {exc}")
+            return 1
+        done += steps
+        mix.update(model.ops)
+        seed += 1
+        if time.monotonic() - last_report > 30:
+            last_report = time.monotonic()
+            print(f"  {done} operations, {seed - args.seed} seeds, {last_report - t0:.0f} s", flush=True)
+    secs = time.monotonic() - t0
+    print(f"PASS: {done} operations over seeds {args.seed}..{seed - 1} in {secs:.0f} s")
+    print("  mix: " + ", ".join(f"{k} {v}" for k, v in mix.most_common()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
