@@ -96,6 +96,21 @@ def refused(why: str) -> TransferError:
     return TransferError(errno.EACCES, f"capability refused: {why}", FailureCode.CAPABILITY_REFUSED)
 
 
+class UsedUp(TransferError):
+    """A data connection for a capability whose transfer has ended.
+
+    Refused like any other, but also what a transfer's own last streams meet when the first
+    ones already fetched every block: the listener does not warn about it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            errno.EACCES,
+            "capability refused: used up (a capability serves one transfer)",
+            FailureCode.CAPABILITY_REFUSED,
+        )
+
+
 FORGET_AFTER = 60.0  # seconds past expiry an issued capability is still known (to say "expired")
 
 
@@ -143,7 +158,7 @@ class CapabilityTable:
             raise refused("not issued by this server")
         self.signer.check(token)  # signature and expiry
         if issued.ended:
-            raise refused("used up (a capability serves one transfer)")
+            raise UsedUp()
         return issued
 
     def admit(self, kid: bytes, hello: d.DataHello) -> Issued:

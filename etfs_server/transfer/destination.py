@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import posixpath
 import secrets
 import socket
 import ssl
@@ -38,10 +39,11 @@ from etfs.protocol.transfer import (
     same_version,
 )
 
-from ..exports import ExportRoot
+from ..identity import Account, as_account
 from .datapath import CHUNK, CONNECT_TIMEOUT, hash_range, pwrite_all, recv_exact, recv_frame, recv_into, send
 from .errors import TransferError, failure_code
 from .records import Record, RestartRecord
+from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +117,24 @@ class DestinationTransfer:
     """One transfer into this server: its record, settings, part file, journal and streams."""
 
     def __init__(
-        self, rec: Record, cap: m.Capability, root: ExportRoot, block_size: int, settings: Settings
+        self,
+        rec: Record,
+        cap: m.Capability,
+        workdir: WorkDir,
+        block_size: int,
+        settings: Settings,
+        account: Account | None = None,
     ) -> None:
         self.rec = rec
         self.cap = cap
-        self.root = root
+        # The destination's directory, resolved and checked once; every file of the transfer
+        # is opened, renamed and removed through it, as the user's account (workdir.py).
+        self.workdir = workdir
+        self.account = account
         self.settings = settings
         self.ticket = secrets.token_bytes(24)
-        self.part, self.restart, self.journal = part_paths(rec.path)
+        self.name = posixpath.basename(rec.path)
+        self.part, self.restart, self.journal = (posixpath.basename(p) for p in part_paths(rec.path))
         self.block_size = block_size
         self.nblocks = 0
         self.digests: list[int | None] = []
@@ -211,11 +223,12 @@ class DestinationTransfer:
 
         On an exception the caller closes what was opened and removes nothing it did not create.
         """
-        root, path, cap, rec, mode = self.root, self.rec.path, self.cap, self.rec, self.settings.mode
-        try:
-            existing: os.stat_result | None = root.lstat(path)
-        except FileNotFoundError:
-            existing = None
+        with as_account(self.account):
+            return self._prepare()
+
+    def _prepare(self) -> int:
+        wd, path, cap, rec, mode = self.workdir, self.rec.path, self.cap, self.rec, self.settings.mode
+        existing = wd.lstat(self.name)
         if existing is not None:
             if st.S_ISDIR(existing.st_mode):
                 raise TransferError(errno.EISDIR, f"destination {path} is a directory")
@@ -236,34 +249,46 @@ class DestinationTransfer:
         present = self._try_resume(identity) if mode != CopyMode.NEW else 0
         if not present:
             self.close_files()
-            remove_quietly(root, self.journal)
-            self.part_fd = root.open(self.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            wd.remove_quietly(self.journal)
+            self.part_fd = wd.create(self.part, os.O_RDWR)
             vfs = os.fstatvfs(self.part_fd)
             if vfs.f_bavail * vfs.f_frsize < cap.size:
                 self.close_files()
-                remove_quietly(root, self.part)
+                wd.remove_quietly(self.part)
                 raise TransferError(errno.ENOSPC, f"not enough space for {cap.size} bytes at {path}")
-            self.journal_fd = root.open(
-                self.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW, 0o600
-            )
-            write_file(root, self.restart, msgspec.json.encode(identity))
+            self.journal_fd = wd.create(self.journal, os.O_WRONLY | os.O_APPEND)
+            wd.write_file(self.restart, msgspec.json.encode(identity))
         rec.bytes_done = present
         return present
 
     def _try_resume(self, identity: RestartRecord) -> int:
         """Reuse a part file left by the same source file: bytes already present, or 0."""
-        root = self.root
+        wd = self.workdir
         try:
-            with root.opened(self.restart, os.O_RDONLY | os.O_NOFOLLOW) as fd:
+            # Only files that are surely this server's own work files (WorkDir.reopen).
+            fd = wd.reopen(self.restart, os.O_RDONLY)
+            if fd is None:
+                return 0
+            try:
                 old = msgspec.json.decode(os.read(fd, 65536), type=RestartRecord)
+            finally:
+                os.close(fd)
             # The record lives in the export: never trust its block size blindly.
             if not old.same_source(identity) or not MIN_BLOCK <= old.block_size <= d.MAX_BLOCK:
                 return 0
             if -(-self.cap.size // old.block_size) > MAX_BLOCKS:
                 return 0
-            with root.opened(self.journal, os.O_RDONLY | os.O_NOFOLLOW) as fd:
+            fd = wd.reopen(self.journal, os.O_RDONLY)
+            if fd is None:
+                return 0
+            try:
                 raw = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
-            self.part_fd = root.open(self.part, os.O_RDWR | os.O_NOFOLLOW)
+            finally:
+                os.close(fd)
+            part_fd = wd.reopen(self.part, os.O_RDWR)
+            if part_fd is None:
+                return 0
+            self.part_fd = part_fd
         except (OSError, msgspec.MsgspecError):
             return 0
         self._layout(old.block_size)
@@ -284,7 +309,10 @@ class DestinationTransfer:
                 continue
             self.digests[index] = digest
             present += length
-        self.journal_fd = root.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        journal_fd = wd.reopen(self.journal, os.O_WRONLY | os.O_APPEND)
+        if journal_fd is None:
+            raise TransferError(errno.EAGAIN, f"the journal of {self.rec.path} vanished while resuming")
+        self.journal_fd = journal_fd
         log.info(
             "transfer %s: resuming with %d of %d bytes already present%s",
             self.rec.id,
@@ -304,12 +332,21 @@ class DestinationTransfer:
         self.part_fd = self.journal_fd = -1
 
     def remove_part(self) -> None:
-        for p in (self.part, self.restart, self.journal):
-            remove_quietly(self.root, p)
+        with as_account(self.account):
+            for name in (self.part, self.restart, self.journal):
+                self.workdir.remove_quietly(name)
+
+    def close_dir(self) -> None:
+        """The transfer is over: let go of its destination directory."""
+        self.workdir.close()
 
     def commit(self) -> None:
         """All blocks are in: make the part file durable, label it, and put it in place."""
-        rec, root, cap = self.rec, self.root, self.cap
+        with as_account(self.account):
+            self._commit()
+
+    def _commit(self) -> None:
+        rec, wd, cap = self.rec, self.workdir, self.cap
         os.ftruncate(self.part_fd, cap.size)
         os.fdatasync(self.part_fd)
         proc = f"/proc/self/fd/{self.part_fd}"
@@ -325,9 +362,9 @@ class DestinationTransfer:
         os.fchmod(self.part_fd, 0o644)
         if self.settings.mode == CopyMode.SKIP_EXISTING or self.settings.preserve_times:
             os.utime(proc, ns=(cap.mtime_ns, cap.mtime_ns))
-        rename_into_place(root, self.part, rec.path, self.settings.mode)
-        for p in (self.restart, self.journal):
-            remove_quietly(root, p)
+        wd.rename(self.part, self.name, noreplace=noreplace(self.settings.mode))
+        for name in (self.restart, self.journal):
+            wd.remove_quietly(name)
 
     # --- one data connection (blocking, in a worker thread) ----------------------------------------
     def expect_ready(self, sock: socket.socket) -> None:
@@ -484,6 +521,7 @@ class DestinationTransfer:
                     rec.bytes_done,
                     *timing,
                 )
+            self.close_dir()
             if self.on_finish is not None:
                 self.on_finish()
 
@@ -550,26 +588,3 @@ class DestinationTransfer:
                 f"{len(missing)} blocks missing: {first.strerror or first}",
                 failure_code(first),
             )
-
-
-# --- the file rules every copy on this server follows -------------------------------------------------
-def rename_into_place(root: ExportRoot, part: str, path: str, mode: str) -> None:
-    """The part file becomes ``path``: never replacing a file in mode new."""
-    with root.parent(part) as (pfd, pname), root.parent(path) as (dfd, dname):
-        native.renameat2(pfd, pname, dfd, dname, native.RENAME_NOREPLACE if noreplace(mode) else 0)
-
-
-def write_file(root: ExportRoot, path: str, data: bytes) -> None:
-    fd = root.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def remove_quietly(root: ExportRoot, path: str) -> None:
-    try:
-        with root.parent(path) as (fd, name):
-            os.unlink(name, dir_fd=fd)
-    except OSError:
-        pass

@@ -23,6 +23,7 @@ import trio
 
 from etfs.protocol import data as d
 
+from .capabilities import UsedUp
 from .datapath import DataLinks, recv_exact, send, set_timeouts
 from .destination import DestinationTransfer
 from .errors import TransferError, failure_code
@@ -75,6 +76,8 @@ class DataListener:
             handed_over = await trio.to_thread.run_sync(
                 self._dispatch, sock, hello, kid, limiter=self.data_threads
             )
+        except UsedUp as exc:
+            log.info("data connection from %s: %s", peer, exc)
         except (OSError, msgspec.MsgspecError, d.DataProtocolError) as exc:
             log.warning("data connection from %s: %s", peer, exc)
         except Exception:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import secrets
 import socket
@@ -24,8 +25,9 @@ from etfs.protocol.transfer import DATA_DIRECTIONS, TERMINAL, CopyMode, Directio
 
 from ..acl import Right
 from ..config import ServerConfig
-from ..exports import ExportRoot
+from ..exports import ExportRoot, normalize
 from ..handlers import Session
+from ..identity import as_account
 from .datapath import DataLinks
 from .destination import MAX_SIZE, DestinationTransfer, Settings, block_size_for
 from .errors import TransferError, failure_code
@@ -33,6 +35,7 @@ from .listener import DataListener
 from .localcopy import copy_within
 from .records import KEEP_RECORDS, Record, RecordStore
 from .source import SourceRole
+from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +127,18 @@ class TransferService:
         if direction == Direction.PULL:
             self.links.check_peer(cap.data_host)
 
-        def check() -> str:
-            path = session.check(req.path, Right.TRANSFER_IN)
-            session.check(path, Right.WRITE)
-            return path
+        def resolve() -> tuple[str, WorkDir]:
+            # Resolved and checked once; the transfer keeps this very directory open.
+            with as_account(session.account), session.at(req.path, Right.TRANSFER_IN, Right.WRITE) as loc:
+                if not loc.name:
+                    raise TransferError(errno.EISDIR, "the export root is not a file")
+                owner = session.account.uid if session.account is not None else os.geteuid()
+                return loc.asked, WorkDir.of(loc, owner)
 
-        path = await trio.to_thread.run_sync(check)
+        path, workdir = await trio.to_thread.run_sync(resolve)
         export = self._export_name(session)
         if (export, path) in self.by_path:
+            workdir.close()
             raise TransferError(errno.EBUSY, f"another transfer into {path} is running")
         rec = Record(
             id=tid,
@@ -147,7 +154,7 @@ class TransferService:
         )
         settings = Settings(mode, direction, req.verify, req.preserve_times, self.config.receiver)
         block_size = block_size_for(cap.size, req.block_size or self.config.block_size)
-        t = DestinationTransfer(rec, cap, session.root, block_size, settings)
+        t = DestinationTransfer(rec, cap, workdir, block_size, settings, session.account)
         # Claim the id and the destination before the first await: a TransferCancel or the
         # client's disconnect from now on reaches this transfer.
         self.active[tid] = t
@@ -170,6 +177,7 @@ class TransferService:
                 raise TransferError(t.rec.errno or errno.EINTR, t.rec.reason or "cancelled")
         except BaseException:
             t.close_files()
+            t.close_dir()
             forget()
             raise
         self.records[tid] = rec
@@ -215,6 +223,7 @@ class TransferService:
     def _finish(self, t: DestinationTransfer, forget: Callable[[], None]) -> None:
         t.rec.finished = time.time()
         t.close_files()
+        t.close_dir()
         forget()
         self.records[t.rec.id] = t.rec
         self.store.save(t.rec)
@@ -277,10 +286,7 @@ class TransferService:
     async def op_localcopy(self, session: Session, req: m.LocalCopy) -> m.TransferInfo:
         mode: CopyMode = _enum(CopyMode, req.mode)
 
-        def check() -> tuple[str, str]:
-            return session.check(req.src, Right.READ), session.check(req.dst, Right.WRITE)
-
-        src, dst = await trio.to_thread.run_sync(check)
+        src, dst = normalize(req.src), normalize(req.dst)
         export = self._export_name(session)
         if (export, dst) in self.by_path:
             raise TransferError(errno.EBUSY, f"another transfer into {dst} is running")
@@ -290,7 +296,7 @@ class TransferService:
         self.by_path[(export, dst)] = tid
         try:
             await trio.to_thread.run_sync(
-                copy_within, session.root, src, dst, mode, req.preserve_times, rec, limiter=self.data_threads
+                copy_within, session, src, dst, mode, req.preserve_times, rec, limiter=self.data_threads
             )
         except OSError as exc:
             rec.fail(exc.errno or errno.EIO, exc.strerror or str(exc), failure_code(exc))

@@ -27,6 +27,7 @@ from ..acl import Right
 from ..config import ServerConfig
 from ..exports import ExportRoot
 from ..handlers import Session
+from ..identity import as_account
 from .capabilities import CapabilityBody, CapabilityTable, Issued, Signer, file_identity
 from .datapath import CHUNK, DataLinks, hash_range, recv_exact, send
 from .errors import TransferError
@@ -128,17 +129,15 @@ class SourceRole:
 
     async def offer(self, session: Session, export: str, req: m.TransferOffer) -> m.Capability:
         def look() -> tuple[str, os.stat_result]:
-            # transfer-out AND read: the capability lets the bearer read the file.
-            path = session.check(req.path, Right.TRANSFER_OUT)
-            session.check(path, Right.READ)
-            with session.root.opened(path, os.O_RDONLY | os.O_NOFOLLOW) as fd:
-                # The file we actually opened (a parent may have been swapped for a symlink
-                # since the check): the ACL must allow it, and the capability names it.
-                real = session.root.real_path(fd)
-                if real != path:
-                    session.acl.check(session.user, session.groups, real, Right.TRANSFER_OUT)
-                    session.acl.check(session.user, session.groups, real, Right.READ)
-                return real, os.fstat(fd)
+            # transfer-out AND read: the capability lets the bearer read the file. Resolved once
+            # and opened through the directory that was checked, as the user's account; the data
+            # port later serves only a file with this very identity (open_file).
+            with as_account(session.account), session.at(req.path, Right.TRANSFER_OUT, Right.READ) as loc:
+                fd = session.root.open_at(loc, os.O_RDONLY)
+                try:
+                    return loc.path, os.fstat(fd)
+                finally:
+                    os.close(fd)
 
         path, s = await trio.to_thread.run_sync(look)
         if not st.S_ISREG(s.st_mode):

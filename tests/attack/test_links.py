@@ -81,16 +81,10 @@ def _transfer(c: RawClient, src: str, dst: str, tid: str) -> None:
         pytest.param(
             "localcopy",
             ".etfs-part",
-            marks=pytest.mark.xfail(
-                strict=True, reason="issue 9 item 2: LocalCopy opens a planted part file"
-            ),
         ),
         pytest.param(
             "transfer",
             ".etfs-part",
-            marks=pytest.mark.xfail(
-                strict=True, reason="issue 9 item 2: a transfer opens a planted part file"
-            ),
         ),
         pytest.param(
             "transfer",
@@ -99,9 +93,6 @@ def _transfer(c: RawClient, src: str, dst: str, tid: str) -> None:
         pytest.param(
             "transfer",
             ".etfs-part.restart",
-            marks=pytest.mark.xfail(
-                strict=True, reason="issue 9 item 2: a transfer opens a planted restart record"
-            ),
         ),
     ],
 )

@@ -200,9 +200,6 @@ def test_race_stat_list_read_of_private(fresh_server: AttackServer) -> None:
 
 
 # --- LocalCopy over /tmp/ro/important.txt ---------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 1: LocalCopy re-resolves the destination after the check"
-)
 def test_race_localcopy_overwrites_readonly(fresh_server: AttackServer) -> None:
     srv = fresh_server
 
@@ -223,10 +220,6 @@ def test_race_localcopy_overwrites_readonly(fresh_server: AttackServer) -> None:
 
 
 # --- a transfer into /tmp/ro ----------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 item 1: TransferStart re-resolves the destination (part file) after the check",
-)
 def test_race_transfer_into_readonly(fresh_server: AttackServer) -> None:
     """A pull transfer of bob's own file into ``/tmp/bob/Td/important.txt`` while Td swaps."""
     srv = fresh_server
