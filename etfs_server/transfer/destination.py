@@ -557,8 +557,12 @@ class DestinationTransfer:
                 errors.append(TransferError(errno.ETIMEDOUT, "the source did not connect to push its data"))
             except OSError as exc:
                 errors.append(exc)
-                if not self.cancelled:
+                if not self.cancelled and self.missing():
                     log.warning("transfer %s stream %d: %s", self.rec.id, i, exc)
+                elif not self.cancelled:
+                    # The other streams already fetched every block (the source then refuses
+                    # the capability to late streams): nothing was lost.
+                    log.info("transfer %s stream %d, after the last block: %s", self.rec.id, i, exc)
 
         progress_task_done = trio.Event()
 
