@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from etfs.protocol.auth import AuthKeyError, load_key
-from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
+from etfs.protocol.transfer import BLOCK_SIZE, DATA_DIRECTIONS, STREAMS, CopyMode
 
 _MISSING: Any = object()
 
@@ -284,11 +284,11 @@ MODES = tuple(CopyMode)
 
 @dataclass(frozen=True)
 class TransferDefaults:
-    streams: int = 4
+    streams: int = STREAMS
     direction: str = "pull"
     third_party: str = "auto"
     verify: bool = True
-    block_size: int = 4 * 1024 * 1024
+    block_size: int = BLOCK_SIZE
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from etfs.config import DEFAULT_PORT, ConfigError, Fields, address_field, load_yaml, positive_seconds
 from etfs.protocol.auth import AuthKeyError, load_key
+from etfs.protocol.transfer import BLOCK_SIZE, CAPABILITY_TTL
 
 from .acl import ACL, Right, Rule
 from .exports import EscapeError, normalize
@@ -69,9 +70,9 @@ class ServerConfig:
     tls: TLSServerOptions | None = None
     max_transfers: int = 16
     max_streams: int = 16
-    capability_ttl: float = 300.0
+    capability_ttl: float = CAPABILITY_TTL
     data_timeout: float = 30.0  # a peer silent this long on a data connection has vanished
-    block_size: int = 4 * 1024 * 1024
+    block_size: int = BLOCK_SIZE
     # bench/transfer_bench.py: through the whole transfer path sendfile beat read_send in every
     # configuration (e.g. 1 stream, verified: 1263 vs 638 MB/s), although raw loopback pairs vary.
     sender: str = "sendfile"  # or "read_send"
@@ -170,9 +171,9 @@ def load_server_config(path: str | Path) -> ServerConfig:
         kwargs = dict(
             max_transfers=tr.int("max_active", 16, minimum=1),
             max_streams=tr.int("max_streams", 16, minimum=1),
-            capability_ttl=positive_seconds(tr, "capability_ttl", 300.0),
+            capability_ttl=positive_seconds(tr, "capability_ttl", CAPABILITY_TTL),
             data_timeout=positive_seconds(tr, "data_timeout", 30.0),
-            block_size=tr.int("block_size_mib", 4, minimum=1) * 2**20,
+            block_size=tr.int("block_size_mib", BLOCK_SIZE >> 20, minimum=1) * 2**20,
             sender=tr.choice("sender", ("read_send", "sendfile"), "sendfile"),
             receiver=tr.choice("receiver", ("recv_write", "splice"), "splice"),
         )

@@ -35,6 +35,7 @@ from transfer_helpers import (
 )
 
 from etfs.protocol import messages as m
+from etfs.protocol.transfer import FailureCode
 from etfs.transfer.engine import ClientTransfer, TransferFailed
 
 pytestmark = pytest.mark.timeout(120)
@@ -269,7 +270,8 @@ async def test_disk_full_before_start(cluster: Cluster, tmpfs: Callable[[Path, s
 
 
 async def test_disk_full_during_transfer(cluster: Cluster, tmpfs: Callable[[Path, str], None]) -> None:
-    """Two copies that each fit but not together: ENOSPC mid-write, no part files left over."""
+    """Two copies that each fit but not together: ENOSPC mid-write, never a complete-looking file;
+    the one that failed keeps part file and journal (when blocks arrived) for a re-run."""
     cluster.add("jive")
     dst = cluster.add("onsala", pre_start=lambda p: tmpfs(p, "20m"))
     hashes = {i: make_file(cluster["jive"].export / f"f{i}", 13 * MIB, seed=i) for i in range(2)}
@@ -290,11 +292,65 @@ async def test_disk_full_during_transfer(cluster: Cluster, tmpfs: Callable[[Path
     for i, r in results.items():
         out = dst.export / f"g{i}"
         if isinstance(r, TransferFailed):
-            assert r.errno == errno.ENOSPC, r
+            assert r.errno == errno.ENOSPC and r.code == FailureCode.NO_SPACE, r
             assert not out.exists()
+            assert part_files(dst, f"g{i}") in (
+                set(),
+                {f".g{i}.etfs-part{x}" for x in ("", ".restart", ".journal")},
+            )
         else:
             assert r.state == "done" and sha256(out) == hashes[i]
-    assert leftovers(dst.export) == []
+            assert part_files(dst, f"g{i}") == set()
+
+
+async def test_disk_full_keeps_part_and_journal_for_the_rerun(
+    cluster: Cluster, tmpfs: Callable[[Path, str], None]
+) -> None:
+    """Disk full at 50%: the transfer fails with ENOSPC (typed "no-space" in its status), keeps
+    part file and journal; once there is space, the same copy re-sends only what was missing."""
+    src = cluster.add("jive")
+    dst = cluster.add("onsala", pre_start=lambda p: tmpfs(p, "24m"))
+    size = 16 * MIB
+    expect = make_file(src.export / "big", size)
+    with proxied_source(src, stall_at=size // 2) as proxy:
+        async with open_engine(cluster.client_config(block_size=BLOCK, streams=2)) as engine:
+            async with trio.open_nursery() as nursery:
+                failure: list[TransferFailed] = []
+
+                async def copy() -> None:
+                    with pytest.raises(TransferFailed) as exc:
+                        await engine.copy("jive", "/big", "onsala", "/copy", policy="always")
+                    failure.append(exc.value)
+
+                nursery.start_soon(copy)
+                await wait_until(lambda: proxy.block_bytes >= size // 2, 30, "half of the copy")
+                # Someone else fills the disk while the copy waits for its second half.
+                with open(dst.export / "filler", "wb") as f:
+                    with pytest.raises(OSError) as full:
+                        while True:
+                            f.write(b"\0" * MIB)
+                            f.flush()
+                    assert full.value.errno == errno.ENOSPC
+                proxy.resume()
+            (exc,) = failure
+            assert exc.errno == errno.ENOSPC and exc.code == FailureCode.NO_SPACE, exc
+            [rec] = [r for r in dst.records().values() if r["destination"].endswith(":/copy")]
+            assert rec["state"] == "failed" and rec["errno"] == errno.ENOSPC and rec["code"] == "no-space", (
+                rec
+            )
+            assert part_files(dst, "copy") == {
+                ".copy.etfs-part",
+                ".copy.etfs-part.restart",
+                ".copy.etfs-part.journal",
+            }
+            assert not (dst.export / "copy").exists()
+            # Space again: the same copy resumes from the journal.
+            (dst.export / "filler").unlink()
+            first = proxy.block_bytes
+            t = await engine.copy("jive", "/big", "onsala", "/copy", mode="resume", policy="always")
+    second = proxy.block_bytes - first
+    assert_identical(dst, "/copy", expect, t)
+    assert second < 0.6 * size, f"the re-run re-sent {second} of {size} bytes"
 
 
 # --- the source changes ------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from .transfer import CAPABILITY_TTL, STREAMS
+
 PROTOCOL_VERSION = 1
 
 
@@ -309,7 +311,7 @@ class TransferOffer(Request, frozen=True):
     """To the source: issue a capability for reading ``path`` in one transfer."""
 
     path: str
-    ttl: float = 300.0
+    ttl: float = CAPABILITY_TTL
 
 
 class TransferStart(Request, frozen=True):
@@ -324,7 +326,7 @@ class TransferStart(Request, frozen=True):
     source_name: str
     path: str
     mode: str = "new"
-    streams: int = 4
+    streams: int = STREAMS
     direction: str = "pull"
     verify: bool = True
     block_size: int = 0

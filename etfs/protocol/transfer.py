@@ -30,6 +30,12 @@ __all__ = [
 ]
 
 
+# Defaults both sides fall back to (server.yaml and mountpoints.yaml may change them).
+STREAMS = 4
+BLOCK_SIZE = 4 * 1024 * 1024
+CAPABILITY_TTL = 300.0  # seconds
+
+
 class CopyMode(StrEnum):
     NEW = "new"  # fail if the destination exists (and never replace one that appears meanwhile)
     OVERWRITE = "overwrite"

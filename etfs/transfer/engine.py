@@ -308,7 +308,9 @@ class TransferEngine:
                     raise
                 if attempt >= MAX_RETRIES:
                     raise TransferFailed(
-                        exc.errno or errno.EIO, f"gave up after {attempt} tries: {exc.strerror}"
+                        exc.errno or errno.EIO,
+                        f"gave up after {attempt} tries: {exc.strerror}",
+                        exc.code if isinstance(exc, TransferFailed) else None,
                     ) from None
                 log.warning("transfer %s: %s; resuming", t.id, exc.strerror)
                 mode = "resume" if mode != "new" or t.bytes_done else mode

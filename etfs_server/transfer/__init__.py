@@ -8,6 +8,10 @@
 * `listener`     - the data port: greetings, hellos, handing connections to their transfer
 * `localcopy`    - same-server copies
 * `service`      - request handlers (`TransferService`), wiring the above together
+* `errors`       - `TransferError`: an errno with a typed `FailureCode`
+
+Shared with the client: `etfs.protocol.transfer` (modes, directions, states, failure codes,
+part-file names, defaults) and `etfs.protocol.data` (the data-connection wire format).
 
 Roles.  The *source* server only answers block requests for a capability it signed
 itself.  The *destination* owns the transfer: it keeps the persisted record, decides

@@ -52,6 +52,7 @@ MAX_BLOCK_RETRIES = 3
 MAX_SIZE = 1 << 46  # 64 TiB: bounds the per-block bookkeeping a client can make us allocate
 MAX_BLOCKS = 1 << 22  # larger files get larger blocks
 MIN_BLOCK = 64 * 1024
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def block_size_for(size: int, asked: int) -> int:
@@ -502,9 +503,11 @@ class DestinationTransfer:
             rec.fail(errno.EIO, f"internal error: {exc!r}", FailureCode.IO)
         finally:
             if rec.state == TransferState.FAILED and (
-                rec.errno in (errno.ENOSPC, errno.ESTALE) or all(dg is None for dg in self.digests)
+                rec.errno == errno.ESTALE or all(dg is None for dg in self.digests)
             ):
                 # Nothing worth resuming (no block arrived, or the source changed): leave no trace.
+                # A full disk keeps part file and journal: the journal knows the good blocks,
+                # and the same copy, once there is space, fetches only the others.
                 self.close_files()
                 self.remove_part()
             if rec.state == TransferState.FAILED:
@@ -557,6 +560,8 @@ class DestinationTransfer:
                 errors.append(TransferError(errno.ETIMEDOUT, "the source did not connect to push its data"))
             except OSError as exc:
                 errors.append(exc)
+                if exc.errno in NO_SPACE:
+                    queue.close()  # no other stream will find room either
                 if not self.cancelled and self.missing():
                     log.warning("transfer %s stream %d: %s", self.rec.id, i, exc)
                 elif not self.cancelled:
@@ -584,9 +589,9 @@ class DestinationTransfer:
         if missing:
             if self.cancelled:
                 raise TransferError(self.rec.errno or errno.EINTR, self.rec.reason or "cancelled")
-            # A changed source explains every other stream's failure (the source may just drop those).
-            stale = [e for e in errors if e.errno == errno.ESTALE]
-            first = (stale or errors or [TransferError(errno.EIO, "streams ended early")])[0]
+            # A full disk explains the other streams' failures (they were stopped).
+            full = [e for e in errors if e.errno in NO_SPACE]
+            first = (full or errors or [TransferError(errno.EIO, "streams ended early")])[0]
             raise TransferError(
                 first.errno or errno.EIO,
                 f"{len(missing)} blocks missing: {first.strerror or first}",
