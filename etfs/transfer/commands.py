@@ -13,8 +13,6 @@ import concurrent.futures
 import errno
 import json
 import os
-import re
-import secrets
 import shutil
 import signal
 import socket
@@ -27,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from etfs import _sendfile_cffi as native
+from etfs.protocol.transfer import WORK_FILE, CopyMode, local_part_name, noreplace, same_version
 
 from .control import running_mounts
 
 AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
 
 PARALLEL_FILES = 4
-# Hidden files of copies in progress (server transfers, relays, local copies): never copied.
-PARTIAL = re.compile(r"^\..*\.etfs-(part(\.journal|\.restart)?|relay(-[0-9a-f]+|\.id)?|local-[0-9a-f]+)$")
 
 
 # After Ctrl-C: how long to wait for the mount daemon to confirm the servers stopped.
@@ -335,22 +332,21 @@ def _copy_through_client(
     try:
         sst = src.fs_path.stat()
         if dst.fs_path.exists():
-            if args.mode == "new":
+            if noreplace(args.mode):
                 raise FileExistsError(errno.EEXIST, "destination exists (mode new)")
             dstat = dst.fs_path.stat()
-            if args.mode == "skip-existing" and (dstat.st_size, dstat.st_mtime_ns) == (
-                sst.st_size,
-                sst.st_mtime_ns,
+            if args.mode == CopyMode.SKIP_EXISTING and same_version(
+                dstat.st_size, dstat.st_mtime_ns, sst.st_size, sst.st_mtime_ns
             ):
                 rep.event(src, dst, {"event": "done", "skipped": True})
                 return DONE
         # A name of its own: a server transfer into the same file uses ".NAME.etfs-part".
-        part = dst.fs_path.with_name(f".{dst.fs_path.name}.etfs-local-{secrets.token_hex(4)}")
+        part = dst.fs_path.with_name(local_part_name(dst.fs_path.name))
         try:
             _copy_bytes(src.fs_path, part, interrupt)
             shutil.copystat(src.fs_path, part)
             # mode new: a file that appeared meanwhile is not overwritten (EEXIST)
-            flags = native.RENAME_NOREPLACE if args.mode == "new" else 0
+            flags = native.RENAME_NOREPLACE if noreplace(args.mode) else 0
             native.renameat2(AT_FDCWD, str(part), AT_FDCWD, str(dst.fs_path), flags)
         except BaseException:
             part.unlink(missing_ok=True)
@@ -396,7 +392,7 @@ def _plan(sources: list[Location], dest: Location, recursive: bool) -> list[tupl
                 here = here.child(part)
             dirnames.sort()
             for name in sorted(filenames):
-                if not PARTIAL.search(name):
+                if not WORK_FILE.search(name):  # copies in progress are never copied
                     pairs.append((here.child(name), tdir.child(name)))
     return pairs
 

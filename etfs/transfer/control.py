@@ -35,6 +35,7 @@ import trio
 
 from etfs.procs import pid_alive
 from etfs.protocol import messages as m
+from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
 
 from .engine import ClientTransfer, TransferEngine
 
@@ -42,8 +43,8 @@ log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20
 
 
-COPY_MODES = frozenset({"new", "overwrite", "resume", "skip-existing"})
-DIRECTIONS = frozenset({"pull", "push"})
+COPY_MODES = frozenset(CopyMode)
+DIRECTIONS = frozenset(DATA_DIRECTIONS)
 MAX_STREAMS = 64
 
 

@@ -33,10 +33,18 @@ import xxhash
 from etfs.client import ConnectionLost, Pool, RemoteError, ServerClient
 from etfs.config import ClientConfig, TransferDefaults
 from etfs.protocol import messages as m
+from etfs.protocol.transfer import (
+    TERMINAL,
+    CopyMode,
+    FailureCode,
+    noreplace,
+    parse_code,
+    relay_id_name,
+    relay_part_name,
+)
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("done", "failed", "skipped", "cancelled")
 RELAY_BLOCK = 1024 * 1024
 RELAY_INFLIGHT = 8
 MAX_RETRIES = 3
@@ -46,7 +54,14 @@ UNREACHABLE = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.
 
 
 class TransferFailed(OSError):
-    """A copy failed; ``errno`` and ``strerror`` say why (also kept in the transfer record)."""
+    """A copy failed; ``errno`` and ``strerror`` say why (also kept in the transfer record).
+
+    ``code`` is the destination's typed reason (`TransferInfo.code`) when it gave one.
+    """
+
+    def __init__(self, errno: int, message: str, code: FailureCode | None = None) -> None:
+        super().__init__(errno, message)
+        self.code = code or FailureCode.NONE
 
 
 @dataclass
@@ -88,22 +103,6 @@ class CopySpec:
     mode: str
     opts: TransferDefaults
     preserve_times: bool = False
-
-
-def relay_part_name(path: str) -> str:
-    """The hidden part file beside ``path`` of a relay copy (its own: a server transfer may run too).
-
-    Always the same name, so that the next copy into ``path`` finds what a broken relay left:
-    it resumes it when the source is the same file (`relay_id_name` says which), removes it
-    otherwise, and a successful server-to-server copy into ``path`` removes it too.
-    """
-    parent, _, name = path.rpartition("/")
-    return f"{parent}/.{name}.etfs-relay"
-
-
-def relay_id_name(path: str) -> str:
-    """Beside the relay part file: which source file (and version) it holds the start of."""
-    return relay_part_name(path) + ".id"
 
 
 @contextlib.contextmanager
@@ -283,7 +282,7 @@ class TransferEngine:
         src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
         mode = spec.mode
         if (
-            mode == "skip-existing"
+            mode == CopyMode.SKIP_EXISTING
             and await self._skip_check(src, spec.src_path, dst, spec.dst_path) != "skipped"
         ):
             # Different after all: copy, and stamp the source's time so the next run can skip.
@@ -305,9 +304,7 @@ class TransferEngine:
                 retry = (
                     isinstance(exc, ConnectionLost)
                     or (isinstance(exc, RemoteError) and exc.errno == errno.EBUSY and attempt > 1)
-                    or (
-                        isinstance(exc, TransferFailed) and "capability refused: expired" in str(exc.strerror)
-                    )
+                    or (isinstance(exc, TransferFailed) and exc.code == FailureCode.CAPABILITY_EXPIRED)
                 )
                 if not retry:
                     raise
@@ -406,7 +403,9 @@ class TransferEngine:
                 if info.state == "done":
                     return
                 if info.state == "failed":
-                    raise TransferFailed(info.errno or errno.EIO, info.reason or "transfer failed")
+                    raise TransferFailed(
+                        info.errno or errno.EIO, info.reason or "transfer failed", parse_code(info.code)
+                    )
         except BaseException as exc:
             # Stop it on the destination (which closes the data connections, so the source stops
             # too) and wait until it did: the server answers once the transfer is over, its part
@@ -454,10 +453,13 @@ class TransferEngine:
         """
         src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
         src_path, dst_path, mode = spec.src_path, spec.dst_path, spec.mode
-        if mode == "skip-existing" and await self._skip_check(src, src_path, dst, dst_path) == "skipped":
+        if (
+            mode == CopyMode.SKIP_EXISTING
+            and await self._skip_check(src, src_path, dst, dst_path) == "skipped"
+        ):
             self._end(t, "skipped", "destination has the same size, time and digest")
             return
-        if mode == "new":
+        if mode == CopyMode.NEW:
             try:
                 await dst.call(m.Stat, m.Attr, path=dst_path)
             except RemoteError as exc:
@@ -555,7 +557,7 @@ class TransferEngine:
                     raise _SourceChanged(errno.ESTALE, f"source {src_path} changed during the copy")
             except _SourceChanged as exc:
                 keep = False
-                raise TransferFailed(exc.errno, exc.strerror) from None
+                raise TransferFailed(exc.errno or errno.ESTALE, exc.strerror or "source changed") from None
             await dst.call(m.Fsync, None, handle=dfile.handle)
             if opts.verify:
                 theirs = await dst.call(m.Checksum, str, path=part, offset=start)
@@ -563,10 +565,10 @@ class TransferEngine:
                     keep = False
                     raise TransferFailed(errno.EIO, "verification failed: the destination's digest differs")
                 t.digest = "xxh3-128:" + (theirs if not start else await dst.call(m.Checksum, str, path=part))
-            if spec.preserve_times or mode == "skip-existing":
+            if spec.preserve_times or mode == CopyMode.SKIP_EXISTING:
                 mtime = sfile.attr.mtime_ns
                 await dst.call(m.SetAttr, m.Attr, path=part, atime_ns=mtime, mtime_ns=mtime)
-            await dst.call(m.Rename, None, old=part, new=dst_path, noreplace=mode == "new")
+            await dst.call(m.Rename, None, old=part, new=dst_path, noreplace=noreplace(mode))
             ok = True
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
