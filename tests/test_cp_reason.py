@@ -19,6 +19,8 @@ from conftest import Mount, MountFactory, Server, ServerFactory, throttled, wait
 from test_cp_mounts import digest, random_file
 from transfer_helpers import tmpfs
 
+from etfs.protocol.transfer import FailureCode
+from etfs.transfer.engine import TransferFailed
 from etfs.transfer.errors import reply_errno
 
 __all__ = ["tmpfs"]  # fixture, re-exported for pytest
@@ -98,6 +100,14 @@ def test_reply_errno_keeps_the_reason_and_never_says_enosys() -> None:
     assert reply_errno(OSError(errno.EPERM, "x")) == errno.EACCES
     for code in (errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EXDEV, errno.ECONNRESET, 0):
         assert reply_errno(OSError(code, "x")) == errno.EIO
+    # The destination's typed failure code comes first (the errno beside it may be generic).
+    assert reply_errno(TransferFailed(errno.EIO, "x", FailureCode.NO_SPACE)) == errno.ENOSPC
+    assert reply_errno(TransferFailed(errno.EDQUOT, "x", FailureCode.NO_SPACE)) == errno.EDQUOT
+    assert reply_errno(TransferFailed(errno.EIO, "x", FailureCode.SOURCE_CHANGED)) == errno.ESTALE
+    assert reply_errno(TransferFailed(errno.EIO, "x", FailureCode.TIMED_OUT)) == errno.ETIMEDOUT
+    assert reply_errno(TransferFailed(errno.EPERM, "x", FailureCode.PERMISSION)) == errno.EACCES
+    assert reply_errno(TransferFailed(errno.EHOSTUNREACH, "x", FailureCode.PEER_UNREACHABLE)) == errno.EIO
+    assert reply_errno(TransferFailed(errno.ENOSPC, "x", FailureCode.NONE)) == errno.ENOSPC
 
 
 def test_full_destination_says_no_space(

@@ -251,8 +251,10 @@ class TransferEngine:
             # (the destination may have finished before the cancel reached it: then it is done)
             if t.state != "done":
                 if t.cancel_confirmed is None:
-                    # A relay stops with our own task; a same-server copy is the server's to finish.
-                    t.cancel_confirmed = t.kind == "relay"
+                    # A relay stops with our own task, and a server-to-server copy cancelled before
+                    # its start reached the destination never ran; a same-server copy is the
+                    # server's to finish.
+                    t.cancel_confirmed = t.kind != "local"
                     if t.kind == "local":
                         t.reason = "cancelled; the server finishes a same-server copy on its own"
                 self._end(t, "cancelled", t.reason or "cancelled by the client")
