@@ -6,8 +6,8 @@ one per server) and a twin of each in ``ref`` (local disk), with open handles on
 read at the file position, O_APPEND, truncate and ftruncate up and down, mmap MAP_SHARED
 reads and writes with msync, copy_file_range within a file and between files of the same and
 of different directories, GNU cp between directories (a transfer on the mount) also onto
-open files, fsync, close and reopen, several handles on one file, rename and unlink of open
-files), runs it on the reference and on the mount, and compares results or
+open files, fsync, close and reopen, several handles on one file, hard links, rename and unlink of
+open files), runs it on the reference and on the mount, and compares results or
 errnos; then it compares sizes of every open handle and the full contents of the files the
 operation touched.  A mismatch raises `Mismatch` with the seed, the step and the last
 operations, enough to replay it with the same seed.
@@ -344,6 +344,17 @@ class Model:
                     h.key = new
         return [new]
 
+    def op_link(self) -> list[str]:
+        old = self.rnd.choice(self.names)
+        new = self.rnd.choice([n for n in self.names if n.split("/")[0] == old.split("/")[0] and n != old])
+        self.history.append(f"link {old} {new}")
+        self.both(
+            "link",
+            lambda: os.link(self.rpath(old), self.rpath(new)),
+            lambda: os.link(self.mpath(old), self.mpath(new)),
+        )
+        return [old, new]
+
     def op_unlink(self) -> list[str]:
         key = self.rnd.choice(self.names)
         self.history.append(f"unlink {key}")
@@ -410,6 +421,7 @@ class Model:
         "unlink": 2,
         "reopen": 4,
         "cp": 2,
+        "link": 2,
     }
 
     def _touched(self, h: Handle) -> list[str]:

@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 SEEDS = range(8)
-STEPS = 500
+STEPS = 400
 
 
 @pytest.mark.parametrize("seed", SEEDS)

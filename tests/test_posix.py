@@ -15,6 +15,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -232,6 +233,28 @@ def hard_link_same_inode(d: Path) -> object:
 
 
 @check
+def tools_keep_hard_links(d: Path) -> object:
+    """tar and rsync -H, from and into the directory, keep hard links as links."""
+    src = d / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a").write_bytes(b"linked data")
+    os.link(src / "a", src / "b")
+    os.link(src / "a", src / "sub" / "c")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "t.tar"
+        subprocess.run(["tar", "-cf", archive, "-C", src, "."], check=True)
+        listing = subprocess.run(["tar", "-tvf", archive], check=True, capture_output=True, text=True).stdout
+        tar_links = sum("link to" in line for line in listing.splitlines())
+        out = Path(tmp) / "out"
+        subprocess.run(["rsync", "-aH", f"{src}/", f"{out}/"], check=True)
+        from_dir = len({os.stat(out / n).st_ino for n in ("a", "b", "sub/c")})
+        subprocess.run(["rsync", "-aH", f"{out}/", f"{d / 'back'}/"], check=True)
+        into_dir = len({os.stat(d / "back" / n).st_ino for n in ("a", "b", "sub/c")})
+        nlinks = [os.stat(d / "back" / n).st_nlink for n in ("a", "b", "sub/c")]
+    return [tar_links, from_dir, into_dir, nlinks, (d / "back" / "sub" / "c").read_bytes()]
+
+
+@check
 def lchown_symlink(d: Path) -> object:
     os.symlink("target", d / "l")
     (d / "target").write_bytes(b"")
@@ -353,7 +376,6 @@ def sticky_directory(d: Path) -> object:
 NEEDS_ROOT = {"mknod_char_device", "lchown_symlink", "setid_cleared_on_write", "sticky_directory"}
 # Differences README ("Consistency and POSIX semantics") documents; strict: they must still differ.
 KNOWN: dict[str, str] = {
-    "hard_link_same_inode": "inode numbers are per name on the mount: links show their count, not one st_ino",
     "mknod_char_device": "etfs servers never create device files (EPERM)",
     "long_relative_path": "the server resolves a path in one openat2 call: export-relative paths are "
     "limited to PATH_MAX (needs the server to walk from directory fds)",
