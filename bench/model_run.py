@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import argparse
 import collections
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import FrameType
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import KEY, Mount, Server, _server_yaml, write_client_config  # noqa: E402
 from fsmodel import Mismatch, Model  # noqa: E402
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2000, help="operations per seed")
     p.add_argument("--drop-caches", type=float, default=0.0, help="probability per step (root)")
     args = p.parse_args(argv)
+    # SIGTERM (and SIGINT, which a background shell job ignores) end the run through the
+    # cleanup below: servers stopped, the mount unmounted.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
 
     with tempfile.TemporaryDirectory(prefix="etfs-model-") as tmp:
         base = Path(tmp)
