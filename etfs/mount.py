@@ -298,6 +298,10 @@ async def _serve(config: ClientConfig) -> None:
     options = set(FUSE_OPTIONS)
     if os.geteuid() == 0:
         options.add("allow_other")  # the daemon is root, users of the mountpoints are not
+        # ...so the kernel checks their access against the modes and owners the servers
+        # report (a local user gets EACCES where ext4 would say so) instead of letting every
+        # user act with the server session's rights.
+        options.add("default_permissions")
     async with trio.open_nursery() as nursery:
         pool = Pool(config, nursery)
         ops = EtfsOperations(config, pool, nursery)
