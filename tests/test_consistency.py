@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,32 @@ def test_close_to_open_across_two_mounts(start_server: ServerFactory, start_moun
             assert got == want, f"round {i}: read {len(got)} bytes, want {len(want)}"
         finally:
             os.close(fd)
+
+
+def test_writes_while_cp_between_servers_reads_the_file(etfs_env: Env) -> None:
+    """cp jive -> onsala (a server-to-server transfer) while a program keeps writing into the
+    source: the writer's file ends exactly as written and cp succeeds, as on a local disk (the
+    transfer notices the change; the kernel then copies through the mount)."""
+    src = etfs_env.dir("jive") / "tmp" / "busy.bin"
+    dst = etfs_env.dir("onsala") / "tmp" / "busy-copy.bin"
+    size = 24 * 1024 * 1024
+    rnd = random.Random(3)
+    want = bytearray(rnd.randbytes(size))
+    src.write_bytes(want)
+    fd = os.open(src, os.O_WRONLY)
+    try:
+        cp = subprocess.Popen(["cp", str(src), str(dst)], stderr=subprocess.PIPE)
+        writes = 0
+        while cp.poll() is None or writes < 20:
+            off = rnd.randrange(0, size - 65536)
+            data = rnd.randbytes(rnd.randrange(1, 65536))
+            os.pwrite(fd, data, off)
+            want[off : off + len(data)] = data
+            writes += 1
+        _, err = cp.communicate(timeout=120)
+    finally:
+        os.close(fd)
+    assert src.read_bytes() == want
+    assert (etfs_env.export("jive") / "tmp" / "busy.bin").read_bytes() == want
+    assert cp.returncode == 0, err
+    assert dst.stat().st_size == size

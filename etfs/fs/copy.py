@@ -10,7 +10,8 @@ bytes they cover, so verification finishes before the last answer.  Anything els
 kernel copies through the daemon with ordinary reads and writes.
 
 A failed transfer answers EIO (`cp` then fails; the destination name holds at most
-the empty file `cp` created, never a complete-looking partial one).  Ctrl-C on `cp`
+the empty file `cp` created, never a complete-looking partial one), except when the source
+changed during the transfer: then EOPNOTSUPP, and the kernel copies through the mount.  Ctrl-C on `cp`
 arrives as an interrupt and cancels the transfer on both servers.
 """
 
@@ -141,6 +142,15 @@ class CopyDispatcher:
             if job.scope.cancelled_caught:
                 job.error = OSError(errno.EINTR, "interrupted")
         except TransferFailed as exc:
+            if exc.errno == errno.ESTALE:
+                # The source changed during the transfer (a program writes it): copy through
+                # the mount instead, as a local cp would, rather than fail.  The destination
+                # is untouched (the transfer only renames a complete part file onto it).
+                log.info(
+                    "copy %s:%s: source changed during the transfer; the kernel copies", src.server, src.path
+                )
+                job.error = OSError(errno.EOPNOTSUPP, exc.strerror)
+                return
             log.error(
                 "copy %s:%s -> %s:%s failed: %s", src.server, src.path, dst.server, dst.path, exc.strerror
             )
