@@ -145,3 +145,16 @@ def test_writes_while_cp_between_servers_reads_the_file(etfs_env: Env) -> None:
     assert (etfs_env.export("jive") / "tmp" / "busy.bin").read_bytes() == want
     assert cp.returncode == 0, err
     assert dst.stat().st_size == size
+
+
+def test_fsync_covers_writes_of_other_descriptors(jive: tuple[Path, Path]) -> None:
+    mnt, srv = jive
+    a = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    b = os.open(mnt / "f", os.O_WRONLY)
+    try:
+        os.pwrite(a, b"written through a", 0)  # stays in a's write-behind buffer
+        os.fsync(b)
+        assert (srv / "f").read_bytes() == b"written through a"
+    finally:
+        os.close(a)
+        os.close(b)

@@ -667,7 +667,10 @@ class EtfsOperations(pyfuse3.Operations):
 
     @_edge
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._files[fh].fsync(datasync)
+        f = self._files[fh]
+        # fsync(2) makes the file durable, also what other descriptors wrote into it.
+        await self._flush_inode(f.node, except_fh=fh)
+        await f.fsync(datasync)
 
     @_edge
     async def release(self, fh: int) -> None:
