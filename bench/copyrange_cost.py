@@ -62,6 +62,8 @@ def main() -> int:
                 "b",
                 "--export",
                 f"b={export}",
+                "--run-as",
+                "root",
                 "--user",
                 f"u={key}",
                 "--listen",

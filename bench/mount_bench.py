@@ -101,6 +101,8 @@ class Bench:
                     "bench",
                     "--export",
                     f"bench={self.export}",
+                    "--run-as",
+                    "root",
                     "--user",
                     f"bench={key}",
                     "--listen",

@@ -14,7 +14,7 @@ covers the transfer only: connections, threads, buffers and pipes are set up bef
 clock starts; it stops when every receiver has written its last block (to the page
 cache: no fsync, this measures the data path, not the disk).
 
-Method (DESIGN-NOTES section 3): one untimed warm-up run of every configuration (which
+Method (docs/architecture.md section 3): one untimed warm-up run of every configuration (which
 also verifies the destination's xxh3 digest against the source), then --runs timed runs
 interleaved across configurations (rotating order); the source is re-read before every
 run and the destination is deleted (not truncated) after every run.  Reports medians in

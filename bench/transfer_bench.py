@@ -81,6 +81,7 @@ class Server:
             "name": name,
             "listen": "127.0.0.1:0",
             "state_dir": str(self.dir / "state"),
+            "run_as": "root",
             "users": {"u": {"key_file": str(key_file)}},
             "exports": {"d": {"path": str(self.export), "acl": [{"who": "u", "path": "/", "rights": "all"}]}},
             "transfer": {"sender": sender},

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from etfs.config import ConfigError
+from etfs.protocol.transfer import CopyMode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("destination", metavar="DST")
     cp.add_argument("-r", "--recursive", action="store_true")
-    cp.add_argument("--mode", choices=("new", "overwrite", "resume", "skip-existing"), default="overwrite")
+    cp.add_argument("--mode", choices=tuple(CopyMode), default="overwrite")
     cp.add_argument("--streams", type=int, help="parallel TCP streams per file")
     direction = cp.add_mutually_exclusive_group()
     direction.add_argument("--pull", dest="direction", action="store_const", const="pull")

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from etfs.protocol.auth import AuthKeyError, load_key
+from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
 
 _MISSING: Any = object()
 
@@ -112,6 +113,27 @@ class Fields:
     def float(self, key: _Str, default: Any = _MISSING) -> Any:
         value = self._get(key, (int, float), "a number", default)
         return float(value) if value is not None else None
+
+    def name_or_id(self, key: _Str, default: Any = _MISSING) -> Any:
+        """A name or a non-negative number (an account, a group), returned as a string."""
+        value = self._get(key, (str, int), "a name or a number", default)
+        if isinstance(value, int) and value < 0:
+            raise self.error(f"{self.what}.{key} must not be negative", key)
+        return value if value is None or isinstance(value, str) else str(value)
+
+    def octal(self, key: _Str, default: Any = _MISSING, maximum: _Int = 0o7777) -> Any:
+        """Permission bits: a YAML 1.1 octal number (``022``) or a string (``"0o022"``, ``"022"``)."""
+        value = self._get(key, (str, int), "octal permission bits", default)
+        if isinstance(value, str):
+            digits = value[2:] if value[:2] in ("0o", "0O") else value
+            try:
+                value = int(digits, 8)
+            except ValueError:
+                what = f"{self.what}.{key} must be octal digits like 022, not {value!r}"
+                raise self.error(what, key) from None
+        if value is not None and not 0 <= value <= maximum:
+            raise self.error(f"{self.what}.{key} must be between 0 and {maximum:#o}", key)
+        return value
 
     def bool(self, key: _Str, default: Any = _MISSING) -> Any:
         return self._get(key, (bool,), "true or false", default)
@@ -256,8 +278,8 @@ def _non_negative(f: Fields, key: str, default: float) -> float:
 
 DEFAULT_PORT = 7070
 THIRD_PARTY = ("auto", "always", "never")
-DIRECTIONS = ("pull", "push")
-MODES = ("new", "overwrite", "resume", "skip-existing")
+DIRECTIONS = tuple(DATA_DIRECTIONS)
+MODES = tuple(CopyMode)
 
 
 @dataclass(frozen=True)

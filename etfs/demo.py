@@ -42,6 +42,9 @@ name: {name}
 listen: 127.0.0.1:0
 data_listen: 127.0.0.1:0
 state_dir: {d / "state" / name}
+# The demo's servers export your own directories on this machine: their one user acts as
+# you (a real site maps each user to an account of its own; see server.example.yaml).
+run_as: {os.geteuid()}
 users:
   demo:
     key_file: {d / "keys" / "demo.key"}

@@ -32,8 +32,12 @@ class Rule:
     prefix: str  # export-relative, starts with "/"
     rights: frozenset[Right]
 
+    def names(self, user: str, groups: frozenset[str]) -> bool:
+        """Whether the rule's subject is this user."""
+        return self.who in ("*", user) or (self.who.startswith("@") and self.who[1:] in groups)
+
     def applies(self, user: str, groups: frozenset[str], path: str) -> bool:
-        if self.who != "*" and self.who != user and not (self.who.startswith("@") and self.who[1:] in groups):
+        if not self.names(user, groups):
             return False
         return self.prefix == "/" or path == self.prefix or path.startswith(self.prefix + "/")
 
@@ -71,8 +75,12 @@ class ACL:
         parent = path.rsplit("/", 1)[0] or "/"
         if Right.LIST in self.rights(user, groups, parent):
             return True
-        return any(
-            r.prefix.startswith(path.rstrip("/") + "/")
-            and (r.who in ("*", user) or (r.who.startswith("@") and r.who[1:] in groups))
-            for r in self.rules
-        )
+        return self.rules_beneath(user, groups, path)
+
+    def rules_beneath(self, user: str, groups: frozenset[str], path: str) -> bool:
+        """Whether a rule for this user starts strictly beneath ``path``.
+
+        Then the things inside ``path`` do not all have the rights ``path`` has, and moving
+        ``path`` elsewhere would change them: renames of such a directory are refused.
+        """
+        return any(r.prefix.startswith(path.rstrip("/") + "/") and r.names(user, groups) for r in self.rules)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from etfs.config import DEFAULT_PORT, ConfigError, Fields, address_field, load_yaml, positive_seconds
 from etfs.protocol.auth import AuthKeyError, load_key
 
 from .acl import ACL, Right, Rule
 from .exports import EscapeError, normalize
+from .identity import Account, lookup_account
 from .peers import PeerPolicy, parse_entry
 
 
@@ -19,6 +21,10 @@ class User:
     name: str
     key: bytes
     groups: frozenset[str] = frozenset()
+    # The local account this user's file operations run as (None: the server's own).
+    account: Account | None = None
+    may_chown: bool = False  # may give files to other owners / groups they are not in
+    may_setid: bool = False  # may set setuid/setgid bits
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,20 @@ class Export:
     name: str
     path: Path
     acl: ACL
+    umask: int = 0  # bits removed from the mode of every file and directory created here
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep one client or user from exhausting the server (server.yaml `limits:`)."""
+
+    preauth_connections: int = 256  # connections still authenticating, server-wide (64 KiB frames)
+    connections_per_user: int = 256
+    handles_per_user: int = 4096  # open files (Open/Create) over all of a user's connections
+    threads: int = 32  # worker threads for file operations, server-wide
+    threads_per_user: int = 8  # of those, how many one user's requests may hold at once
+    inflight_per_connection: int = 64  # requests being answered at once on one connection
+    reply_bytes_per_connection: int = 64 * 2**20  # read data in flight to one connection
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,7 @@ class ServerConfig:
     sender: str = "sendfile"  # or "read_send"
     receiver: str = "splice"  # or "recv_write" (bench/raw_pair.py: splice ~2x faster on loopback)
     handshake_timeout: float = 10.0  # seconds a new connection has to authenticate
+    limits: Limits = field(default_factory=Limits)
     # where data connections may go (default: anywhere)
     peers: PeerPolicy = field(default_factory=PeerPolicy)
     file: Path | None = field(default=None, compare=False)
@@ -106,6 +127,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     listen = address_field(top, "listen", None, DEFAULT_PORT) or ("127.0.0.1", DEFAULT_PORT)
     next_port = default_data_port(listen[1])
     data_listen = address_field(top, "data_listen", None, next_port) or (listen[0], next_port)
+    default_account = _account(top, "run_as")
     users: dict[str, User] = {}
     for uname, u in top.items("users"):
         key_file = u.path("key_file")
@@ -113,7 +135,14 @@ def load_server_config(path: str | Path) -> ServerConfig:
             key = load_key(key_file)
         except AuthKeyError as exc:
             raise u.error(str(exc), "key_file") from None
-        users[uname] = User(uname, key, frozenset(u.str_list("groups", [])))
+        users[uname] = User(
+            uname,
+            key,
+            frozenset(u.str_list("groups", [])),
+            account=_account(u, "run_as") or default_account,
+            may_chown=u.bool("may_chown", False),
+            may_setid=u.bool("may_setid", False),
+        )
         u.done()
     exports: dict[str, Export] = {}
     for ename, e in top.items("exports"):
@@ -121,7 +150,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
         if not epath.is_dir():
             raise e.error(f"{e.what}.path: {epath} is not a directory", "path")
         rules = [_rule(r) for r in e.sequence("acl")]
-        exports[ename] = Export(ename, epath.resolve(), ACL(rules))
+        umask = e.octal("umask", 0, maximum=0o777)
+        exports[ename] = Export(ename, epath.resolve(), ACL(rules), umask)
         e.done()
     if not exports:
         raise top.error("config: no exports configured (an 'exports:' mapping is required)")
@@ -135,7 +165,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
                 raise t.error(f"{t.what}: cannot read {p}")
         t.done()
     state_dir = top.path("state_dir", None) or Path(f"/var/lib/etfs/{name}")
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if (tr := top.mapping("transfer")) is not None:
         kwargs = dict(
             max_transfers=tr.int("max_active", 16, minimum=1),
@@ -155,6 +185,18 @@ def load_server_config(path: str | Path) -> ServerConfig:
                     raise tr.error(f"{tr.what}: peers: {exc}", "peers") from None
             kwargs["peers"] = PeerPolicy(tuple(entries))
         tr.done()
+    if (lim := top.mapping("limits")) is not None:
+        d = Limits()
+        kwargs["limits"] = Limits(
+            preauth_connections=lim.int("preauth_connections", d.preauth_connections, minimum=1),
+            connections_per_user=lim.int("connections_per_user", d.connections_per_user, minimum=1),
+            handles_per_user=lim.int("handles_per_user", d.handles_per_user, minimum=1),
+            threads=lim.int("threads", d.threads, minimum=1),
+            threads_per_user=lim.int("threads_per_user", d.threads_per_user, minimum=1),
+            inflight_per_connection=lim.int("inflight_per_connection", d.inflight_per_connection, minimum=1),
+            reply_bytes_per_connection=lim.int("reply_mib_per_connection", 64, minimum=16) * 2**20,
+        )
+        lim.done()
     cfg = ServerConfig(
         name=name,
         listen=listen,
@@ -172,4 +214,36 @@ def load_server_config(path: str | Path) -> ServerConfig:
     return cfg
 
 
-__all__ = ["ConfigError", "Export", "ServerConfig", "User", "load_server_config"]
+def _account(f: Fields, key: str) -> Account | None:
+    """``run_as``: a local account name or uid; it must exist."""
+    if not f.has(key):
+        return None
+    spec = f.name_or_id(key)
+    try:
+        return lookup_account(spec)
+    except KeyError as exc:
+        raise f.error(f"{f.what}.{key}: {exc.args[0]}", key) from None
+
+
+def mapping_problem(cfg: ServerConfig, *, as_root: bool, own_uid: int) -> str | None:
+    """Why the user -> account mapping cannot be used by this process, or None.
+
+    A root server must map every user to an account (it would otherwise act as root for
+    them); a server that is not root cannot act as anyone but itself.
+    """
+    for user in cfg.users.values():
+        if as_root and user.account is None:
+            return (
+                f"etfs-server runs as root but user {user.name!r} has no local account: set "
+                "`run_as: ACCOUNT` in server.yaml (for all users, or per user), e.g. a dedicated "
+                "unprivileged account; see README, Security"
+            )
+        if not as_root and user.account is not None and user.account.uid != own_uid:
+            return (
+                f"user {user.name!r} has run_as {user.account.name!r}, but etfs-server is not root "
+                "and cannot act as another account: start it as root or drop run_as"
+            )
+    return None
+
+
+__all__ = ["ConfigError", "Export", "Limits", "ServerConfig", "User", "load_server_config", "mapping_problem"]

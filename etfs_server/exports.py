@@ -16,6 +16,7 @@ import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from etfs import _sendfile_cffi as native
@@ -48,6 +49,21 @@ def split(path: str) -> tuple[str, str]:
     return parent or "/", name
 
 
+@dataclass(frozen=True)
+class Located:
+    """A client path resolved once (see `ExportRoot.locate`)."""
+
+    dir_fd: int  # O_PATH fd of the parent directory (the export root's own fd for "/")
+    name: str  # the last component; "" for the export root
+    path: str  # where the object really is: the real path of ``dir_fd`` plus ``name``
+    asked: str  # the normalised path the client named (differs when a parent is a symlink)
+
+    @property
+    def at(self) -> tuple[int, str]:
+        """(dir_fd, name) for the ``*at`` syscalls; the root is ``(root_fd, ".")``."""
+        return self.dir_fd, self.name or "."
+
+
 class ExportRoot:
     """An open export directory and safe operations relative to it."""
 
@@ -60,7 +76,17 @@ class ExportRoot:
 
     def open(self, path: str, flags: int, mode: int = 0o666) -> int:
         """openat2 beneath the export; ``path`` must be normalised."""
-        rel = path.lstrip("/") or "."
+        return self._openat(self.fd, path.lstrip("/") or ".", flags, mode, path)
+
+    def open_at(self, loc: Located, flags: int, mode: int = 0o666) -> int:
+        """Open the object ``loc`` names, never following its last component.
+
+        ``loc.dir_fd`` was resolved (and its ACL checked) once; the name is one component,
+        so nothing is resolved again between the check and this open.
+        """
+        return self._openat(loc.dir_fd, loc.name or ".", flags | os.O_NOFOLLOW, mode, loc.path)
+
+    def _openat(self, dir_fd: int, rel: str, flags: int, mode: int, shown: str) -> int:
         if not flags & os.O_CREAT:
             mode = 0  # openat2 refuses a mode without O_CREAT
         # Data opens are non-blocking at first: opening a FIFO (or a device) would otherwise
@@ -68,27 +94,48 @@ class ExportRoot:
         probe = not flags & os.O_PATH and not flags & os.O_NONBLOCK
         try:
             fd = native.openat2(
-                self.fd, rel, flags | os.O_CLOEXEC | (os.O_NONBLOCK if probe else 0), mode, RESOLVE
+                dir_fd, rel, flags | os.O_CLOEXEC | (os.O_NONBLOCK if probe else 0), mode, RESOLVE
             )
         except OSError as exc:
             # EXDEV: resolution would leave the export (also when only the final component is
             # followed-free: an intermediate symlink pointing out).  ELOOP: a magic link, a loop,
             # or (with O_NOFOLLOW) a symlink as the last component, which we never follow.
             if exc.errno in (errno.EXDEV, errno.ELOOP):
-                raise EscapeError(path, "leads outside the export (or through a symlink)") from None
+                raise EscapeError(shown, "leads outside the export (or through a symlink)") from None
             if exc.errno == errno.ENXIO:  # a FIFO without a reader, a socket
-                raise OSError(errno.EINVAL, f"{path}: not a regular file or directory") from None
+                raise OSError(errno.EINVAL, f"{shown}: not a regular file or directory") from None
             raise
         if probe:
             try:
                 kind = stat.S_IFMT(os.fstat(fd).st_mode)
                 if kind not in (stat.S_IFREG, stat.S_IFDIR):
-                    raise OSError(errno.EINVAL, f"{path}: not a regular file or directory")
+                    raise OSError(errno.EINVAL, f"{shown}: not a regular file or directory")
                 os.set_blocking(fd, True)
             except BaseException:
                 os.close(fd)
                 raise
         return fd
+
+    @contextmanager
+    def locate(self, path: str) -> Iterator[Located]:
+        """Resolve ``path`` once: its parent directory held open, and where that really is.
+
+        The ACL must be checked on `Located.path` and the operation done through
+        `Located.dir_fd` + `Located.name`: a directory swapped for a symlink between the
+        check and the operation then cannot redirect it (the fd keeps pointing at the
+        directory that was checked).
+        """
+        asked = normalize(path)
+        parent, name = split(asked)
+        if not name:
+            yield Located(self.fd, "", "/", asked)
+            return
+        fd = self.open(parent, os.O_PATH | os.O_DIRECTORY)
+        try:
+            real = self.real_path(fd)
+            yield Located(fd, name, (real.rstrip("/") + "/" + name) if real != "/" else "/" + name, asked)
+        finally:
+            os.close(fd)
 
     def real_path(self, fd: int) -> str:
         """The export-relative path an open fd really refers to (after following symlinks)."""

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
+import os
 import signal
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -15,7 +18,8 @@ import trio
 from etfs.config import DEFAULT_PORT, ConfigError, parse_address
 
 from .acl import ACL, ALL_RIGHTS, Rule
-from .config import Export, ServerConfig, User, default_data_port, load_server_config
+from .config import Export, ServerConfig, User, default_data_port, load_server_config, mapping_problem
+from .identity import lookup_account
 
 log = logging.getLogger("etfs_server")
 
@@ -37,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="export PATH as NAME (quick start: every user gets all rights on it)",
     )
     p.add_argument("--user", action="append", default=[], metavar="NAME=KEYFILE", help="a user (quick start)")
+    p.add_argument(
+        "--run-as",
+        metavar="ACCOUNT",
+        help="the local account (name or uid) file operations run as, for users the config maps "
+        "to none (no run_as); required when started as root",
+    )
     p.add_argument("--state-dir", type=Path, help="where transfer records are kept")
     p.add_argument("--port-file", type=Path, help="write 'CONTROL DATA' ports here once listening")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -56,13 +66,19 @@ def _quick_config(args: argparse.Namespace) -> ServerConfig:
         if not sep or not name or not Path(path).is_dir():
             raise ConfigError("command line", None, f"--export {spec!r}: expected NAME=DIRECTORY")
         exports[name] = Export(name, Path(path).resolve(), ACL([Rule("*", "/", ALL_RIGHTS)]))
+    account = None
+    if args.run_as:
+        try:
+            account = lookup_account(args.run_as)
+        except KeyError as exc:
+            raise ConfigError("command line", None, f"--run-as: {exc.args[0]}") from None
     users = {}
     for spec in args.user:
         name, sep, keyfile = spec.partition("=")
         if not sep:
             raise ConfigError("command line", None, f"--user {spec!r}: expected NAME=KEYFILE")
         try:
-            users[name] = User(name, load_key(keyfile))
+            users[name] = User(name, load_key(keyfile), account=account)
         except AuthKeyError as exc:
             raise ConfigError("command line", None, str(exc)) from None
     listen = parse_address(args.listen or f"127.0.0.1:{DEFAULT_PORT}", DEFAULT_PORT)
@@ -79,6 +95,19 @@ def _quick_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def _with_default_account(config: ServerConfig, spec: str) -> ServerConfig:
+    """``--run-as`` with a config: the account of every user that has no run_as of their own."""
+    try:
+        account = lookup_account(spec)
+    except KeyError as exc:
+        raise ConfigError("command line", None, f"--run-as: {exc.args[0]}") from None
+    users = {
+        name: u if u.account is not None else dataclasses.replace(u, account=account)
+        for name, u in config.users.items()
+    }
+    return dataclasses.replace(config, users=users)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -89,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_server_config(args.config) if args.config else _quick_config(args)
         if args.state_dir:
             config = dataclasses.replace(config, state_dir=args.state_dir)
+        if args.run_as and args.config:
+            config = _with_default_account(config, args.run_as)
         if args.listen and args.config:
             config = dataclasses.replace(config, listen=parse_address(args.listen, DEFAULT_PORT))
         if args.data_listen and args.config:
@@ -97,6 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"etfs-server: {exc}", file=sys.stderr)
         return 2
+    if args.port_file:
+        try:
+            check_replaceable(args.port_file)
+        except OSError as exc:
+            print(f"etfs-server: --port-file: {exc.strerror}", file=sys.stderr)
+            return 2
+    euid = os.geteuid()
+    if problem := mapping_problem(config, as_root=euid == 0, own_uid=euid):
+        print(f"etfs-server: {problem}", file=sys.stderr)
+        return 2
+    for user in config.users.values():
+        if euid == 0 and user.account is not None and user.account.is_root:
+            log.info("user %s runs as root here (run_as: root): only the ACL limits them", user.name)
     try:
         trio.run(_run, config, args.port_file)
     except KeyboardInterrupt:
@@ -117,6 +161,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def check_replaceable(path: Path) -> None:
+    """Refuse to write over anything but a regular file of ours (a device node, a FIFO, a
+    symlink, someone else's file): OSError with a message naming the path."""
+    try:
+        s = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(s.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a regular file; not replacing it")
+    if s.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"{path} belongs to uid {s.st_uid}, not to us; not replacing it")
+
+
+def write_port_file(path: Path, text: str) -> None:
+    """Atomically (a fresh temporary file renamed over ``path``), and never over a non-file."""
+    check_replaceable(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
 async def _run(config: ServerConfig, port_file: Path | None) -> None:
     from .server import EtfsServer
 
@@ -124,9 +193,7 @@ async def _run(config: ServerConfig, port_file: Path | None) -> None:
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(server.serve)
         if port_file:
-            tmp = port_file.with_suffix(".tmp")
-            tmp.write_text(f"{ports.control} {ports.data}\n")
-            tmp.rename(port_file)
+            write_port_file(port_file, f"{ports.control} {ports.data}\n")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
                 log.info("received %s, shutting down", signal.Signals(sig).name)

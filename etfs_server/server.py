@@ -23,12 +23,11 @@ from etfs.protocol.trio_stream import MessageStream
 
 from .config import ServerConfig
 from .exports import ExportRoot
-from .handlers import Session
+from .handlers import MAX_IO, Session
+from .limits import LimitError, UserLoad
 from .transfer import TransferService
 
 log = logging.getLogger(__name__)
-
-MAX_INFLIGHT_PER_CONNECTION = 64
 
 # Requests answered on the trio thread itself, without the hop to a worker thread and back
 # (two cross-thread wakeups, ~0.1 ms on a loaded machine: a third of a small request's round
@@ -79,7 +78,9 @@ class EtfsServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.roots = {name: ExportRoot(e.path) for name, e in config.exports.items()}
-        self.threads = trio.CapacityLimiter(32)
+        self.threads = trio.CapacityLimiter(config.limits.threads)
+        self.loads: dict[str, UserLoad] = {}  # per user, over all their connections
+        self.authenticating = 0  # connections that have not logged in yet
         self.transfers = TransferService(config, self.roots)
         self.ssl_context: ssl.SSLContext | None = None
         if config.tls:
@@ -109,19 +110,54 @@ class EtfsServer:
             )
             task_status.started(self.ports)
 
+    def _load(self, user: str) -> UserLoad:
+        load = self.loads.get(user)
+        if load is None:
+            lim = self.config.limits
+            load = self.loads[user] = UserLoad(
+                max_handles=lim.handles_per_user,
+                max_connections=lim.connections_per_user,
+                threads_per_user=lim.threads_per_user,
+            )
+        return load
+
     async def _handle_control(self, stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
+        if self.authenticating >= self.config.limits.preauth_connections:
+            # Unauthenticated connections cost little each (a small frame limit, a deadline),
+            # but their number must be bounded too; a legitimate client retries.
+            log.warning(
+                "limit reached: %d connections authenticating (limits.preauth_connections); dropping %s",
+                self.authenticating,
+                peer,
+            )
+            await stream.aclose()
+            return
         if self.ssl_context is not None:
             stream = trio.SSLStream(stream, self.ssl_context, server_side=True)  # type: ignore[assignment]
         ms = MessageStream(stream, Role.SERVER)
         session: Session | None = None
         try:
-            with trio.move_on_after(self.config.handshake_timeout) as scope:
-                session = await self._handshake(ms, peer)
+            self.authenticating += 1
+            try:
+                with trio.move_on_after(self.config.handshake_timeout) as scope:
+                    session = await self._handshake(ms, peer)
+            finally:
+                self.authenticating -= 1
             if scope.cancelled_caught:
                 log.warning("%s: handshake timed out", peer)
             if session is not None:
-                await self._serve_requests(ms, session, peer)
+                try:
+                    session.load.take_connection(session.user)
+                except LimitError as exc:
+                    await _try_send(ms, m.Err(0, exc.errno or errno.EUSERS, exc.strerror or str(exc)))
+                    session.closed.set()
+                    session = None
+                    return
+                try:
+                    await self._serve_requests(ms, session, peer)
+                finally:
+                    session.load.drop_connection()
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", peer, exc)
             await _try_send(ms, m.Err(0, errno.EPROTO, f"protocol error: {exc}"))
@@ -171,10 +207,25 @@ class EtfsServer:
         assert self.ports is not None
         await ms.send(m.Welcome(proof, self.ports.data, self.config.advertise_host))
         log.info("%s: user %s authenticated for export %s", peer, user.name, export_name)
-        return Session(user.name, user.groups, self.roots[export_name], export.acl)
+        return Session(
+            user.name,
+            user.groups,
+            self.roots[export_name],
+            export.acl,
+            account=user.account,
+            may_chown=user.may_chown,
+            may_setid=user.may_setid,
+            umask=export.umask,
+            load=self._load(user.name),
+        )
 
     async def _serve_requests(self, ms: MessageStream, session: Session, peer: str) -> None:
-        limit = trio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
+        lim = self.config.limits
+        limit = trio.Semaphore(lim.inflight_per_connection)
+        # Payload bytes held for this connection (Write data received, Read data to send), in
+        # MiB units: a client that sends faster than we write, or never reads its replies,
+        # stops being read from (TCP backpressure) instead of growing the server.
+        budget = trio.Semaphore(lim.reply_bytes_per_connection // _UNIT)
         # An exception leaving the nursery body would come out wrapped in an ExceptionGroup
         # (strict exception groups) that `_handle_control` does not catch, so one bad client
         # would take the whole server down: carry it out of the nursery by hand instead.
@@ -197,9 +248,13 @@ class EtfsServer:
                         await self._answer_inline(ms, session, msg)
                         continue
                     await limit.acquire()
-                    nursery.start_soon(self._answer, ms, session, msg, limit)
+                    units = _payload_units(msg)
+                    for _ in range(units):  # one acquirer (this loop): no deadlock between requests
+                        await budget.acquire()
+                    nursery.start_soon(self._answer, ms, session, msg, limit, budget, units)
             except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 failure = exc
+            session.closed.set()  # long handlers (checksums) in threads stop early
             nursery.cancel_scope.cancel()
         if failure is not None:
             raise failure
@@ -215,7 +270,13 @@ class EtfsServer:
             pass
 
     async def _answer(
-        self, ms: MessageStream, session: Session, req: m.Request, limit: trio.Semaphore
+        self,
+        ms: MessageStream,
+        session: Session,
+        req: m.Request,
+        limit: trio.Semaphore,
+        budget: trio.Semaphore,
+        units: int,
     ) -> None:
         try:
             try:
@@ -223,7 +284,9 @@ class EtfsServer:
                 if self.transfers.handles(req):
                     value = await self.transfers.dispatch(session, req)
                 else:
-                    value = await trio.to_thread.run_sync(session.dispatch, req, limiter=self.threads)
+                    # Fair: one user's requests hold at most threads_per_user of the workers.
+                    async with session.load.limiter():
+                        value = await trio.to_thread.run_sync(session.dispatch, req, limiter=self.threads)
                 reply: m.Ok | m.Err = m.Ok(req.id, value)
             except Exception as exc:
                 reply = error_reply(req.id, exc)
@@ -233,6 +296,22 @@ class EtfsServer:
                 pass  # the connection died (or hit a fatal protocol error) while we worked
         finally:
             limit.release()
+            for _ in range(units):
+                budget.release()
+
+
+_UNIT = 1024 * 1024
+
+
+def _payload_units(req: m.Request) -> int:
+    """MiB of payload a request holds in the server: its Write data or its Read reply."""
+    if isinstance(req, m.Write):
+        size = len(req.data)
+    elif isinstance(req, m.Read):
+        size = min(max(req.size, 0), MAX_IO)
+    else:
+        return 0
+    return (size + _UNIT - 1) // _UNIT
 
 
 async def _try_send(ms: MessageStream, msg: m.Err) -> None:

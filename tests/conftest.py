@@ -145,8 +145,10 @@ def _server_yaml(name: str, export: Path, key_file: Path, state: Path, acl: list
         f"      - {{who: {r['who']}, path: {r['path']}, rights: {json.dumps(r['rights'])}}}" for r in acl
     )
     return (
-        f"name: {name}\nlisten: 127.0.0.1:0\ndata_listen: 127.0.0.1:0\nstate_dir: {state}\n"
-        f"users:\n  tester:\n    key_file: {key_file}\n"
+        f"name: {name}\nlisten: 127.0.0.1:0\ndata_listen: 127.0.0.1:0\nstate_dir: {state}\nrun_as: root\n"
+        # The client of these tests is root: like root on a local disk it may chown and set
+        # setuid bits (tests/test_privileges.py and tests/attack check users that may not).
+        f"users:\n  tester:\n    key_file: {key_file}\n    may_chown: true\n    may_setid: true\n"
         f"exports:\n  {name}:\n    path: {export}\n    acl:\n{rules}\n"
     )
 
@@ -318,6 +320,15 @@ class Env:
 @pytest.fixture(scope="module")
 def etfs_env(tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> Iterator[Env]:
     """Two servers (jive, onsala) and one mount with per-server mountpoints, for a whole module."""
+    with make_env(tmp_path_factory, key_file) as e:
+        yield e
+
+
+@contextmanager
+def make_env(
+    tmp_path_factory: pytest.TempPathFactory, key_file: Path, client_extra: str = ""
+) -> Iterator[Env]:
+    """Two servers (jive, onsala) and one mount; ``client_extra``: more mountpoints.yaml lines."""
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
         pytest.skip("needs /dev/fuse and fusermount3")
     servers: dict[str, Server] = {}
@@ -343,7 +354,9 @@ def etfs_env(tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> Iterat
         base = tmp_path_factory.mktemp("mount")
         root = base / "mnt" / ".etfs"
         mps = {n: base / "mnt" / n for n in servers}
-        cfg = write_client_config(base / "mountpoints.yaml", list(servers.values()), key_file, root, mps)
+        cfg = write_client_config(
+            base / "mountpoints.yaml", list(servers.values()), key_file, root, mps, client_extra
+        )
         mount = Mount(cfg, root, mps, base / "mount.log")
         mount.start()
         yield Env(servers, mount)
@@ -354,3 +367,45 @@ def etfs_env(tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> Iterat
         finally:
             for s in servers.values():
                 s.stop()
+
+
+# --- nothing left behind ----------------------------------------------------------------------------
+def _leftovers(base: str, netns_prefix: str) -> list[str]:
+    """Mounts under ``base``, live etfs processes whose command line names ``base`` (their
+    configs and mountpoints live there), and network namespaces this run created."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4]
+            if point.startswith(base):
+                found.append(f"mount {point}")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone meanwhile
+        if state != "Z" and base in cmd and ("etfs_server" in cmd or "etfs.cli" in cmd):
+            found.append(f"process {pid}: {cmd[:160]}")
+    netns_dir = Path("/run/netns")
+    if netns_dir.is_dir():
+        found += [f"network namespace {n}" for n in os.listdir(netns_dir) if n.startswith(netns_prefix)]
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fail the run if any test left a mount, an etfs process or a namespace behind.
+
+    Session scope and autouse: set up first, so torn down last, after every other fixture.
+    """
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    deadline = time.monotonic() + 10  # SIGTERMed processes may still be on their way out
+    left = _leftovers(base, f"etfs-{os.getpid()}-")
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _leftovers(base, f"etfs-{os.getpid()}-")
+    assert not left, "tests left these behind:\n" + "\n".join(left)

@@ -247,6 +247,7 @@ def start_server(
     cfg = base / "server.yaml"
     cfg.write_text(
         f"name: {name}\nlisten: 0.0.0.0:0\ndata_listen: 0.0.0.0:0\nstate_dir: {base / 'state'}\n"
+        "run_as: root\n"
         f"users:\n  tester:\n    key_file: {key_file}\n"
         f"exports:\n  {name}:\n    path: {export}\n    acl:\n"
         "      - {who: tester, path: /, rights: all}\n"

@@ -56,6 +56,9 @@ def write_server_yaml(
         "name": name,
         "listen": "127.0.0.1:0",
         "state_dir": str(path.parent / f"state-{name}"),
+        # The tests run as root; suites that are not about the privilege model keep root's
+        # powers explicitly (tests/attack and test_privileges map users to other accounts).
+        "run_as": "root",
         "users": users,
         "exports": exports,
     }

@@ -4,6 +4,7 @@ is wrong in one line naming the file (and the line), exit 2, no traceback.  The 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -48,6 +49,9 @@ SERVER_CASES: list[tuple[str, str, int | None, str]] = [
     ("yaml syntax", "name: cfgtest\nlisten: [127.0.0.1:0\n", 3, "YAML syntax error"),
     ("yaml tab indent", "name: cfgtest\nusers:\n\talice: {}\n", 3, "YAML syntax error"),
     ("unknown top key", "+colour: blue", 15, "unknown key 'colour'"),
+    ("unknown account", "+run_as: no-such-account-etfs", 15, "no local account named"),
+    ("bad umask", "    acl: =>     umask: 0999\n    acl:", 11, "octal digits"),
+    ("umask too large", "    acl: =>     umask: 07777\n    acl:", 11, "between 0 and"),
     (
         "unknown user key",
         "    groups: [staff] =>     groups: [staff]\n    shell: /bin/sh",
@@ -111,9 +115,10 @@ def line_of(text: str, needle: str) -> int:
     return next(i + 1 for i, ln in enumerate(text.splitlines()) if needle in ln)
 
 
-def run_server(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_server(config: Path, *args: str, run_as: str | None = "root") -> subprocess.CompletedProcess[str]:
+    account = ["--run-as", run_as] if run_as else []
     return subprocess.run(
-        [sys.executable, "-m", "etfs_server.main", "-c", str(config), *args],
+        [sys.executable, "-m", "etfs_server.main", "-c", str(config), *account, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -152,6 +157,15 @@ def test_server_config_errors(base: Path, spec: str, line: int | None, text: str
     with pytest.raises(ConfigError) as ei:
         load_server_config(cfg)
     assert str(ei.value) == msg.removeprefix("etfs-server: ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the rule is about servers started as root")
+def test_root_server_without_account_mapping_refuses_to_start(base: Path) -> None:
+    (base / "server.yaml").write_text(good_server_yaml(base))
+    out = run_server(base / "server.yaml", run_as=None)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert "runs as root but user 'alice' has no local account" in line and "run_as" in line
 
 
 def test_missing_config_file(base: Path) -> None:
@@ -203,6 +217,14 @@ def test_example_config_is_valid_and_documents_every_field(tmp_path: Path) -> No
         "block_size_mib:",
         "sender:",
         "receiver:",
+        "run_as:",
+        "may_chown:",
+        "may_setid:",
+        "umask:",
+        "limits:",
+        "handles_per_user:",
+        "threads_per_user:",
+        "reply_mib_per_connection:",
     ):
         assert key in text, key
     # It loads once its paths exist (rewrite the absolute paths into tmp_path).
@@ -213,9 +235,14 @@ def test_example_config_is_valid_and_documents_every_field(tmp_path: Path) -> No
         text.replace("/srv/etfs/data", str(tmp_path / "srv"))
         .replace("/etc/etfs/keys/", str(tmp_path) + "/")
         .replace("/var/lib/etfs/jive", str(tmp_path / "state"))
+        # the example's accounts (etfs, alice) need not exist here: uid 0 always does
+        .replace("run_as: etfs", "run_as: 0")
+        .replace("run_as: alice", "run_as: root")
     )
     (tmp_path / "server.yaml").write_text(rewritten)
     cfg = load_server_config(tmp_path / "server.yaml")
+    assert cfg.users["bob"].account is not None and cfg.users["bob"].account.uid == 0
+    assert cfg.exports["data"].umask == 0o022 and cfg.limits.threads_per_user == 8
     rules = cfg.exports["data"].acl.rules
     assert rules and all(r.prefix == "/tmp" or r.prefix.startswith("/tmp/") for r in rules)
     assert cfg.tls is None
@@ -351,3 +378,21 @@ def test_transfer_peers_parse(base: Path) -> None:
     assert load_server_config(base / "server.yaml").peers.addresses("192.0.2.7", 7071)
     with pytest.raises(PermissionError):
         peers.addresses("127.0.0.1", 7071)
+
+
+@pytest.mark.parametrize("target", ["/dev/null", "symlink", "fifo"])
+def test_port_file_never_replaces_what_is_not_a_file(base: Path, target: str) -> None:
+    (base / "server.yaml").write_text(good_server_yaml(base))
+    if target == "symlink":
+        port_file = base / "ports"
+        os.symlink(base / "elsewhere", port_file)
+    elif target == "fifo":
+        port_file = base / "ports"
+        os.mkfifo(port_file)
+    else:
+        port_file = Path(target)
+    before = os.lstat(port_file)
+    out = run_server(base / "server.yaml", "--port-file", str(port_file))
+    assert out.returncode == 2 and "not a regular file" in out.stderr, out.stderr
+    after = os.lstat(port_file)
+    assert (after.st_mode, after.st_ino, after.st_rdev) == (before.st_mode, before.st_ino, before.st_rdev)

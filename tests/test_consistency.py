@@ -120,8 +120,8 @@ def test_close_to_open_across_two_mounts(start_server: ServerFactory, start_moun
 
 def test_writes_while_cp_between_servers_reads_the_file(etfs_env: Env) -> None:
     """cp jive -> onsala (a server-to-server transfer) while a program keeps writing into the
-    source: the writer's file ends exactly as written and cp succeeds, as on a local disk (the
-    transfer notices the change; the kernel then copies through the mount)."""
+    source: the writer's file ends exactly as written; cp either finished first or fails
+    with ESTALE and commits nothing (tests/test_changed_source.py covers the copy side)."""
     src = etfs_env.dir("jive") / "tmp" / "busy.bin"
     dst = etfs_env.dir("onsala") / "tmp" / "busy-copy.bin"
     size = 24 * 1024 * 1024
@@ -143,8 +143,11 @@ def test_writes_while_cp_between_servers_reads_the_file(etfs_env: Env) -> None:
         os.close(fd)
     assert src.read_bytes() == want
     assert (etfs_env.export("jive") / "tmp" / "busy.bin").read_bytes() == want
-    assert cp.returncode == 0, err
-    assert dst.stat().st_size == size
+    if cp.returncode == 0:
+        assert dst.stat().st_size == size
+    else:
+        assert b"Stale file handle" in err, err
+        assert not dst.exists() or dst.stat().st_size == 0
 
 
 def test_fsync_covers_writes_of_other_descriptors(jive: tuple[Path, Path]) -> None:

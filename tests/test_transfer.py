@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import time
 from pathlib import Path
 
@@ -268,7 +267,7 @@ async def _start_with(engine_cfg: Cluster, cap: m.Capability, dst_path: str) -> 
     """Order onsala to receive ``cap`` (pull) and wait for the end of it."""
     async with open_engine(engine_cfg.client_config()) as engine:
         dst = engine.pool["onsala"]
-        # Each order is a transfer of its own (the same capability is presented several times).
+        # A capability names its transfer: the order carries its id.
         started = await dst.call(
             m.TransferStart,
             m.TransferStarted,
@@ -276,7 +275,7 @@ async def _start_with(engine_cfg: Cluster, cap: m.Capability, dst_path: str) -> 
             source_name="jive",
             path=dst_path,
             streams=2,
-            transfer_id=secrets.token_hex(8),
+            transfer_id=cap.transfer_id,
         )
         with trio.fail_after(30):
             while True:
@@ -318,14 +317,16 @@ async def test_foreign_and_tampered_capability(cluster: Cluster) -> None:
     token = bytearray(good.token)
     token[5] ^= 0x01
     tampered = msgspec.structs.replace(good, token=bytes(token))
-    truncated = msgspec.structs.replace(good, token=good.token[:10])
+    # (from another capability: each names its own transfer, and a transfer id is used once)
+    other = await _offer(cluster, "jive", "/f")
+    truncated = msgspec.structs.replace(other, token=other.token[:10])
     for i, cap in enumerate((foreign, tampered, truncated)):
         info = await _start_with(cluster, cap, f"/out{i}")
         assert info.state == "failed" and info.errno == errno.EACCES, info
         assert not (cluster["onsala"].export / f"out{i}").exists()
     assert leftovers(cluster["onsala"].export) == []
-    # The good one still works.
-    info = await _start_with(cluster, good, "/ok")
+    # A good one works (a fresh one: the failed transfers above used up `good`'s transfer id).
+    info = await _start_with(cluster, await _offer(cluster, "jive", "/f"), "/ok")
     assert info.state == "done", info
 
 

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import errno
-import socket
 
 import msgspec
 import pytest
 import trio
-from transfer_helpers import MIB, Cluster, cluster, make_file, open_engine, proxied_source, sha256
+from transfer_helpers import (
+    MIB,
+    Cluster,
+    cluster,
+    make_file,
+    open_engine,
+    proxied_source,
+    raw_data_open,
+    sha256,
+)
 
 from etfs.client import RemoteError
-from etfs.protocol import data as d
 from etfs.protocol import messages as m
 from etfs.transfer.engine import TransferFailed, single_errors
 
@@ -109,14 +116,14 @@ async def test_surplus_push_connections_do_not_hurt_the_server(pair: Cluster) ->
         socks = []
         try:
             for i in range(4):  # the channel holds one; the rest must be refused cleanly
-                s = socket.create_connection(("127.0.0.1", pair["onsala"].data_port), timeout=5)
-                s.sendall(
-                    d.encode(
-                        d.DataHello(
-                            kind="push", token=started.ticket, transfer_id=started.transfer_id, stream=i
-                        )
-                    )
-                )
+                hello = {
+                    "kind": "push",
+                    "token": started.ticket,
+                    "transfer_id": started.transfer_id,
+                    "stream": i,
+                }
+                s = raw_data_open(pair["onsala"].data_port, started.ticket, hello)
+                assert s is not None, "the destination does not know its own ticket"
                 socks.append(s)
             await engine.pool["onsala"].call(m.TransferCancel, None, transfer_id=started.transfer_id)
         finally:

@@ -100,13 +100,14 @@ def test_plaintext_data_hello_is_refused(
             reply = b""
         # A TLS server answers garbage with a TLS alert record (type 21) or just closes.
         assert reply == b"" or reply[:1] == b"\x15", reply
-    # With TLS and the CA, the same port speaks (and refuses the bogus capability properly).
+    # With TLS and the CA, the same port speaks (and refuses the unknown key properly).
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     ctx.check_hostname = False
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(raw) as s:
-        s.sendall(d.encode(d.DataHello(kind="pull", token=b"x" * 40, transfer_id="t", stream=0)))
-        head = s.recv(4)
-        body = s.recv(d.LENGTH.unpack(head)[0])
-        reply = d.decode_reply(body)
-        assert isinstance(reply, d.DataError) and reply.errno == 13
+        s.sendall(d.OPEN.pack(d.MAGIC, b"k" * 16, b"n" * 16))
+        got = b""
+        while len(got) < d.GREETING.size and (chunk := s.recv(d.GREETING.size - len(got))):
+            got += chunk
+        magic, status, _, _ = d.GREETING.unpack(got)
+        assert (magic, status) == (d.MAGIC, d.GREET_UNKNOWN)

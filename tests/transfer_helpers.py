@@ -23,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from server_helpers import REPO, ServerProcess, make_key, write_server_yaml
@@ -289,6 +292,108 @@ def tmpfs() -> Iterator[Callable[[Path, str], None]]:
             subprocess.run(["umount", "-l", str(p)], capture_output=True, check=False)
 
 
+# --- a data-port client of its own ----------------------------------------------------------------------
+# Written from the wire format (struct, hmac, plain msgpack maps), not with etfs.protocol.data,
+# so that a bug there cannot hide one in the server.
+RAW_MAGIC = b"ETFSDAT2"
+
+
+def _recv_n(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionResetError("peer closed")
+        buf += chunk
+    return buf
+
+
+def _hm(secret: bytes, data: bytes) -> bytes:
+    return hmac.new(secret, data, hashlib.sha256).digest()
+
+
+def raw_data_open(port: int, secret: bytes, hello: dict[str, Any]) -> socket.socket | None:
+    """Open a data connection the way a server does, with ``secret``; sends ``hello`` (a dict of
+    DataHello fields) with the proof.  None when the port does not know the secret."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    kid = _hm(secret, b"etfs-data-key-id")[:16]
+    nc = os.urandom(16)
+    sock.sendall(RAW_MAGIC + kid + nc)
+    greeting = _recv_n(sock, 57)
+    magic, status, nl, mac = greeting[:8], greeting[8], greeting[9:25], greeting[25:]
+    assert magic == RAW_MAGIC, greeting
+    if status == 1:
+        sock.close()
+        return None
+    assert mac == _hm(secret, b"etfs-data\0listener" + kid + nc + nl), "listener did not prove the secret"
+    proof = _hm(secret, b"etfs-data\0connector" + kid + nc + nl)
+    body = msgspec.msgpack.encode({"t": "hello", "proof": proof, **hello})  # a test may forge the proof
+    sock.sendall(struct.pack(">I", len(body)) + body)
+    return sock
+
+
+def raw_pull(port: int, cap: Any, **hello: Any) -> dict[str, Any]:
+    """Present capability ``cap`` on a source's data port: its reply ({"t": "ready"|"error", ...}),
+    and for "ready" the first block's bytes under "block"; {"t": "unknown"} if the key is unknown."""
+    fields = {"kind": "pull", "token": cap.token, "transfer_id": cap.transfer_id, "stream": 0}
+    fields.update({"destination": "raw:/somewhere", "streams": 1, **hello})
+    sock = raw_data_open(port, cap.secret, fields)
+    if sock is None:
+        return {"t": "unknown"}
+    with sock:
+        (length,) = struct.unpack(">I", _recv_n(sock, 4))
+        reply: dict[str, Any] = msgspec.msgpack.decode(_recv_n(sock, length))
+        if reply["t"] == "ready":
+            want = min(cap.size, 65536)
+            sock.sendall(struct.pack(">QQI", 0, want, 0))
+            _, got, status = struct.unpack(">QQI", _recv_n(sock, 20))
+            reply["block"] = _recv_n(sock, got) if status == 0 else b""
+        return reply
+
+
+class Recorder:
+    """A plain TCP listener that is not an etfs data port: records every byte each connection sent.
+
+    ``answer``: bytes it sends to every connection at once (a chatty service), or None (silent).
+    """
+
+    def __init__(self, answer: bytes | None = None) -> None:
+        self.answer = answer
+        self.received: list[bytes] = []
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self._srv.settimeout(0.2)
+        self.port = self._srv.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._srv.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._record, args=(conn,), daemon=True).start()
+
+    def _record(self, conn: socket.socket) -> None:
+        got = b""
+        with conn:
+            conn.settimeout(30)
+            try:
+                if self.answer is not None:
+                    conn.sendall(self.answer)
+                while chunk := conn.recv(65536):
+                    got += chunk
+            except OSError:
+                pass
+        self.received.append(got)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._srv.close()
+
+
 # --- the proxy -----------------------------------------------------------------------------------------
 class Proxy:
     """A TCP proxy ``listen -> target`` that parses etfs data connections in one direction.
@@ -433,7 +538,10 @@ class Proxy:
     def _pump_payload(self, src: socket.socket, dst: socket.socket, pair: tuple[socket.socket, ...]) -> None:
         buf = bytearray()
         frames_left = self.frames
-        need: str = "frame"  # frame | header | payload | digest
+        # The payload side speaks first with a fixed-size greeting (pull: the source's GREETING
+        # as listener; push: the source's OPEN as connector), then its frames.
+        need: str = "prefix"  # prefix | frame | header | payload | digest
+        prefix = d.GREETING.size if self.payload_from_target else d.OPEN.size
         remaining = 0  # bytes of the current payload still to pass
         sent_here = 0
         corrupt_here = False
@@ -468,6 +576,10 @@ class Proxy:
                     continue
                 buf.append(out[pos])
                 pos += 1
+                if need == "prefix":
+                    if len(buf) == prefix:
+                        need, buf = "frame", bytearray()
+                    continue
                 if need == "frame" and frames_left == 0:
                     need = "header"
                 if need == "frame":
@@ -489,7 +601,7 @@ class Proxy:
                             corrupt_here = self.corrupt_block is not None and n == self.corrupt_block
                     elif status == 0:
                         need = "digest"
-                elif need == "digest" and len(buf) == d.DIGEST.size:
+                elif need == "digest" and len(buf) == d.TRAILER.size:
                     need, buf = "header", bytearray()
             self._throttle(len(out))
             cut = False
@@ -522,7 +634,12 @@ def proxied_source(node: Node, **kw: Any) -> Proxy:
 
 # --- a copy in a separate client process ---------------------------------------------------------------
 def client_command(spec: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
-    return [*prefix, sys.executable, str(HELPER), json.dumps(spec)]
+    # Run as a script, the helper would import the installed etfs (another checkout's, in a
+    # git worktree) instead of this tree's: put this tree first.
+    boot = f"import runpy, sys; sys.path[:0] = [{str(REPO)!r}, {str(HELPER.parent)!r}]; " + (
+        f"sys.argv = sys.argv[1:]; runpy.run_path({str(HELPER)!r}, run_name='__main__')"
+    )
+    return [*prefix, sys.executable, "-c", boot, str(HELPER), json.dumps(spec)]
 
 
 def client_spec(

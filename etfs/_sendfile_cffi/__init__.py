@@ -261,3 +261,12 @@ def sync_file_range(fd: int, offset: int, nbytes: int, flags: int = SYNC_FILE_RA
     """``sync_file_range(2)``; with the default flag: start writeback of a range, do not wait."""
     _check_range(offset, nbytes)
     _check(lib.etfs_sync_file_range(fd, offset, nbytes, flags))
+
+
+def set_fs_identity(uid: int, gid: int, groups: tuple[int, ...]) -> None:
+    """Set the calling thread's filesystem uid, gid and supplementary groups (not the process's).
+
+    Needs CAP_SETUID/CAP_SETGID; fails with EPERM when the kernel did not take a value.
+    """
+    arr = ffi.new("unsigned int[]", list(groups) or [0])
+    _check(lib.etfs_set_fs_identity(uid, gid, len(groups), arr))

@@ -4,8 +4,17 @@
 flight on one connection.  When the connection breaks, pending calls fail with
 ECONNRESET and the next call reconnects (with backoff, failing fast with
 EHOSTDOWN while the server stays unreachable), so one dead server never hangs the
-callers of another.  `generation` counts connections: server-side file handles
-belong to one generation and must be reopened after a reconnect.
+callers of another.
+
+A hung server (stopped, or its host frozen: the TCP connection stays up) is found by
+silence: a call fails with ETIMEDOUT once the server has said nothing for
+``request_timeout`` since the oldest request still waiting for it was sent (requests a
+caller gave up on count too), the connection is dropped, every call waiting on it fails
+with ETIMEDOUT as well, and the log names the server.  So a caller waits at most about
+``request_timeout`` for a hung server, not one timeout per request it makes in a row.
+
+`generation` counts connections: server-side file handles belong to one generation and
+must be reopened after a reconnect.
 """
 
 from __future__ import annotations
@@ -62,6 +71,10 @@ class _Live:
         self.peer = peer
         self.pending: dict[int, tuple[trio.Event, list[m.Ok | m.Err]]] = {}
         self.closed = False
+        # When we started waiting for the server without hearing from it since (None: not waiting).
+        self.silent_since: float | None = None
+        # What the calls still waiting get when the connection drops (ETIMEDOUT: the server hung).
+        self.drop_errno = errno.ECONNRESET
 
 
 # Requests that may make a name appear on the server (transfers write a part file and rename
@@ -195,6 +208,8 @@ class ServerClient:
                     break
                 assert isinstance(msg, (m.Ok, m.Err))
                 slot = live.pending.pop(msg.id, None)
+                # Heard from it: whatever still waits starts its silence now.
+                live.silent_since = trio.current_time() if live.pending else None
                 if slot is not None:
                     slot[1].append(msg)
                     slot[0].set()
@@ -208,6 +223,23 @@ class ServerClient:
             reason = f"connection lost: {exc}"
         finally:
             self._drop(live, reason)
+
+    def _hung(self, live: _Live, what: str, silent: float) -> None:
+        """The server said nothing for request_timeout: drop the connection, fail its waiters
+        with ETIMEDOUT, and fail new calls fast (EHOSTDOWN) for a backoff before reconnecting."""
+        log.warning(
+            "server %s did not answer %s: silent for %.1f s (request_timeout %g s); "
+            "dropping the connection, treating the server as down",
+            self.name,
+            what,
+            silent,
+            self.endpoint.request_timeout,
+        )
+        live.drop_errno = errno.ETIMEDOUT
+        self._drop(live, f"request {what} timed out")
+        self._backoff = min(self.BACKOFF_MAX, max(0.5, self._backoff * 2))
+        self._retry_at = trio.current_time() + self._backoff
+        self._last_error = f"it did not answer for {self.endpoint.request_timeout:g} s"
 
     def _drop(self, live: _Live, reason: str) -> None:
         if live.closed:
@@ -233,21 +265,30 @@ class ServerClient:
         event = trio.Event()
         box: list[m.Ok | m.Err] = []
         live.pending[rid] = (event, box)
+        timeout = self.endpoint.request_timeout
+        now = trio.current_time()
+        if live.silent_since is None:
+            live.silent_since = now
+        # Silent for request_timeout since the oldest unanswered request: hung.  (A healthy
+        # server still gets connect_timeout, in case that request was one it takes long with.)
+        deadline = max(live.silent_since + timeout, now + min(timeout, self.endpoint.connect_timeout))
         try:
             await live.ms.send(req)
-            with trio.fail_after(self.endpoint.request_timeout):
+            with trio.fail_at(deadline):
                 await event.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._drop(live, f"send failed: {exc}")
             raise ConnectionLost(errno.ECONNRESET, f"connection to {self.name} lost") from None
         except trio.TooSlowError:
             live.pending.pop(rid, None)
-            self._drop(live, f"request {req_type.__name__} timed out")
-            raise ConnectionLost(errno.ETIMEDOUT, f"server {self.name} did not answer in time") from None
+            self._hung(live, req_type.__name__, trio.current_time() - live.silent_since)
+            raise ConnectionLost(
+                errno.ETIMEDOUT, f"server {self.name} did not answer in time (request_timeout {timeout:g} s)"
+            ) from None
         finally:
             live.pending.pop(rid, None)
         if not box:
-            raise ConnectionLost(errno.ECONNRESET, f"connection to {self.name} lost")
+            raise ConnectionLost(live.drop_errno, f"connection to {self.name} lost")
         reply = box[0]
         if isinstance(reply, m.Err):
             raise RemoteError(reply.errno, reply.message)

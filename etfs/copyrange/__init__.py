@@ -1,11 +1,11 @@
 """Receive FUSE ``copy_file_range`` requests next to an unchanged pyfuse3.
 
 Why: a plain ``cp`` between two top-level directories of our mount reaches the daemon as one
-``copy_file_range`` request (see DESIGN-NOTES.md section 1), which is what lets us turn it into a
+``copy_file_range`` request (see docs/architecture.md section 1), which is what lets us turn it into a
 server-to-server transfer. pyfuse3 has no such op: libfuse answers ENOSYS and the kernel then
 disables the op for the whole connection.
 
-The trick (DESIGN-NOTES.md section 2): pyfuse3's compiled module calls
+The trick (docs/architecture.md section 2): pyfuse3's compiled module calls
 ``fuse_session_new@FUSE_3.0`` from libfuse3. Our cffi module ``_fusecfr`` defines a
 ``fuse_session_new`` too. Imported with ``RTLD_GLOBAL`` *before* pyfuse3, it sits earlier in the
 process's global symbol scope than libfuse3, so pyfuse3 binds to it. The wrapper copies the ops

@@ -9,9 +9,10 @@ bytes they cover, so verification finishes before the last answer.  Anything els
 (a range in the middle of a file, an unknown handle) is answered EOPNOTSUPP and the
 kernel copies through the daemon with ordinary reads and writes.
 
-A failed transfer answers EIO (`cp` then fails; the destination name holds at most
-the empty file `cp` created, never a complete-looking partial one), except when the source
-changed during the transfer: then EOPNOTSUPP, and the kernel copies through the mount.  Ctrl-C on `cp`
+A failed transfer answers the errno that says why (`etfs.transfer.errors.reply_errno`:
+ENOSPC for a full destination, ESTALE for a changed source, ETIMEDOUT, EACCES..., EIO
+for the rest), so `cp` prints the reason; the destination name holds at most the empty
+file `cp` created, never a complete-looking partial one.  Ctrl-C on `cp`
 arrives as an interrupt and cancels the transfer on both servers.
 """
 
@@ -27,6 +28,7 @@ import trio
 from etfs.copyrange import MAX_REPLY_COUNT, CopyRequest
 from etfs.protocol import messages as m
 from etfs.transfer.engine import TransferEngine, TransferFailed
+from etfs.transfer.errors import reply_errno
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class CopyDispatcher:
                 attr = await self.ops.pool[src.server].call(m.Stat, m.Attr, path=src.path)
                 dst_attr = await self.ops.pool[dst.server].call(m.Stat, m.Attr, path=dst.path)
             except OSError as exc:
-                req.reply_error(exc.errno or errno.EIO)
+                req.reply_error(reply_errno(exc))
                 return
             if req.length < attr.size and req.length < WHOLE_FILE_MIN:
                 req.reply_error(errno.EOPNOTSUPP)
@@ -124,7 +126,7 @@ class CopyDispatcher:
             return
         if job.error is not None:
             self.jobs.pop(key, None)
-            req.reply_error(job.error.errno or errno.EIO)
+            req.reply_error(reply_errno(job.error))
             return
         count = max(0, min(job.size - req.off_in, req.length, MAX_REPLY_COUNT))
         if req.off_in + count >= job.size:
@@ -142,22 +144,13 @@ class CopyDispatcher:
             if job.scope.cancelled_caught:
                 job.error = OSError(errno.EINTR, "interrupted")
         except TransferFailed as exc:
-            if exc.errno == errno.ESTALE:
-                # The source changed during the transfer (a program writes it): copy through
-                # the mount instead, as a local cp would, rather than fail.  The destination
-                # is untouched (the transfer only renames a complete part file onto it).
-                log.info(
-                    "copy %s:%s: source changed during the transfer; the kernel copies", src.server, src.path
-                )
-                job.error = OSError(errno.EOPNOTSUPP, exc.strerror)
-                return
             log.error(
                 "copy %s:%s -> %s:%s failed: %s", src.server, src.path, dst.server, dst.path, exc.strerror
             )
-            job.error = OSError(errno.EIO, exc.strerror)
+            job.error = exc
         except OSError as exc:
             log.error("copy %s:%s -> %s:%s failed: %s", src.server, src.path, dst.server, dst.path, exc)
-            job.error = OSError(errno.EIO, str(exc))
+            job.error = exc
         except Exception as exc:
             # A bug must cost this copy (EIO), never the whole mount daemon.
             log.exception("copy %s:%s -> %s:%s crashed", src.server, src.path, dst.server, dst.path)

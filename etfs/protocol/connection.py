@@ -21,6 +21,9 @@ from . import messages as m
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 24 * 1024 * 1024  # a Write of up to 16 MiB plus headroom
+# Before login a peer may send only Hello/Prove (or Challenge/Welcome/Err): small messages.
+# Anyone who can open a TCP connection reaches this limit, so it is kept tight.
+PREAUTH_MAX_FRAME = 64 * 1024
 
 
 class ProtocolError(Exception):
@@ -84,7 +87,7 @@ class FrameReader:
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
-        self._max = max_frame
+        self.max_frame = max_frame
         self.eof = False
 
     def feed(self, data: bytes) -> None:
@@ -98,8 +101,8 @@ class FrameReader:
                 raise RemoteProtocolError("connection closed inside a frame header")
             return None
         (length,) = HEADER.unpack_from(self._buf)
-        if length > self._max:
-            raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {self._max}")
+        if length > self.max_frame:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds the limit of {self.max_frame}")
         end = HEADER.size + length
         if len(self._buf) < end:
             if self.eof:
@@ -118,18 +121,27 @@ class FrameReader:
         return len(self._buf)
 
 
+class _IdOnly(msgspec.Struct):
+    """Just the request id of a message; msgspec skips every other field without building it."""
+
+    id: int = 0
+
+
+_id_decoder = msgspec.msgpack.Decoder(_IdOnly)
+
+
 def _request_id_of(body: bytes) -> int:
-    """Best effort: the id of an undecodable request, so its error can be matched."""
+    """Best effort: the id of an undecodable request, so its error can be matched.
+
+    Never a second full decode: a frame of millions of nested empty arrays would become
+    millions of Python objects (gigabytes) just to look for an id.
+    """
     try:
-        raw = msgspec.msgpack.decode(body)
+        rid = _id_decoder.decode(body).id
     except (msgspec.MsgspecError, ValueError, RecursionError):
         # ValueError: msgspec raises UnicodeDecodeError for a str that is not UTF-8.
         return 0
-    if isinstance(raw, dict):
-        rid = raw.get("id")
-        if isinstance(rid, int) and not isinstance(rid, bool) and 0 < rid < 2**63:
-            return rid
-    return 0
+    return rid if 0 < rid < 2**63 else 0
 
 
 _SERVER_MAY_SEND_IN = {
@@ -150,7 +162,8 @@ class Connection:
     def __init__(self, role: Role, max_frame: int = MAX_FRAME) -> None:
         self.role = role
         self.state = State.HANDSHAKE
-        self._reader = FrameReader(max_frame)
+        self._max_frame = max_frame
+        self._reader = FrameReader(min(max_frame, PREAUTH_MAX_FRAME))
         self._decoder = _client_decoder if role is Role.SERVER else _server_decoder
 
     # --- incoming --------------------------------------------------------------------------------
@@ -209,6 +222,7 @@ class Connection:
             self.state = State.AUTH
         elif isinstance(msg, m.Welcome):
             self.state = State.READY
+            self._reader.max_frame = self._max_frame
         elif isinstance(msg, m.Err) and self.state is not State.READY:
             self.state = State.CLOSED
 

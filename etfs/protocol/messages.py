@@ -123,6 +123,9 @@ class Capability(msgspec.Struct, frozen=True):
     expires: float
     data_tls: bool = False  # the source's data port speaks TLS
     ino: int = 0  # the source file's inode: part of the identity a resume must match
+    # Keys the data-port greeting (both ends prove they know it before anything a client
+    # chose is sent); only the client that asked and the destination it names get it.
+    secret: bytes = b""
 
 
 class TransferInfo(msgspec.Struct, frozen=True):
@@ -143,6 +146,8 @@ class TransferInfo(msgspec.Struct, frozen=True):
     errno: int
     started: float
     finished: float
+    # Why it failed, for programs: a `etfs.protocol.transfer.FailureCode` value ("" unless failed).
+    code: str = ""
 
 
 # --- requests --------------------------------------------------------------------------------------

@@ -13,9 +13,8 @@ import concurrent.futures
 import errno
 import json
 import os
-import re
-import secrets
 import shutil
+import signal
 import socket
 import stat
 import sys
@@ -26,18 +25,68 @@ from pathlib import Path
 from typing import Any
 
 from etfs import _sendfile_cffi as native
+from etfs.protocol.transfer import WORK_FILE, CopyMode, local_part_name, noreplace, same_version
 
 from .control import running_mounts
 
 AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
 
 PARALLEL_FILES = 4
-# Hidden files of copies in progress (server transfers, relays, local copies): never copied.
-PARTIAL = re.compile(r"^\..*\.etfs-(part(\.journal|\.restart)?|relay-[0-9a-f]+|local-[0-9a-f]+)$")
+
+
+# After Ctrl-C: how long to wait for the mount daemon to confirm the servers stopped.
+CANCEL_WAIT = 20.0
+COPY_CHUNK = 8 * 2**20
 
 
 class CommandError(Exception):
     pass
+
+
+class Interrupt:
+    """Ctrl-C on `etfs cp`: asks every running copy to stop and remembers that it did.
+
+    The first SIGINT half-closes the control socket of each server-to-server copy (the daemon
+    then cancels the transfer on both servers and answers once they stopped) and makes local
+    copies stop at their next chunk; the command exits 130 after that.  A second SIGINT exits
+    at once.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.since = 0.0
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+    def add(self, s: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(s)
+            if self.event.is_set():
+                _half_close(s)
+
+    def discard(self, s: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(s)
+
+    def fire(self, *_: object) -> None:
+        if self.event.is_set():
+            os._exit(130)  # second Ctrl-C: do not wait any longer
+        print("etfs: cancelling (Ctrl-C again to quit without waiting)", file=sys.stderr, flush=True)
+        with self._lock:
+            self.since = time.monotonic()
+            self.event.set()
+            for s in self._sockets:
+                _half_close(s)
+
+
+def _half_close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -122,11 +171,20 @@ def _request(sock_path: str, request: dict[str, Any]) -> socket.socket:
     return s
 
 
-def _lines(s: socket.socket) -> Any:
+def _lines(s: socket.socket, interrupt: Interrupt | None = None) -> Any:
     buf = b""
+    if interrupt is not None:
+        s.settimeout(0.5)
     while True:
         try:
             chunk = s.recv(65536)
+        except TimeoutError:
+            assert interrupt is not None
+            if interrupt and time.monotonic() - interrupt.since > CANCEL_WAIT:
+                raise CommandError(
+                    f"the mount daemon did not confirm the cancel within {CANCEL_WAIT:.0f} s"
+                ) from None
+            continue
         except OSError as exc:
             raise CommandError(f"lost the connection to the mount daemon: {exc.strerror or exc}") from None
         if not chunk:
@@ -192,9 +250,18 @@ class Reporter:
             self.progress.stop()
 
 
+# How one file's copy ended.
+DONE, FAILED, CANCELLED = "done", "failed", "cancelled"
+
+
 def _copy_remote(
-    mount: dict[str, Any], src: Location, dst: Location, args: argparse.Namespace, rep: Reporter
-) -> bool:
+    mount: dict[str, Any],
+    src: Location,
+    dst: Location,
+    args: argparse.Namespace,
+    rep: Reporter,
+    interrupt: Interrupt,
+) -> str:
     req = {
         "op": "copy",
         "source": str(src),
@@ -206,9 +273,10 @@ def _copy_remote(
         "preserve_times": True,
     }
     s = _request(mount["socket"], req)
+    interrupt.add(s)
     last = 0.0
     try:
-        for ev in _lines(s):
+        for ev in _lines(s, interrupt):
             kind = ev.get("event")
             if kind == "progress":
                 now = time.monotonic()
@@ -217,47 +285,80 @@ def _copy_remote(
                     last = now
             elif kind == "done":
                 rep.event(src, dst, ev)
-                return True
+                return DONE
+            elif kind == "cancelled":
+                rep.error(src, dst, ev.get("message") or "cancelled")
+                return CANCELLED
             elif kind == "error":
                 rep.error(src, dst, ev.get("message") or os.strerror(ev.get("errno", errno.EIO)))
-                return False
+                return FAILED
     finally:
+        interrupt.discard(s)
         s.close()
     rep.error(src, dst, "the mount daemon closed the connection")
-    return False
+    return FAILED
 
 
-def _copy_through_client(src: Location, dst: Location, args: argparse.Namespace, rep: Reporter) -> bool:
+class _Stopped(Exception):
+    """A local copy stopped by Ctrl-C."""
+
+
+def _copy_bytes(src: Path, dst: Path, interrupt: Interrupt) -> None:
+    """shutil.copyfile in chunks, stopping at the next chunk after Ctrl-C."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        size = os.fstat(fin.fileno()).st_size
+        pos = 0
+        while True:
+            if interrupt:
+                raise _Stopped
+            try:
+                n = os.sendfile(fout.fileno(), fin.fileno(), pos, COPY_CHUNK)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS) or pos:
+                    raise
+                shutil.copyfileobj(fin, fout, COPY_CHUNK)  # a file sendfile cannot read
+                return
+            if n == 0:
+                break
+            pos += n
+        if pos < size:
+            raise OSError(errno.EIO, f"{src} shrank while copying")
+
+
+def _copy_through_client(
+    src: Location, dst: Location, args: argparse.Namespace, rep: Reporter, interrupt: Interrupt
+) -> str:
     """Local <-> server: an ordinary copy through the mount, into a part file renamed at the end."""
     try:
         sst = src.fs_path.stat()
         if dst.fs_path.exists():
-            if args.mode == "new":
+            if noreplace(args.mode):
                 raise FileExistsError(errno.EEXIST, "destination exists (mode new)")
             dstat = dst.fs_path.stat()
-            if args.mode == "skip-existing" and (dstat.st_size, dstat.st_mtime_ns) == (
-                sst.st_size,
-                sst.st_mtime_ns,
+            if args.mode == CopyMode.SKIP_EXISTING and same_version(
+                dstat.st_size, dstat.st_mtime_ns, sst.st_size, sst.st_mtime_ns
             ):
                 rep.event(src, dst, {"event": "done", "skipped": True})
-                return True
+                return DONE
         # A name of its own: a server transfer into the same file uses ".NAME.etfs-part".
-        part = dst.fs_path.with_name(f".{dst.fs_path.name}.etfs-local-{secrets.token_hex(4)}")
+        part = dst.fs_path.with_name(local_part_name(dst.fs_path.name))
         try:
-            shutil.copyfile(src.fs_path, part)
+            _copy_bytes(src.fs_path, part, interrupt)
             shutil.copystat(src.fs_path, part)
             # mode new: a file that appeared meanwhile is not overwritten (EEXIST)
-            flags = native.RENAME_NOREPLACE if args.mode == "new" else 0
+            flags = native.RENAME_NOREPLACE if noreplace(args.mode) else 0
             native.renameat2(AT_FDCWD, str(part), AT_FDCWD, str(dst.fs_path), flags)
         except BaseException:
             part.unlink(missing_ok=True)
             raise
         done = {"bytes_total": sst.st_size, "bytes_done": sst.st_size, "bytes_via_client": sst.st_size}
         rep.event(src, dst, {"event": "done", "transfer": done})
-        return True
+        return DONE
+    except _Stopped:
+        return CANCELLED
     except OSError as exc:
         rep.error(src, dst, exc.strerror or str(exc))
-        return False
+        return FAILED
 
 
 def _plan(sources: list[Location], dest: Location, recursive: bool) -> list[tuple[Location, Location]]:
@@ -291,7 +392,7 @@ def _plan(sources: list[Location], dest: Location, recursive: bool) -> list[tupl
                 here = here.child(part)
             dirnames.sort()
             for name in sorted(filenames):
-                if not PARTIAL.search(name):
+                if not WORK_FILE.search(name):  # copies in progress are never copied
                     pairs.append((here.child(name), tdir.child(name)))
     return pairs
 
@@ -309,22 +410,33 @@ def cmd_cp(args: argparse.Namespace) -> int:
         print(f"etfs: {exc}", file=sys.stderr)
         return 1
     rep = Reporter(args.json)
+    interrupt = Interrupt()
 
-    def one(pair: tuple[Location, Location]) -> bool:
+    def one(pair: tuple[Location, Location]) -> str:
         src, dst = pair
+        if interrupt:
+            return CANCELLED  # not started before Ctrl-C
         if src.server and dst.server:
-            return _copy_remote(mount, src, dst, args, rep)
-        return _copy_through_client(src, dst, args, rep)
+            return _copy_remote(mount, src, dst, args, rep, interrupt)
+        return _copy_through_client(src, dst, args, rep, interrupt)
 
+    previous = signal.signal(signal.SIGINT, interrupt.fire)
     try:
         with concurrent.futures.ThreadPoolExecutor(PARALLEL_FILES) as pool:
-            results = list(pool.map(one, pairs))
+            futures = [pool.submit(one, pair) for pair in pairs]
+            # (a bare wait: Ctrl-C runs `interrupt.fire` in this thread meanwhile)
+            concurrent.futures.wait(futures)
+            results = [f.result() for f in futures]
     except CommandError as exc:
         print(f"etfs: {exc}", file=sys.stderr)
-        return 1
+        return 130 if interrupt else 1
     finally:
+        signal.signal(signal.SIGINT, previous)
         rep.close()
-    return 0 if all(results) else 1
+    if interrupt and any(r != DONE for r in results):
+        # Every copy is over on the servers now (finished, failed or stopped with its part file).
+        return 130
+    return 0 if all(r == DONE for r in results) else 1
 
 
 def _fmt_bytes(n: int) -> str:

@@ -8,6 +8,9 @@ Requests: ``{"op": "status"}`` -> one line ``{"transfers": [...]}``;
 ``{"op": "copy", "source": "SERVER:PATH", "destination": "SERVER:PATH", ...}`` ->
 ``{"event": "progress", "transfer": {...}}`` lines while it runs, then one
 ``{"event": "done", ...}`` or ``{"event": "error", "errno": N, "message": "..."}``.
+A client that half-closes its socket (``shutdown(SHUT_WR)``, what `etfs cp` does on
+Ctrl-C) cancels its copy; once the servers have stopped it, the answer is
+``{"event": "cancelled", "confirmed": true, ...}`` (or ``"done"`` if it finished first).
 
 Running mounts register themselves in `registry_dir()` so the commands find them
 without flags.  `ensure_registry_dir()` creates it (mode 0700) and refuses one that is a
@@ -30,7 +33,9 @@ from typing import Any
 import msgspec
 import trio
 
+from etfs.procs import pid_alive
 from etfs.protocol import messages as m
+from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
 
 from .engine import ClientTransfer, TransferEngine
 
@@ -38,8 +43,8 @@ log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20
 
 
-COPY_MODES = frozenset({"new", "overwrite", "resume", "skip-existing"})
-DIRECTIONS = frozenset({"pull", "push"})
+COPY_MODES = frozenset(CopyMode)
+DIRECTIONS = frozenset(DATA_DIRECTIONS)
 MAX_STREAMS = 64
 
 
@@ -124,11 +129,36 @@ def running_mounts() -> list[dict[str, Any]]:
                 continue
             if not isinstance(info.get("servers"), dict):
                 continue
-            os.kill(int(info["pid"]), 0)
+            if not pid_alive(int(info["pid"])):
+                continue
         except (OSError, ValueError, KeyError, TypeError):
             continue
         out.append(info)
     return out
+
+
+def forget_dead_daemons(reg: Path | None = None) -> list[Path]:
+    """Remove the registry entries (``PID.json``, ``PID.sock``) of daemons that are dead.
+
+    Dead means `pid_alive` says so: gone, or a zombie nobody reaped yet (after kill -9).
+    Used when a daemon starts and by `etfs umount`; returns what was removed.
+    """
+    d = registry_dir() if reg is None else reg
+    try:
+        check_private_dir(d)
+        entries = list(d.glob("*.json")) + list(d.glob("*.sock"))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        try:
+            pid = int(entry.stem)
+        except ValueError:
+            continue
+        if not pid_alive(pid):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -277,41 +307,64 @@ class ControlServer:
                 )
                 return
         result: dict[str, Any] = {}
+        records: list[ClientTransfer] = []
+        copy_scope = trio.CancelScope()
+        client_gone = False
 
-        async def run(cancel: trio.CancelScope) -> None:
-            try:
-                t = await self.engine.copy(
-                    src_server,
-                    src_path,
-                    dst_server,
-                    dst_path,
-                    mode=creq.mode,
-                    streams=creq.streams,
-                    direction=creq.direction,
-                    verify=creq.verify,
-                    preserve_times=creq.preserve_times,
-                )
-                result.update(event="done", transfer=t.as_dict())
-            except OSError as exc:
-                result.update(event="error", errno=exc.errno or errno.EIO, message=exc.strerror or str(exc))
-            cancel.cancel()
+        async def run(done: trio.CancelScope) -> None:
+            with copy_scope:
+                try:
+                    t = await self.engine.copy(
+                        src_server,
+                        src_path,
+                        dst_server,
+                        dst_path,
+                        mode=creq.mode,
+                        streams=creq.streams,
+                        direction=creq.direction,
+                        verify=creq.verify,
+                        preserve_times=creq.preserve_times,
+                        on_record=records.append,
+                    )
+                    result.update(event="done", transfer=t.as_dict())
+                except OSError as exc:
+                    result.update(
+                        event="error", errno=exc.errno or errno.EIO, message=exc.strerror or str(exc)
+                    )
+            done.cancel()
 
-        async def watch_client(cancel: trio.CancelScope) -> None:
-            # The `etfs cp` process went away (Ctrl-C): cancel its copy.
+        async def watch_client() -> None:
+            # End of the request stream: `etfs cp` asks to cancel (Ctrl-C half-closes its
+            # socket) or went away.  Cancel the copy; `run` then ends it on the servers.
+            nonlocal client_gone
             try:
                 while await stream.receive_some(4096):
                     pass
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             if not result:
-                cancel.cancel()
+                client_gone = True
+                copy_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run, nursery.cancel_scope)
-            nursery.start_soon(watch_client, nursery.cancel_scope)
+            nursery.start_soon(watch_client)
             nursery.start_soon(self._progress, stream, src_server, src_path, dst_server, dst_path)
+        if not result and client_gone and records:
+            # Cancelled: say how it ended (only now: the servers have answered the cancel).
+            t = records[-1]
+            if t.state == "done":
+                result.update(event="done", transfer=t.as_dict())
+            else:
+                result.update(
+                    event="cancelled",
+                    errno=errno.EINTR,
+                    message=t.reason or "cancelled",
+                    confirmed=bool(t.cancel_confirmed),
+                    transfer=t.as_dict(),
+                )
         if result:
-            await _send(stream, result)
+            await _send_quietly(stream, result)
 
     async def _progress(self, stream: trio.SocketStream, *spec: str) -> None:
         source, destination = f"{spec[0]}:{spec[1]}", f"{spec[2]}:{spec[3]}"

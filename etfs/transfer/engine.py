@@ -21,9 +21,8 @@ import errno
 import itertools
 import logging
 import os
-import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,10 +33,18 @@ import xxhash
 from etfs.client import ConnectionLost, Pool, RemoteError, ServerClient
 from etfs.config import ClientConfig, TransferDefaults
 from etfs.protocol import messages as m
+from etfs.protocol.transfer import (
+    TERMINAL,
+    CopyMode,
+    FailureCode,
+    noreplace,
+    parse_code,
+    relay_id_name,
+    relay_part_name,
+)
 
 log = logging.getLogger(__name__)
 
-TERMINAL = ("done", "failed", "skipped", "cancelled")
 RELAY_BLOCK = 1024 * 1024
 RELAY_INFLIGHT = 8
 MAX_RETRIES = 3
@@ -47,7 +54,14 @@ UNREACHABLE = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.
 
 
 class TransferFailed(OSError):
-    """A copy failed; ``errno`` and ``strerror`` say why (also kept in the transfer record)."""
+    """A copy failed; ``errno`` and ``strerror`` say why (also kept in the transfer record).
+
+    ``code`` is the destination's typed reason (`TransferInfo.code`) when it gave one.
+    """
+
+    def __init__(self, errno: int, message: str, code: FailureCode | None = None) -> None:
+        super().__init__(errno, message)
+        self.code = code or FailureCode.NONE
 
 
 @dataclass
@@ -71,6 +85,8 @@ class ClientTransfer:
     started: float = field(default_factory=time.time)
     finished: float = 0.0
     server_transfer_id: str = ""
+    # After a cancel: did every server involved confirm the transfer stopped?  (None: no cancel)
+    cancel_confirmed: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,12 +103,6 @@ class CopySpec:
     mode: str
     opts: TransferDefaults
     preserve_times: bool = False
-
-
-def relay_part_name(path: str) -> str:
-    """A hidden name beside ``path`` for a relay copy (its own: a server transfer may run too)."""
-    parent, _, name = path.rpartition("/")
-    return f"{parent}/.{name}.etfs-relay-{secrets.token_hex(4)}"
 
 
 @contextlib.contextmanager
@@ -114,6 +124,13 @@ def single_errors() -> Iterator[None]:
         raise first from None
 
 
+def is_cancellation(exc: BaseException) -> bool:
+    """`trio.Cancelled`, or a group of nothing else (what a cancelled nursery raises)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
+
+
 class TransferEngine:
     def __init__(self, pool: Pool, config: ClientConfig) -> None:
         self.pool = pool
@@ -121,11 +138,20 @@ class TransferEngine:
         self.transfers: dict[str, ClientTransfer] = {}
         self._ids = itertools.count(1)
         self.changed = trio.Event()
+        self._relaying: set[tuple[str, str]] = set()  # (server, path) of relays running now
 
     # --- bookkeeping ------------------------------------------------------------------------------
-    def _new(self, source: str, destination: str, **kw: Any) -> ClientTransfer:
+    def _new(
+        self,
+        source: str,
+        destination: str,
+        on_record: Callable[[ClientTransfer], None] | None = None,
+        **kw: Any,
+    ) -> ClientTransfer:
         tid = f"c{os.getpid()}-{next(self._ids)}"
         t = ClientTransfer(id=tid, source=source, destination=destination, **kw)
+        if on_record is not None:
+            on_record(t)
         self.transfers[tid] = t
         finished = [x for x in self.transfers.values() if x.state in TERMINAL]
         for old in sorted(finished, key=lambda x: x.finished)[: max(0, len(finished) - KEEP_FINISHED)]:
@@ -166,8 +192,13 @@ class TransferEngine:
         verify: bool | None = None,
         preserve_times: bool = False,
         policy: str | None = None,
+        on_record: Callable[[ClientTransfer], None] | None = None,
     ) -> ClientTransfer:
-        """Copy one file between (or within) servers: the finished record, or `TransferFailed`."""
+        """Copy one file between (or within) servers: the finished record, or `TransferFailed`.
+
+        ``on_record`` is called with every record the copy creates (a fallback to a relay makes a
+        second one), so a caller whose task is cancelled can still tell how the copy ended.
+        """
         opts = self.config.transfer_for(src_server, dst_server)
         opts = TransferDefaults(
             streams=streams or opts.streams,
@@ -179,12 +210,16 @@ class TransferEngine:
         spec = CopySpec(src_server, src_path, dst_server, dst_path, mode, opts, preserve_times)
         source, destination = f"{src_server}:{src_path}", f"{dst_server}:{dst_path}"
         if src_server == dst_server:
-            t = self._new(source, destination, kind="local", mode=mode, streams=0, direction="local")
+            t = self._new(
+                source, destination, on_record, kind="local", mode=mode, streams=0, direction="local"
+            )
             return await self._guard(t, self._local(t, spec))
         if opts.third_party == "never":
-            t = self._new(source, destination, kind="relay", mode=mode, direction="client")
+            t = self._new(source, destination, on_record, kind="relay", mode=mode, direction="client")
             return await self._guard(t, self._relay(t, spec))
-        t = self._new(source, destination, mode=mode, streams=opts.streams, direction=opts.direction)
+        t = self._new(
+            source, destination, on_record, mode=mode, streams=opts.streams, direction=opts.direction
+        )
         try:
             return await self._guard(t, self._third_party(t, spec))
         except TransferFailed as exc:
@@ -196,7 +231,7 @@ class TransferEngine:
                     exc.strerror,
                 )
                 t.reason = f"fell back to a copy through the client: {exc.strerror}"
-                r = self._new(source, destination, kind="relay", mode=mode, direction="client")
+                r = self._new(source, destination, on_record, kind="relay", mode=mode, direction="client")
                 return await self._guard(r, self._relay(r, spec))
             raise
 
@@ -204,15 +239,24 @@ class TransferEngine:
         """Run one copy coroutine; turn every outcome into a final state on the record."""
         try:
             await work
-        except trio.Cancelled:
-            self._end(t, "cancelled", "cancelled by the client")
-            raise
         except TransferFailed as exc:
             self._end(t, "failed", exc.strerror or str(exc))
             raise
         except OSError as exc:
             self._end(t, "failed", exc.strerror or str(exc))
             raise TransferFailed(exc.errno or errno.EIO, exc.strerror or str(exc)) from None
+        except BaseException as exc:
+            if not is_cancellation(exc):
+                raise
+            # (the destination may have finished before the cancel reached it: then it is done)
+            if t.state != "done":
+                if t.cancel_confirmed is None:
+                    # A relay stops with our own task; a same-server copy is the server's to finish.
+                    t.cancel_confirmed = t.kind == "relay"
+                    if t.kind == "local":
+                        t.reason = "cancelled; the server finishes a same-server copy on its own"
+                self._end(t, "cancelled", t.reason or "cancelled by the client")
+            raise
         if t.state not in TERMINAL:
             self._end(t, "done")
         return t
@@ -236,7 +280,7 @@ class TransferEngine:
         src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
         mode = spec.mode
         if (
-            mode == "skip-existing"
+            mode == CopyMode.SKIP_EXISTING
             and await self._skip_check(src, spec.src_path, dst, spec.dst_path) != "skipped"
         ):
             # Different after all: copy, and stamp the source's time so the next run can skip.
@@ -248,6 +292,7 @@ class TransferEngine:
             attempt += 1
             try:
                 await self._third_party_once(t, src, dst, spec, mode)
+                await self._forget_relay(spec.dst_server, spec.dst_path)
                 return
             except (ConnectionLost, RemoteError, TransferFailed) as exc:
                 # Worth another try: our control connection broke (the destination stopped the
@@ -257,9 +302,7 @@ class TransferEngine:
                 retry = (
                     isinstance(exc, ConnectionLost)
                     or (isinstance(exc, RemoteError) and exc.errno == errno.EBUSY and attempt > 1)
-                    or (
-                        isinstance(exc, TransferFailed) and "capability refused: expired" in str(exc.strerror)
-                    )
+                    or (isinstance(exc, TransferFailed) and exc.code == FailureCode.CAPABILITY_EXPIRED)
                 )
                 if not retry:
                     raise
@@ -358,28 +401,63 @@ class TransferEngine:
                 if info.state == "done":
                     return
                 if info.state == "failed":
-                    raise TransferFailed(info.errno or errno.EIO, info.reason or "transfer failed")
-        except BaseException:
+                    raise TransferFailed(
+                        info.errno or errno.EIO, info.reason or "transfer failed", parse_code(info.code)
+                    )
+        except BaseException as exc:
+            # Stop it on the destination (which closes the data connections, so the source stops
+            # too) and wait until it did: the server answers once the transfer is over, its part
+            # file and journal kept for a resume.
+            final: m.TransferInfo | None = None
+            problem = "no answer in 3 s"
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
-                    await dst.call(
+                    final = await dst.call(
                         m.TransferCancel,
-                        None,
+                        m.TransferInfo,
                         transfer_id=cap.transfer_id,
                         reason="cancelled by the client",
                     )
-                except OSError:
-                    pass
+                except OSError as err:
+                    problem = err.strerror or str(err)
+            if is_cancellation(exc):
+                self._after_cancel(t, dst.name, final, problem)
             raise
 
+    def _after_cancel(
+        self, t: ClientTransfer, dst_name: str, info: m.TransferInfo | None, problem: str
+    ) -> None:
+        """Record what a cancelled third-party transfer's destination said about its end."""
+        if info is None or info.state not in TERMINAL:
+            t.cancel_confirmed = False
+            t.reason = f"cancelled; {dst_name} did not confirm that the transfer stopped ({problem})"
+            log.warning("transfer %s: %s", t.id, t.reason)
+        elif info.state == "done":
+            # Finished before the cancel arrived: the file is complete, and we say so.
+            t.bytes_done, t.digest, t.cancel_confirmed = info.bytes_done, info.digest, True
+            self._end(t, "done", "finished before the cancel reached the destination")
+        else:
+            t.bytes_done, t.cancel_confirmed = info.bytes_done, True
+            t.reason = "cancelled by the client; the part file is kept for a resume"
+
     async def _relay(self, t: ClientTransfer, spec: CopySpec) -> None:
-        """Copy through the client: pipelined reads from the source, writes into a part file."""
+        """Copy through the client: pipelined reads from the source, in-order writes into a part
+        file (`relay_part_name`) renamed into place at the end.
+
+        A broken relay (daemon killed, server gone, Ctrl-C) leaves the part file and its
+        identity record: the next copy into the same destination resumes it after checking
+        (digests computed by each server) that the bytes there match the source, or starts
+        over.  Writes go in order, so the part file's size says how far it got.
+        """
         src, dst = self.pool[spec.src_server], self.pool[spec.dst_server]
-        src_path, dst_path, mode, opts = spec.src_path, spec.dst_path, spec.mode, spec.opts
-        if mode == "skip-existing" and await self._skip_check(src, src_path, dst, dst_path) == "skipped":
+        src_path, dst_path, mode = spec.src_path, spec.dst_path, spec.mode
+        if (
+            mode == CopyMode.SKIP_EXISTING
+            and await self._skip_check(src, src_path, dst, dst_path) == "skipped"
+        ):
             self._end(t, "skipped", "destination has the same size, time and digest")
             return
-        if mode == "new":
+        if mode == CopyMode.NEW:
             try:
                 await dst.call(m.Stat, m.Attr, path=dst_path)
             except RemoteError as exc:
@@ -387,19 +465,52 @@ class TransferEngine:
                     raise
             else:
                 raise TransferFailed(errno.EEXIST, f"destination {dst_path} exists (mode new)")
+        key = (spec.dst_server, dst_path)
+        if key in self._relaying:
+            raise TransferFailed(errno.EBUSY, f"another copy through the client into {dst_path} is running")
+        self._relaying.add(key)
+        try:
+            await self._relay_locked(t, spec, src, dst)
+        finally:
+            self._relaying.discard(key)
+
+    async def _relay_locked(
+        self, t: ClientTransfer, spec: CopySpec, src: ServerClient, dst: ServerClient
+    ) -> None:
+        src_path, dst_path, mode, opts = spec.src_path, spec.dst_path, spec.mode, spec.opts
         sfile = await src.call(m.Open, m.Opened, path=src_path, flags=os.O_RDONLY)
         size = sfile.attr.size
         t.bytes_total = size
-        part = relay_part_name(dst_path)
+        part, id_path = relay_part_name(dst_path), relay_id_name(dst_path)
+        identity = msgspec.json.encode(
+            {
+                "source": f"{spec.src_server}:{src_path}",
+                "size": size,
+                "ino": sfile.attr.ino,
+                "mtime_ns": sfile.attr.mtime_ns,
+                "ctime_ns": sfile.attr.ctime_ns,
+            }
+        )
         dfile: m.Opened | None = None
         digest = xxhash.xxh3_128()
+        keep = True  # a failure keeps the part file for a resume, unless it is worthless
         ok = False
         try:
-            dfile = await dst.call(m.Create, m.Opened, path=part, mode=0o644, flags=os.O_WRONLY | os.O_EXCL)
+            start = 0 if mode == "new" else await self._relay_resumable(src, dst, spec, size, identity)
+            if start:
+                dfile = await dst.call(m.Open, m.Opened, path=part, flags=os.O_WRONLY)
+                log.info("relay %s: resuming %s with %d of %d bytes already there", t.id, part, start, size)
+            else:
+                await _unlink_quietly(dst, id_path)
+                dfile = await dst.call(
+                    m.Create, m.Opened, path=part, mode=0o600, flags=os.O_WRONLY | os.O_TRUNC
+                )
+                await _write_small(dst, id_path, identity)
+            t.bytes_done = start
             results: dict[int, bytes] = {}
             ready = trio.Condition()
-            offsets = list(range(0, size, RELAY_BLOCK))
-            next_write = [0]  # readers stay at most RELAY_INFLIGHT blocks ahead of the writer
+            offsets = list(range(start, size, RELAY_BLOCK))
+            next_write = [start]  # readers stay at most RELAY_INFLIGHT blocks ahead of the writer
 
             async def reader(offs: list[int]) -> None:
                 for off in offs:
@@ -408,7 +519,7 @@ class TransferEngine:
                             await ready.wait()
                     data = await src.call(m.Read, bytes, handle=sfile.handle, offset=off, size=RELAY_BLOCK)
                     if len(data) != min(RELAY_BLOCK, size - off):
-                        raise TransferFailed(errno.EIO, f"source {src_path} changed size during the copy")
+                        raise _SourceChanged(errno.ESTALE, f"source {src_path} changed size during the copy")
                     async with ready:
                         results[off] = data
                         ready.notify_all()
@@ -428,21 +539,34 @@ class TransferEngine:
                     t.bytes_via_client += len(data)
                     self._notify()
 
-            with single_errors():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(writer)
-                    for k in range(RELAY_INFLIGHT):
-                        nursery.start_soon(reader, offsets[k::RELAY_INFLIGHT])
+            try:
+                with single_errors():
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(writer)
+                        for k in range(RELAY_INFLIGHT):
+                            nursery.start_soon(reader, offsets[k::RELAY_INFLIGHT])
+                now = await src.call(m.Stat, m.Attr, path=src_path)
+                if (now.size, now.ino, now.mtime_ns, now.ctime_ns) != (
+                    size,
+                    sfile.attr.ino,
+                    sfile.attr.mtime_ns,
+                    sfile.attr.ctime_ns,
+                ):
+                    raise _SourceChanged(errno.ESTALE, f"source {src_path} changed during the copy")
+            except _SourceChanged as exc:
+                keep = False
+                raise TransferFailed(exc.errno or errno.ESTALE, exc.strerror or "source changed") from None
             await dst.call(m.Fsync, None, handle=dfile.handle)
             if opts.verify:
-                theirs = await dst.call(m.Checksum, str, path=part)
+                theirs = await dst.call(m.Checksum, str, path=part, offset=start)
                 if theirs != digest.hexdigest():
+                    keep = False
                     raise TransferFailed(errno.EIO, "verification failed: the destination's digest differs")
-                t.digest = "xxh3-128:" + theirs
-            if spec.preserve_times or mode == "skip-existing":
+                t.digest = "xxh3-128:" + (theirs if not start else await dst.call(m.Checksum, str, path=part))
+            if spec.preserve_times or mode == CopyMode.SKIP_EXISTING:
                 mtime = sfile.attr.mtime_ns
                 await dst.call(m.SetAttr, m.Attr, path=part, atime_ns=mtime, mtime_ns=mtime)
-            await dst.call(m.Rename, None, old=part, new=dst_path, noreplace=mode == "new")
+            await dst.call(m.Rename, None, old=part, new=dst_path, noreplace=noreplace(mode))
             ok = True
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
@@ -452,11 +576,76 @@ class TransferEngine:
                         await client.call(m.Close, None, handle=h)
                     except OSError:
                         pass
-                if not ok and dfile is not None:
-                    try:
-                        await dst.call(m.Unlink, None, path=part)
-                    except OSError:
-                        pass
+                if ok or not keep:
+                    if not ok:
+                        await _unlink_quietly(dst, part)
+                    await _unlink_quietly(dst, id_path)
+
+    async def _relay_resumable(
+        self, src: ServerClient, dst: ServerClient, spec: CopySpec, size: int, identity: bytes
+    ) -> int:
+        """Bytes of a previous relay's part file that can be kept (0: start over).
+
+        Kept: whole blocks, when the identity record names this very source file (path, size,
+        inode, modification and change times) and, with verification on, the two servers'
+        digests of that range agree.
+        """
+        part, id_path = relay_part_name(spec.dst_path), relay_id_name(spec.dst_path)
+        try:
+            old = await _read_small(dst, id_path)
+            have = (await dst.call(m.Stat, m.Attr, path=part)).size
+        except RemoteError as exc:
+            if exc.errno == errno.ENOENT:
+                return 0
+            raise
+        if old != identity:
+            log.info("relay into %s: removing a part file of another source file or version", spec.dst_path)
+            return 0
+        start = min(have, size) // RELAY_BLOCK * RELAY_BLOCK
+        if start and spec.opts.verify:
+            mine = await src.call(m.Checksum, str, path=spec.src_path, offset=0, length=start)
+            theirs = await dst.call(m.Checksum, str, path=part, offset=0, length=start)
+            if mine != theirs:
+                log.warning("relay into %s: the part file differs from the source; starting over", part)
+                return 0
+        return start
+
+    async def _forget_relay(self, server: str, path: str) -> None:
+        """A copy into ``path`` succeeded otherwise: what a broken relay left there is abandoned."""
+        if (server, path) in self._relaying:
+            return
+        dst = self.pool[server]
+        for name in (relay_part_name(path), relay_id_name(path)):
+            await _unlink_quietly(dst, name)
 
     def status(self) -> list[dict[str, Any]]:
         return [t.as_dict() for t in self.transfers.values()]
+
+
+class _SourceChanged(OSError):
+    """The relay's source changed under it: its part file is worthless."""
+
+
+async def _unlink_quietly(client: ServerClient, path: str) -> None:
+    try:
+        await client.call(m.Unlink, None, path=path)
+    except OSError:
+        pass
+
+
+async def _read_small(client: ServerClient, path: str, limit: int = 65536) -> bytes:
+    f = await client.call(m.Open, m.Opened, path=path, flags=os.O_RDONLY)
+    try:
+        return await client.call(m.Read, bytes, handle=f.handle, offset=0, size=limit)
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.call(m.Close, None, handle=f.handle)
+
+
+async def _write_small(client: ServerClient, path: str, data: bytes) -> None:
+    f = await client.call(m.Create, m.Opened, path=path, mode=0o600, flags=os.O_WRONLY | os.O_TRUNC)
+    try:
+        await client.call(m.Write, int, handle=f.handle, offset=0, data=data)
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.call(m.Close, None, handle=f.handle)

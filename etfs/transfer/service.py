@@ -18,7 +18,7 @@ from etfs import copyrange
 from etfs.client import Pool
 from etfs.config import ClientConfig
 
-from .control import ControlServer, ensure_registry_dir
+from .control import ControlServer, ensure_registry_dir, forget_dead_daemons
 from .engine import TransferEngine
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ async def run_client_services(
         copyrange.set_handler(dispatcher.on_request)
         socket_path = record = None
         if reg is not None:
-            _forget_dead_daemons(reg)
+            forget_dead_daemons(reg)
             socket_path = reg / f"{os.getpid()}.sock"
             record = reg / f"{os.getpid()}.json"
             control = ControlServer(engine, socket_path)
@@ -75,16 +75,3 @@ async def run_client_services(
                 record.unlink(missing_ok=True)
             if socket_path is not None:
                 socket_path.unlink(missing_ok=True)
-
-
-def _forget_dead_daemons(reg: Path) -> None:
-    """Remove registry entries of daemons that died without cleaning up (SIGKILL, crash)."""
-    for entry in list(reg.glob("*.json")) + list(reg.glob("*.sock")):
-        try:
-            os.kill(int(entry.stem), 0)
-        except ValueError:
-            continue
-        except ProcessLookupError:
-            entry.unlink(missing_ok=True)
-        except OSError:
-            continue
