@@ -23,12 +23,14 @@ import mmap
 import os
 import random
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 KIB = 1024
 MAX_FILE = 3 * 1024 * KIB  # keeps full comparisons cheap; offsets go a bit beyond
+NEGATIVE_TTL = 0.5  # the mounts' cache.negative_ttl (the default)
 
 
 class Mismatch(AssertionError):
@@ -76,6 +78,7 @@ class Model:
         ref: Path,
         names: int = 3,
         drop_caches: float = 0.0,
+        second: list[Path] | None = None,
     ) -> None:
         self.rnd = random.Random(seed)
         self.seed = seed
@@ -86,6 +89,9 @@ class Model:
         self.history: collections.deque[str] = collections.deque(maxlen=40)
         self.steps = 0
         self.drop_caches = drop_caches
+        # The same directories through a second mount of the same servers: what this mount
+        # closed, that one must read on its next open (close-to-open).
+        self.second = second
         self.ops: dict[str, int] = collections.Counter()
         for i, d in enumerate(dirs):
             d.mkdir(parents=True, exist_ok=True)
@@ -178,7 +184,21 @@ class Model:
         os.close(h.rfd)
         # close(2) reports deferred write errors: it must succeed here
         self.both("close", lambda: None, lambda: os.close(h.mfd))
+        self._check_second(h.key)
         return [h.key] if h.key else []
+
+    def _check_second(self, key: str | None) -> None:
+        if self.second is None or key is None or any(o.key == key for o in self.handles):
+            return
+        d, name = key.split("/")
+        other = self.second[int(d[1:])] / name
+        want = _outcome(lambda: self.rpath(key).read_bytes())
+        got = _outcome(other.read_bytes)
+        if got == ("err", "ENOENT") and want[0] == "ok":
+            # A name created elsewhere may be missing there for cache.negative_ttl (0.5 s).
+            time.sleep(NEGATIVE_TTL + 0.1)
+            got = _outcome(other.read_bytes)
+        self.same(f"contents of {key} through the second mount after close", want, got)
 
     def op_pwrite(self) -> list[str]:
         h = self._pick(lambda h: h.writable)
@@ -374,6 +394,7 @@ class Model:
         self.handles.remove(h)
         os.close(h.rfd)
         os.close(h.mfd)
+        self._check_second(h.key)
         flags = h.flags & ~(os.O_TRUNC | os.O_CREAT)
         assert h.key is not None
         r = os.open(self.rpath(h.key), flags)
