@@ -2,7 +2,8 @@
 
     python bench/model_run.py [--ops 300000] [--seed 1] [--steps 2000] [--drop-caches 0.001]
 
-Starts two etfs-servers (jive, onsala) on loopback and one mount of both, then runs the model
+Starts two etfs-servers (jive, onsala) on loopback and two mounts of both (the second reads
+back what the first closed: close-to-open), then runs the model
 with seeds --seed, --seed+1, ... (--steps operations each, on fresh files) until --ops
 operations ran; every step is compared with a reference directory on local disk.  With
 --drop-caches P (root only) the page cache is dropped before a step with probability P.
@@ -15,16 +16,22 @@ from __future__ import annotations
 
 import argparse
 import collections
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import FrameType
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import KEY, Mount, Server, _server_yaml, write_client_config  # noqa: E402
 from fsmodel import Mismatch, Model  # noqa: E402
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2000, help="operations per seed")
     p.add_argument("--drop-caches", type=float, default=0.0, help="probability per step (root)")
     args = p.parse_args(argv)
+    # SIGTERM (and SIGINT, which a background shell job ignores) end the run through the
+    # cleanup below: servers stopped, the mount unmounted.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
 
     with tempfile.TemporaryDirectory(prefix="etfs-model-") as tmp:
         base = Path(tmp)
@@ -41,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         key.write_text(KEY)
         servers: list[Server] = []
         mount: Mount | None = None
+        second: Mount | None = None
         try:
             for name in ("jive", "onsala"):
                 d = base / f"srv-{name}"
@@ -56,15 +68,22 @@ def main(argv: list[str] | None = None) -> int:
             cfg = write_client_config(base / "mountpoints.yaml", servers, key, root, mps)
             mount = Mount(cfg, root, mps, base / "mount.log")
             mount.start()
-            return run(args, base, mount)
+            # A second client of the same servers: what the first closes, it must read.
+            root2 = base / "mnt2" / ".etfs"
+            cfg2 = write_client_config(base / "mountpoints2.yaml", servers, key, root2)
+            second = Mount(cfg2, root2, {}, base / "mount2.log")
+            second.start()
+            return run(args, base, mount, second)
         finally:
+            if second is not None:
+                second.stop()
             if mount is not None:
                 mount.stop()
             for s in servers:
                 s.stop()
 
 
-def run(args: argparse.Namespace, base: Path, mount: Mount) -> int:
+def run(args: argparse.Namespace, base: Path, mount: Mount, second: Mount) -> int:
     done = 0
     seed = args.seed
     mix: collections.Counter[str] = collections.Counter()
@@ -72,8 +91,9 @@ def run(args: argparse.Namespace, base: Path, mount: Mount) -> int:
     last_report = t0
     while done < args.ops:
         steps = min(args.steps, args.ops - done)
-        dirs = [mount.dir("jive") / "tmp" / f"m{seed}", mount.dir("onsala") / "tmp" / f"m{seed}"]
-        model = Model(seed, dirs, base / "ref" / f"m{seed}", drop_caches=args.drop_caches)
+        dirs = [mount.dir(s) / "tmp" / f"m{seed}" for s in ("jive", "onsala")]
+        other = [second.dir(s) / "tmp" / f"m{seed}" for s in ("jive", "onsala")]
+        model = Model(seed, dirs, base / "ref" / f"m{seed}", drop_caches=args.drop_caches, second=other)
         try:
             for _ in range(steps):
                 model.step()

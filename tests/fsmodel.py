@@ -6,8 +6,8 @@ one per server) and a twin of each in ``ref`` (local disk), with open handles on
 read at the file position, O_APPEND, truncate and ftruncate up and down, mmap MAP_SHARED
 reads and writes with msync, copy_file_range within a file and between files of the same and
 of different directories, GNU cp between directories (a transfer on the mount) also onto
-open files, fsync, close and reopen, several handles on one file, rename and unlink of open
-files), runs it on the reference and on the mount, and compares results or
+open files, fsync, close and reopen, several handles on one file, hard links, rename and unlink of
+open files), runs it on the reference and on the mount, and compares results or
 errnos; then it compares sizes of every open handle and the full contents of the files the
 operation touched.  A mismatch raises `Mismatch` with the seed, the step and the last
 operations, enough to replay it with the same seed.
@@ -23,12 +23,14 @@ import mmap
 import os
 import random
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 KIB = 1024
 MAX_FILE = 3 * 1024 * KIB  # keeps full comparisons cheap; offsets go a bit beyond
+NEGATIVE_TTL = 0.5  # the mounts' cache.negative_ttl (the default)
 
 
 class Mismatch(AssertionError):
@@ -76,6 +78,7 @@ class Model:
         ref: Path,
         names: int = 3,
         drop_caches: float = 0.0,
+        second: list[Path] | None = None,
     ) -> None:
         self.rnd = random.Random(seed)
         self.seed = seed
@@ -86,6 +89,9 @@ class Model:
         self.history: collections.deque[str] = collections.deque(maxlen=40)
         self.steps = 0
         self.drop_caches = drop_caches
+        # The same directories through a second mount of the same servers: what this mount
+        # closed, that one must read on its next open (close-to-open).
+        self.second = second
         self.ops: dict[str, int] = collections.Counter()
         for i, d in enumerate(dirs):
             d.mkdir(parents=True, exist_ok=True)
@@ -178,7 +184,21 @@ class Model:
         os.close(h.rfd)
         # close(2) reports deferred write errors: it must succeed here
         self.both("close", lambda: None, lambda: os.close(h.mfd))
+        self._check_second(h.key)
         return [h.key] if h.key else []
+
+    def _check_second(self, key: str | None) -> None:
+        if self.second is None or key is None or any(o.key == key for o in self.handles):
+            return
+        d, name = key.split("/")
+        other = self.second[int(d[1:])] / name
+        want = _outcome(lambda: self.rpath(key).read_bytes())
+        got = _outcome(other.read_bytes)
+        if got == ("err", "ENOENT") and want[0] == "ok":
+            # A name created elsewhere may be missing there for cache.negative_ttl (0.5 s).
+            time.sleep(NEGATIVE_TTL + 0.1)
+            got = _outcome(other.read_bytes)
+        self.same(f"contents of {key} through the second mount after close", want, got)
 
     def op_pwrite(self) -> list[str]:
         h = self._pick(lambda h: h.writable)
@@ -344,6 +364,17 @@ class Model:
                     h.key = new
         return [new]
 
+    def op_link(self) -> list[str]:
+        old = self.rnd.choice(self.names)
+        new = self.rnd.choice([n for n in self.names if n.split("/")[0] == old.split("/")[0] and n != old])
+        self.history.append(f"link {old} {new}")
+        self.both(
+            "link",
+            lambda: os.link(self.rpath(old), self.rpath(new)),
+            lambda: os.link(self.mpath(old), self.mpath(new)),
+        )
+        return [old, new]
+
     def op_unlink(self) -> list[str]:
         key = self.rnd.choice(self.names)
         self.history.append(f"unlink {key}")
@@ -363,6 +394,7 @@ class Model:
         self.handles.remove(h)
         os.close(h.rfd)
         os.close(h.mfd)
+        self._check_second(h.key)
         flags = h.flags & ~(os.O_TRUNC | os.O_CREAT)
         assert h.key is not None
         r = os.open(self.rpath(h.key), flags)
@@ -410,6 +442,7 @@ class Model:
         "unlink": 2,
         "reopen": 4,
         "cp": 2,
+        "link": 2,
     }
 
     def _touched(self, h: Handle) -> list[str]:

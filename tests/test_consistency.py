@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,48 @@ def test_close_to_open_across_two_mounts(start_server: ServerFactory, start_moun
             assert got == want, f"round {i}: read {len(got)} bytes, want {len(want)}"
         finally:
             os.close(fd)
+
+
+def test_writes_while_cp_between_servers_reads_the_file(etfs_env: Env) -> None:
+    """cp jive -> onsala (a server-to-server transfer) while a program keeps writing into the
+    source: the writer's file ends exactly as written; cp either finished first or fails
+    with ESTALE and commits nothing (tests/test_changed_source.py covers the copy side)."""
+    src = etfs_env.dir("jive") / "tmp" / "busy.bin"
+    dst = etfs_env.dir("onsala") / "tmp" / "busy-copy.bin"
+    size = 24 * 1024 * 1024
+    rnd = random.Random(3)
+    want = bytearray(rnd.randbytes(size))
+    src.write_bytes(want)
+    fd = os.open(src, os.O_WRONLY)
+    try:
+        cp = subprocess.Popen(["cp", str(src), str(dst)], stderr=subprocess.PIPE)
+        writes = 0
+        while cp.poll() is None or writes < 20:
+            off = rnd.randrange(0, size - 65536)
+            data = rnd.randbytes(rnd.randrange(1, 65536))
+            os.pwrite(fd, data, off)
+            want[off : off + len(data)] = data
+            writes += 1
+        _, err = cp.communicate(timeout=120)
+    finally:
+        os.close(fd)
+    assert src.read_bytes() == want
+    assert (etfs_env.export("jive") / "tmp" / "busy.bin").read_bytes() == want
+    if cp.returncode == 0:
+        assert dst.stat().st_size == size
+    else:
+        assert b"Stale file handle" in err, err
+        assert not dst.exists() or dst.stat().st_size == 0
+
+
+def test_fsync_covers_writes_of_other_descriptors(jive: tuple[Path, Path]) -> None:
+    mnt, srv = jive
+    a = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    b = os.open(mnt / "f", os.O_WRONLY)
+    try:
+        os.pwrite(a, b"written through a", 0)  # stays in a's write-behind buffer
+        os.fsync(b)
+        assert (srv / "f").read_bytes() == b"written through a"
+    finally:
+        os.close(a)
+        os.close(b)

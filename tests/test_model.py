@@ -1,7 +1,8 @@
 """The random-operation model test (tests/fsmodel.py) against a real mount of two servers.
 
 Each seed runs a few hundred operations on files of both servers (copy_file_range also goes
-between them) and compares every step with a reference directory on local disk.  The long
+between them) and compares every step with a reference directory on local disk; what it
+closes is also read back through a second mount of the same servers (close-to-open).  The long
 version is bench/model_run.py.
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Env
+from conftest import Env, Mount, write_client_config
 from fsmodel import Model
 
 pytestmark = [
@@ -21,13 +23,30 @@ pytestmark = [
 ]
 
 SEEDS = range(8)
-STEPS = 500
+STEPS = 400
+
+
+@pytest.fixture(scope="module")
+def second_mount(etfs_env: Env, tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> Iterator[Mount]:
+    """A second client of the same two servers (close-to-open reference)."""
+    base = tmp_path_factory.mktemp("second")
+    servers = list(etfs_env.servers.values())
+    root = base / "mnt" / ".etfs"
+    cfg = write_client_config(base / "mountpoints.yaml", servers, key_file, root)
+    m = Mount(cfg, root, {}, base / "mount.log")
+    try:
+        m.start()
+        yield m
+    finally:
+        m.stop()
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_model(etfs_env: Env, tmp_path: Path, seed: int) -> None:
-    dirs = [etfs_env.dir("jive") / "tmp" / f"model{seed}", etfs_env.dir("onsala") / "tmp" / f"model{seed}"]
-    model = Model(seed, dirs, tmp_path / "ref")
+def test_model(etfs_env: Env, second_mount: Mount, tmp_path: Path, seed: int) -> None:
+    names = [f"{s}/tmp/model{seed}" for s in ("jive", "onsala")]
+    dirs = [etfs_env.dir(n.split("/")[0]) / n.split("/", 1)[1] for n in names]
+    second = [second_mount.dir(n.split("/")[0]) / n.split("/", 1)[1] for n in names]
+    model = Model(seed, dirs, tmp_path / "ref", second=second)
     try:
         for _ in range(STEPS):
             model.step()

@@ -15,6 +15,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -232,6 +233,28 @@ def hard_link_same_inode(d: Path) -> object:
 
 
 @check
+def tools_keep_hard_links(d: Path) -> object:
+    """tar and rsync -H, from and into the directory, keep hard links as links."""
+    src = d / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a").write_bytes(b"linked data")
+    os.link(src / "a", src / "b")
+    os.link(src / "a", src / "sub" / "c")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(tmp) / "t.tar"
+        subprocess.run(["tar", "-cf", archive, "-C", src, "."], check=True)
+        listing = subprocess.run(["tar", "-tvf", archive], check=True, capture_output=True, text=True).stdout
+        tar_links = sum("link to" in line for line in listing.splitlines())
+        out = Path(tmp) / "out"
+        subprocess.run(["rsync", "-aH", f"{src}/", f"{out}/"], check=True)
+        from_dir = len({os.stat(out / n).st_ino for n in ("a", "b", "sub/c")})
+        subprocess.run(["rsync", "-aH", f"{out}/", f"{d / 'back'}/"], check=True)
+        into_dir = len({os.stat(d / "back" / n).st_ino for n in ("a", "b", "sub/c")})
+        nlinks = [os.stat(d / "back" / n).st_nlink for n in ("a", "b", "sub/c")]
+    return [tar_links, from_dir, into_dir, nlinks, (d / "back" / "sub" / "c").read_bytes()]
+
+
+@check
 def lchown_symlink(d: Path) -> object:
     os.symlink("target", d / "l")
     (d / "target").write_bytes(b"")
@@ -313,15 +336,6 @@ def timestamps(d: Path) -> object:
 
 
 # --- set-id bits ------------------------------------------------------------------------------
-def _as_nobody(cmd: str, cwd: Path) -> None:
-    subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd],
-        cwd=cwd,
-        check=True,
-        timeout=30,
-    )
-
-
 @check
 def setid_cleared_on_write(d: Path) -> object:
     os.chmod(d, 0o777)
@@ -330,7 +344,7 @@ def setid_cleared_on_write(d: Path) -> object:
     os.chown(f, 65534, 65534)
     os.chmod(f, 0o6775)
     before = oct(os.stat(f).st_mode)
-    _as_nobody("echo more >> prog", d)
+    assert _nobody("echo more >> prog", d) == (0, "")
     after = oct(os.stat(f).st_mode)
     os.chmod(f, 0o6755)
     os.chown(f, 0, 0)  # root chown of an executable also clears them
@@ -341,22 +355,72 @@ def setid_cleared_on_write(d: Path) -> object:
 def sticky_directory(d: Path) -> object:
     os.chmod(d, 0o1777)
     (d / "roots").write_bytes(b"")
+    return [_nobody("rm -f roots", d), (d / "roots").exists()]
+
+
+@check
+def permissions_of_another_user(d: Path) -> object:
+    """What a second local user (nobody) may do with root's files, by the modes alone."""
+    os.chmod(d, 0o755)
+    (d / "public").write_bytes(b"p")
+    os.chmod(d / "public", 0o644)
+    (d / "secret").write_bytes(b"s")
+    os.chmod(d / "secret", 0o600)
+    (d / "closed").mkdir(mode=0o700)
+    (d / "open").mkdir(mode=0o777)
+    os.chmod(d / "open", 0o777)
+    (d / "script").write_bytes(b"#!/bin/sh\necho ran\n")
+    os.chmod(d / "script", 0o744)
+    commands = [
+        "cat public",
+        "cat secret",
+        "echo x >> public",
+        "touch new",
+        "ls closed",
+        "touch closed/x",
+        "rm public",
+        "chmod 666 public",
+        "touch -d 2001-01-01 public",
+        "./script",
+        "mv public open/",
+    ]
+    return [(cmd, *_nobody(cmd, d)) for cmd in commands]
+
+
+def _nobody(cmd: str, cwd: Path) -> tuple[int, str]:
+    """Exit status and error (the end of stderr) of a shell command run as nobody in ``cwd``."""
     r = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "rm", "-f", "roots"],
-        cwd=d,
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd],
+        cwd=cwd,  # entered as root: the test's own parents need not be open to nobody
         capture_output=True,
+        text=True,
         timeout=30,
     )
-    return [r.returncode != 0, (d / "roots").exists()]
+    return r.returncode, r.stderr.strip().rsplit(": ", 1)[-1] if r.returncode else ""
 
 
-NEEDS_ROOT = {"mknod_char_device", "lchown_symlink", "setid_cleared_on_write", "sticky_directory"}
+@check
+def owner_of_files_another_user_creates(d: Path) -> object:
+    os.chmod(d, 0o777)
+    status = _nobody("mkdir mine && echo y > mine/f && cat mine/f", d)
+    return [status, os.stat(d / "mine").st_uid]
+
+
+NEEDS_ROOT = {
+    "permissions_of_another_user",
+    "owner_of_files_another_user_creates",
+    "mknod_char_device",
+    "lchown_symlink",
+    "setid_cleared_on_write",
+    "sticky_directory",
+}
 # Differences README ("Consistency and POSIX semantics") documents; strict: they must still differ.
 KNOWN: dict[str, str] = {
-    "hard_link_same_inode": "inode numbers are per name on the mount: links show their count, not one st_ino",
     "mknod_char_device": "etfs servers never create device files (EPERM)",
     "long_relative_path": "the server resolves a path in one openat2 call: export-relative paths are "
     "limited to PATH_MAX (needs the server to walk from directory fds)",
+    "owner_of_files_another_user_creates": "files belong to the server session's user, whoever created "
+    "them through the mount (ownership comes with the server privilege model)",
 }
 
 

@@ -99,8 +99,9 @@ class CopyDispatcher:
             if req.length < attr.size and req.length < WHOLE_FILE_MIN:
                 req.reply_error(errno.EOPNOTSUPP)
                 return
-            if dst_attr.size > attr.size:
-                # A transfer replaces the whole destination; copy_file_range keeps its tail.
+            if dst_attr.size > attr.size or dst_attr.nlink > 1:
+                # A transfer replaces the destination file by a new one: copy_file_range
+                # keeps a longer destination's tail and writes into every hard link of it.
                 req.reply_error(errno.EOPNOTSUPP)
                 return
             job = Job(size=attr.size)

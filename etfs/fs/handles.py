@@ -6,11 +6,14 @@ round trip would cap throughput at a fraction of the link, so an `OpenFile`:
 
 * reads ahead: while access is sequential it keeps up to `READAHEAD_BLOCKS` blocks of
   `READ_BLOCK` bytes in flight or cached and serves kernel reads from them; a random read is
-  passed through as is.
+  passed through as is.  A block asked for before the file's last change by this client
+  (through any handle: `Node.changed`) is fetched again.
 * writes behind: contiguous writes are coalesced into `WRITE_BLOCK`-sized `Write` requests sent
-  in background tasks, at most `WRITES_IN_FLIGHT` at a time (the handler waits for a slot: that
-  is the back-pressure).  The first error is kept and raised by the next write, `flush`,
-  `fsync` or `release`, like a local filesystem's deferred write errors.
+  in background tasks, at most `WRITES_IN_FLIGHT` at a time (the handler waits while more are
+  in flight: that is the back-pressure).  A write counts as in flight from the moment it
+  leaves the buffer, so reads, stat and sync never miss it; overlapping writes reach the
+  server in order.  The first error is kept and raised by the next write, `flush`, `fsync`
+  or `release`, like a local filesystem's deferred write errors.
 
 Server-side handles die with their connection; a handle whose connection generation changed
 is reopened by path (without O_TRUNC/O_CREAT/O_EXCL) before use, and a request whose

@@ -7,12 +7,19 @@ takes them away).  Inode numbers are never reused, so the FUSE generation can st
 
 Paths move with renames (`rename` rewrites a whole subtree) and are detached on unlink/rmdir
 so a new file under the old name gets a new inode while the old one lives on until forgotten.
+
+Hard links: a file the server reports with more than one link is one node for all of its
+names (found by the server's inode number), so the kernel sees one inode (one ``st_ino``,
+shared pages, as `tar` and `rsync -H` expect).  The node's `path` is one of its names
+(requests go by path); `links` holds all names known here, and unlinking one name moves
+`path` to another.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import stat as st
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +53,7 @@ class Node:
     linked: bool = True
     pinned: bool = False  # root and server directories are never forgotten
     open_files: set[int] = field(default_factory=set)
+    links: set[str] = field(default_factory=set)  # every name of it known here (`path` too)
     # A directory whose complete contents we know (we created it empty): the names that may
     # exist in it, valid until `names_until` (monotonic) and while the server's namespace
     # epoch is `names_epoch`.  A lookup of any other name is answered "no such file" without
@@ -76,6 +84,8 @@ class InodeTable:
     def __init__(self, servers: list[str]) -> None:
         self._nodes: dict[int, Node] = {}
         self._by_key: dict[tuple[str, str], int] = {}
+        # (server, server inode) -> node, for multiply linked non-directories
+        self._by_ino: dict[tuple[str, int], int] = {}
         root = Node(ROOT_INODE, "", "/", pinned=True)
         self._nodes[ROOT_INODE] = root
         self.server_inodes: dict[str, int] = {}
@@ -93,15 +103,31 @@ class InodeTable:
         inode = self._by_key.get((server, path))
         return None if inode is None else self._nodes[inode]
 
-    def ensure(self, server: str, path: str) -> Node:
-        """The node for a path, allocating a new inode on first sight (lookup count 0)."""
+    def ensure(self, server: str, path: str, attr: m.Attr | None = None) -> Node:
+        """The node for a path, allocating a new inode on first sight (lookup count 0); a new
+        name of a multiply linked file (``attr``) joins that file's node."""
         inode = self._by_key.get((server, path))
         if inode is not None:
             return self._nodes[inode]
-        node = Node(next(self._next), server, path)
+        if attr is not None and (other := self._linked_node(server, attr)) is not None:
+            self.add_name(other, path)
+            return other
+        node = Node(next(self._next), server, path, links={path})
         self._nodes[node.inode] = node
         self._by_key[node.key] = node.inode
         return node
+
+    def _linked_node(self, server: str, attr: m.Attr) -> Node | None:
+        if attr.nlink < 2 or st.S_ISDIR(attr.mode):
+            return None
+        inode = self._by_ino.get((server, attr.ino))
+        node = None if inode is None else self._nodes.get(inode)
+        return node if node is not None and node.linked else None
+
+    def add_name(self, node: Node, path: str) -> None:
+        """``path`` is (now) also a name of ``node``'s file (a hard link)."""
+        node.links.add(path)
+        self._by_key[(node.server, path)] = node.inode
 
     def set_attr(self, node: Node, attr: m.Attr, ttl: float, asked: int) -> None:
         """Cache a server's attributes, asked for at ``asked`` (a `stamp`), unless this client
@@ -110,6 +136,8 @@ class InodeTable:
             return
         node.attr = attr
         node.attr_expires = time.monotonic() + ttl
+        if attr.nlink > 1 and node.linked and node.server and not st.S_ISDIR(attr.mode):
+            self._by_ino.setdefault((node.server, attr.ino), node.inode)
 
     def fresh_attr(self, node: Node) -> m.Attr | None:
         if node.attr is not None and time.monotonic() < node.attr_expires:
@@ -167,21 +195,46 @@ class InodeTable:
         if node.pinned or node.lookups > 0 or node.open_files:
             return
         self._nodes.pop(node.inode, None)
-        if node.linked and self._by_key.get(node.key) == node.inode:
-            del self._by_key[node.key]
+        for path in node.links:
+            if self._by_key.get((node.server, path)) == node.inode:
+                del self._by_key[(node.server, path)]
+        self._drop_ino(node)
+
+    def _drop_ino(self, node: Node) -> None:
+        if node.attr is not None and self._by_ino.get((node.server, node.attr.ino)) == node.inode:
+            del self._by_ino[(node.server, node.attr.ino)]
 
     def detach(self, server: str, path: str) -> Node | None:
-        """The path is gone (unlink, rmdir, replaced by a rename): its node no longer owns it."""
+        """The path is gone (unlink, rmdir, replaced by a rename): its node no longer owns it
+        (a hard-linked file lives on under its other names)."""
         inode = self._by_key.pop((server, path), None)
         if inode is None:
             return None
         node = self._nodes[inode]
-        node.linked = False  # attr stays: fstat of a still-open unlinked file answers from it
+        self._forget_name(node, path)
         self.discard_if_unused(node)
         return node
 
+    def _forget_name(self, node: Node, path: str) -> None:
+        node.links.discard(path)
+        if node.links:
+            if node.path == path:
+                node.path = min(node.links)
+            return
+        node.linked = False  # attr stays: fstat of a still-open unlinked file answers from it
+        self._drop_ino(node)
+
+    def _move_name(self, node: Node, old: str, new: str) -> None:
+        node.links.discard(old)
+        node.links.add(new)
+        if node.path == old:
+            node.path = new
+
     def rename(self, server: str, old: str, new: str) -> None:
         """Move a path and everything beneath it (directories keep their inodes)."""
+        a = self._by_key.get((server, old))
+        if a is not None and a == self._by_key.get((server, new)):
+            return  # two names of one file: rename(2) does nothing
         self.detach(server, new)
         prefix = old + "/"
         moved = [
@@ -194,11 +247,11 @@ class InodeTable:
         for key, ino in moved:
             new_path = new + key[1][len(old) :]
             node = self._nodes[ino]
-            node.path = new_path
+            self._move_name(node, key[1], new_path)
             self.expire(node)
             stale = self._by_key.get((server, new_path))
             if stale is not None and stale != ino:
-                self._nodes[stale].linked = False
+                self._forget_name(self._nodes[stale], new_path)
             self._by_key[(server, new_path)] = ino
 
     def exchange(self, server: str, a: str, b: str) -> None:
@@ -220,6 +273,7 @@ class InodeTable:
             del self._by_key[key]
         for key, ino in moved:
             node = self._nodes[ino]
-            node.path = new + key[1][len(old) :]
+            new_path = new + key[1][len(old) :]
+            self._move_name(node, key[1], new_path)
             self.expire(node)
-            self._by_key[(server, node.path)] = ino
+            self._by_key[(server, new_path)] = ino

@@ -279,7 +279,7 @@ class EtfsOperations(pyfuse3.Operations):
 
     def _new_entry(self, server: str, path: str, attr: m.Attr, asked: int) -> pyfuse3.EntryAttributes:
         """An entry the kernel will hold a reference to (lookup count + 1)."""
-        node = self.table.ensure(server, path)
+        node = self.table.ensure(server, path, attr)
         node.lookups += 1
         return self._remember(node, attr, asked)
 
@@ -440,7 +440,7 @@ class EtfsOperations(pyfuse3.Operations):
                     h.after = page.entries[-1].name
                 continue
             ent = h.entries[i]
-            child = self.table.ensure(node.server, join(node.path, ent.name))
+            child = self.table.ensure(node.server, join(node.path, ent.name), ent.attr)
             self.table.set_attr(child, ent.attr, ttl, h.asked[i])
             if not pyfuse3.readdir_reply(token, ent.name.encode(), self._entry(child, ent.attr), i + 1):
                 self.table.discard_if_unused(child)
@@ -560,9 +560,12 @@ class EtfsOperations(pyfuse3.Operations):
         asked = stamp()
         attr = await self._call(server, m.Link, m.Attr, old=node.path, new=path)
         self._parent_changed(parent)
+        # One inode for all names of the file (see inodes): the kernel shares its pages.
+        self.table.add_name(node, path)
+        node.lookups += 1
+        entry = self._remember(node, attr, asked)
         await self._links_changed(node, force=True)
-        # Inodes are per path, so the new name gets its own inode number.
-        return self._new_entry(server, path, attr, asked)
+        return entry
 
     async def _links_changed(self, node: Node, force: bool = False) -> None:
         """A name of ``node``'s file was added, removed or moved: every name of a multiply
@@ -664,7 +667,10 @@ class EtfsOperations(pyfuse3.Operations):
 
     @_edge
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._files[fh].fsync(datasync)
+        f = self._files[fh]
+        # fsync(2) makes the file durable, also what other descriptors wrote into it.
+        await self._flush_inode(f.node, except_fh=fh)
+        await f.fsync(datasync)
 
     @_edge
     async def release(self, fh: int) -> None:
