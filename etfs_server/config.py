@@ -46,7 +46,11 @@ class Limits:
     threads: int = 32  # worker threads for file operations, server-wide
     threads_per_user: int = 8  # of those, how many one user's requests may hold at once
     inflight_per_connection: int = 64  # requests being answered at once on one connection
-    reply_bytes_per_connection: int = 64 * 2**20  # read data in flight to one connection
+    # Payload (write data received, read data not yet sent) one connection / one user may hold:
+    # beyond it the server stops reading their requests.  The server holds about twice this
+    # in memory (a reply's bytes and its frame).
+    reply_bytes_per_connection: int = 32 * 2**20
+    payload_bytes_per_user: int = 96 * 2**20
 
 
 @dataclass(frozen=True)
@@ -195,7 +199,8 @@ def load_server_config(path: str | Path) -> ServerConfig:
             threads=lim.int("threads", d.threads, minimum=1),
             threads_per_user=lim.int("threads_per_user", d.threads_per_user, minimum=1),
             inflight_per_connection=lim.int("inflight_per_connection", d.inflight_per_connection, minimum=1),
-            reply_bytes_per_connection=lim.int("reply_mib_per_connection", 64, minimum=16) * 2**20,
+            reply_bytes_per_connection=lim.int("reply_mib_per_connection", 32, minimum=16) * 2**20,
+            payload_bytes_per_user=lim.int("payload_mib_per_user", 96, minimum=16) * 2**20,
         )
         lim.done()
     cfg = ServerConfig(

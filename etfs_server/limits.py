@@ -24,6 +24,34 @@ class LimitError(OSError):
     """A request refused because a configured limit was reached."""
 
 
+class Budget:
+    """A weighted semaphore for payload bytes (counted in MiB units), used in trio's thread.
+
+    A taker gets all its units at once or waits: two takers each holding part of what they
+    need, waiting for the rest, would wait forever.
+    """
+
+    def __init__(self, units: int) -> None:
+        self.total = self.free = units
+        self._waiters: list[trio.Event] = []
+
+    async def take(self, units: int) -> int:
+        """Wait until ``units`` are free and take them; returns what was taken (give it back)."""
+        units = min(units, self.total)  # a request larger than the budget still runs, alone
+        while self.free < units:
+            event = trio.Event()
+            self._waiters.append(event)
+            await event.wait()
+        self.free -= units
+        return units
+
+    def give_back(self, units: int) -> None:
+        self.free = min(self.total, self.free + units)
+        waiters, self._waiters = self._waiters, []
+        for event in waiters:
+            event.set()
+
+
 @dataclass
 class UserLoad:
     max_handles: int = 4096
@@ -32,6 +60,8 @@ class UserLoad:
     handles: int = 0
     connections: int = 0
     threads: trio.CapacityLimiter | None = None
+    payload_units: int = 96  # MiB of payload all the user's connections may hold at once
+    _payload: Budget | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_log: float = 0.0
 
@@ -40,6 +70,11 @@ class UserLoad:
         if self.threads is None:
             self.threads = trio.CapacityLimiter(self.threads_per_user)
         return self.threads
+
+    def payload(self) -> Budget:
+        if self._payload is None:
+            self._payload = Budget(self.payload_units)
+        return self._payload
 
     def _logged(self, what: str, user: str) -> None:
         now = time.monotonic()

@@ -24,7 +24,7 @@ from etfs.protocol.trio_stream import MessageStream
 from .config import ServerConfig
 from .exports import ExportRoot
 from .handlers import MAX_IO, Session
-from .limits import LimitError, UserLoad
+from .limits import Budget, LimitError, UserLoad
 from .transfer import TransferService
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class EtfsServer:
                 max_handles=lim.handles_per_user,
                 max_connections=lim.connections_per_user,
                 threads_per_user=lim.threads_per_user,
+                payload_units=lim.payload_bytes_per_user // _UNIT,
             )
         return load
 
@@ -225,7 +226,8 @@ class EtfsServer:
         # Payload bytes held for this connection (Write data received, Read data to send), in
         # MiB units: a client that sends faster than we write, or never reads its replies,
         # stops being read from (TCP backpressure) instead of growing the server.
-        budget = trio.Semaphore(lim.reply_bytes_per_connection // _UNIT)
+        budget = Budget(lim.reply_bytes_per_connection // _UNIT)
+        user_budget = session.load.payload()
         # An exception leaving the nursery body would come out wrapped in an ExceptionGroup
         # (strict exception groups) that `_handle_control` does not catch, so one bad client
         # would take the whole server down: carry it out of the nursery by hand instead.
@@ -249,9 +251,8 @@ class EtfsServer:
                         continue
                     await limit.acquire()
                     units = _payload_units(msg)
-                    for _ in range(units):  # one acquirer (this loop): no deadlock between requests
-                        await budget.acquire()
-                    nursery.start_soon(self._answer, ms, session, msg, limit, budget, units)
+                    taken = (await budget.take(units), await user_budget.take(units)) if units else (0, 0)
+                    nursery.start_soon(self._answer, ms, session, msg, limit, (budget, user_budget), taken)
             except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 failure = exc
             session.closed.set()  # long handlers (checksums) in threads stop early
@@ -275,8 +276,8 @@ class EtfsServer:
         session: Session,
         req: m.Request,
         limit: trio.Semaphore,
-        budget: trio.Semaphore,
-        units: int,
+        budgets: tuple[Budget, Budget],
+        taken: tuple[int, int],
     ) -> None:
         try:
             try:
@@ -296,8 +297,9 @@ class EtfsServer:
                 pass  # the connection died (or hit a fatal protocol error) while we worked
         finally:
             limit.release()
-            for _ in range(units):
-                budget.release()
+            for budget, units in zip(budgets, taken, strict=True):
+                if units:
+                    budget.give_back(units)
 
 
 _UNIT = 1024 * 1024

@@ -61,11 +61,6 @@ def shared_mount(start_server: Any, start_mount: Any) -> Iterator[tuple[Path, Pa
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 9 item 7: a root mount serves every local user with the mount's identity",
-)
 def test_other_local_user_cannot_read_or_append_0600_file(shared_mount: tuple[Path, Path]) -> None:
     export, mp = shared_mount
     pub = as_nobody(f"cat {mp}/tmp/public.txt")

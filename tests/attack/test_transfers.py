@@ -66,9 +66,6 @@ def test_legitimate_transfer_works(shared_server: AttackServer) -> None:
     alice_finished_transfer(shared_server, "/tmp/secret/copy-baseline.txt")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 5: a finished transfer's capability still opens the file"
-)
 def test_capability_dead_after_transfer_on_data_port(shared_server: AttackServer) -> None:
     srv = shared_server
     cap = alice_finished_transfer(srv, "/tmp/secret/copy-dp.txt")
@@ -88,7 +85,6 @@ def test_capability_dead_after_transfer_on_data_port(shared_server: AttackServer
     assert not served, f"the data port served a finished transfer's capability again: {served}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 5: bob reuses alice's capability with a new transfer id")
 def test_capability_reuse_by_another_user(shared_server: AttackServer) -> None:
     srv = shared_server
     cap = alice_finished_transfer(srv, "/tmp/secret/copy-bob.txt")
@@ -102,7 +98,6 @@ def test_capability_reuse_by_another_user(shared_server: AttackServer) -> None:
     assert info["state"] != "done", info
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 5: a capability serves any number of transfers")
 def test_capability_reuse_with_new_transfer_id(shared_server: AttackServer) -> None:
     srv = shared_server
     cap = alice_finished_transfer(srv, "/tmp/secret/copy-first.txt")
@@ -199,7 +194,6 @@ def _assert_nothing_smuggled(lst: Listener, what: str) -> None:
     assert not leaked, f"{what}: the non-etfs listener received client-chosen bytes {leaked}: {data[:120]!r}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 6: a pull sends the client's token to any host:port")
 def test_pull_sends_no_client_bytes_to_a_non_etfs_listener(shared_server: AttackServer) -> None:
     with listening() as lst, shared_server.client("bob") as c:
         outcome = _pull_towards(c, lst.port, "proxy-pull-1")
@@ -207,7 +201,6 @@ def test_pull_sends_no_client_bytes_to_a_non_etfs_listener(shared_server: Attack
     _assert_nothing_smuggled(lst, f"pull ({outcome})")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 item 6: a push sends the client's ticket to any host:port")
 def test_push_sends_no_client_bytes_to_a_non_etfs_listener(shared_server: AttackServer) -> None:
     with listening() as lst, shared_server.client("bob") as c:
         cap = offer(c, "/tmp/bob/src.txt")
@@ -224,9 +217,6 @@ def test_push_sends_no_client_bytes_to_a_non_etfs_listener(shared_server: Attack
     _assert_nothing_smuggled(lst, f"push ({'accepted' if r.ok else r.message})")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 6: with the default peers a pull reaches any loopback port"
-)
 def test_default_peers_do_not_proxy() -> None:
     """The same pull with the default ``transfer.peers`` (no entry in server.yaml)."""
     with attack_server(extra={"transfer": {}}) as srv, listening() as lst, srv.client("bob") as c:
@@ -235,9 +225,6 @@ def test_default_peers_do_not_proxy() -> None:
     _assert_nothing_smuggled(lst, f"default peers ({outcome})")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 9 item 6: connection errors tell closed, filtered and open ports apart"
-)
 def test_errors_do_not_map_ports(shared_server: AttackServer) -> None:
     """Pulls towards a closed port, a 'filtered' one (SYNs dropped) and a silent listener look alike."""
     closed = socket.socket()
