@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from conftest import Mount, MountFactory, Server, ServerFactory, throttled, wait_for
 from test_cp_mounts import digest, random_file
 from transfer_helpers import tmpfs
@@ -138,11 +137,6 @@ def test_full_destination_says_no_space(
     assert r.returncode != 0 and "No space left on device" in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the destination server deletes the part file on ENOSPC (server side of issue 14 item 4, "
-    "another engineer's change); until it keeps it, the re-run sends the whole file again",
-)
 def test_rerun_after_freeing_space_resumes(
     start_server: ServerFactory, start_mount: MountFactory, tmpfs: Callable[[Path, str], None]
 ) -> None:
