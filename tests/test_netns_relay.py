@@ -9,11 +9,25 @@ client's link to onsala capped at 100 Mbit/s so the relay is still running when 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
-from netns import NetLab, poll
-from test_netns_mount import MIB, build, cp, lab, make_file, no_full_file, pytestmark, sha256, transfers_to
+from netns import NetLab, poll, python_env
+from test_netns_mount import (
+    MIB,
+    Topology,
+    build,
+    cp,
+    lab,
+    make_file,
+    no_full_file,
+    pytestmark,
+    sha256,
+    transfers_to,
+)
 
 __all__ = ["lab", "pytestmark"]  # fixture and skip marker, re-exported for pytest
 
@@ -22,12 +36,17 @@ def relay_files(directory: Path, name: str) -> list[str]:
     return sorted(p.name for p in directory.glob(f".{name}.etfs-relay*"))
 
 
-def test_kill9_mid_relay_then_remount_resumes_and_leaves_no_orphan(lab: NetLab, tmp_path: Path) -> None:
-    t = build(lab, tmp_path, server_link=False)
+def relay_lab(lab: NetLab, base: Path, name: str, size: int, seed: int) -> tuple[Topology, str, Path]:
+    """Servers that cannot reach each other, a 100 Mbit/s client -> onsala link, a source file:
+    (topology, its sha256, onsala's tmp directory)."""
+    t = build(lab, base, server_link=False)
     lab.shape(t.client_ns, t.client_ifs[1], 100)  # client -> onsala: ~12 MB/s
+    return t, make_file(t.src(name), size, seed=seed), t.onsala.export / "tmp"
+
+
+def test_kill9_mid_relay_then_remount_resumes_and_leaves_no_orphan(lab: NetLab, tmp_path: Path) -> None:
     size = 64 * MIB + 12345
-    want = make_file(t.src("relay.bin"), size, seed=5)
-    dst_dir = t.onsala.export / "tmp"
+    t, want, dst_dir = relay_lab(lab, tmp_path, "relay.bin", size, 5)
     proc = subprocess.Popen(
         ["cp", str(t.mp("jive") / "tmp" / "relay.bin"), str(t.mp("onsala") / "tmp" / "relay.bin")],
         stdout=subprocess.PIPE,
@@ -53,10 +72,11 @@ def test_kill9_mid_relay_then_remount_resumes_and_leaves_no_orphan(lab: NetLab, 
     assert no_full_file(dst_dir / "relay.bin", size)
     left = relay_files(dst_dir, "relay.bin")
     assert left == [".relay.bin.etfs-relay", ".relay.bin.etfs-relay.id"], left  # what the crash left
-    have = (dst_dir / ".relay.bin.etfs-relay").stat().st_size
-    assert 0 < have < size
 
     t.mount.start()  # remount: the new daemon cleans the stale mount up
+    # (measured now: writes the killed daemon had already sent may land after its death)
+    have = (dst_dir / ".relay.bin.etfs-relay").stat().st_size
+    assert 0 < have < size
     r = cp(t.mp("jive") / "tmp" / "relay.bin", t.mp("onsala") / "tmp" / "relay.bin")
     assert r.returncode == 0, r.stderr + t.mount.logs()
     assert sha256(dst_dir / "relay.bin") == want
@@ -71,3 +91,47 @@ def test_kill9_mid_relay_then_remount_resumes_and_leaves_no_orphan(lab: NetLab, 
     )
     assert kept > 0 and kept <= have
     assert rec["state"] == "done" and int(str(rec["bytes_via_client"])) == size - kept
+
+
+def test_ctrl_c_on_etfs_cp_mid_relay_keeps_the_part_for_a_resume(lab: NetLab, tmp_path: Path) -> None:
+    size = 48 * MIB + 777
+    t, want, dst_dir = relay_lab(lab, tmp_path, "int.bin", size, 6)
+    cmd = [
+        sys.executable,
+        "-m",
+        "etfs.cli",
+        "cp",
+        "--mount",
+        str(t.mount.root),
+        "jive:/tmp/int.bin",
+        "onsala:/tmp/",
+    ]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=python_env())
+    try:
+
+        def moving() -> bool:
+            recs = [r for r in transfers_to(t.mount, "onsala:/tmp/int.bin") if r["kind"] == "relay"]
+            return bool(recs) and int(str(recs[-1]["bytes_done"])) >= size // 4
+
+        poll(moving, 60, "the relay to move bytes", interval=0.1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    print(f"etfs cp (relay) exited {proc.returncode} {elapsed * 1000:.0f} ms after SIGINT")
+    assert proc.returncode == 130, err
+    assert elapsed < 5.0
+    [rec] = [r for r in transfers_to(t.mount, "onsala:/tmp/int.bin") if r["kind"] == "relay"]
+    assert rec["state"] == "cancelled" and rec["cancel_confirmed"] is True, rec
+    assert not (dst_dir / "int.bin").exists()
+    assert relay_files(dst_dir, "int.bin") == [".int.bin.etfs-relay", ".int.bin.etfs-relay.id"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=python_env(), timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert sha256(dst_dir / "int.bin") == want
+    assert relay_files(dst_dir, "int.bin") == []
+    relays = [r for r in transfers_to(t.mount, "onsala:/tmp/int.bin") if r["kind"] == "relay"]
+    assert int(str(relays[-1]["bytes_via_client"])) < size  # resumed, not sent again

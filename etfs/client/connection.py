@@ -273,18 +273,25 @@ class ServerClient:
         # server still gets connect_timeout, in case that request was one it takes long with.)
         deadline = max(live.silent_since + timeout, now + min(timeout, self.endpoint.connect_timeout))
         try:
-            await live.ms.send(req)
+            # The send counts too: a hung server stops reading, and a large request then blocks.
             with trio.fail_at(deadline):
+                await live.ms.send(req)
                 await event.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._drop(live, f"send failed: {exc}")
             raise ConnectionLost(errno.ECONNRESET, f"connection to {self.name} lost") from None
         except trio.TooSlowError:
             live.pending.pop(rid, None)
-            self._hung(live, req_type.__name__, trio.current_time() - live.silent_since)
+            self._hung(live, req_type.__name__, trio.current_time() - (live.silent_since or now))
             raise ConnectionLost(
                 errno.ETIMEDOUT, f"server {self.name} did not answer in time (request_timeout {timeout:g} s)"
             ) from None
+        except BaseException:
+            # Cancelled.  If that cut a request in half, the connection cannot carry another:
+            # drop it now, so that the next call reconnects instead of failing.
+            if live.ms.broken:
+                self._drop(live, f"{req_type.__name__} was cancelled while being sent")
+            raise
         finally:
             live.pending.pop(rid, None)
         if not box:

@@ -17,11 +17,20 @@ class MessageStream:
         self.stream = stream
         self.conn = Connection(role)
         self._send_lock = trio.Lock()
+        # A send interrupted mid-frame (cancelled, timed out) leaves the peer inside a frame:
+        # nothing more can be sent on this stream.
+        self.broken = False
 
     async def send(self, msg: m.Message) -> None:
         data = self.conn.send(msg)
         async with self._send_lock:
-            await self.stream.send_all(data)
+            if self.broken:
+                raise trio.BrokenResourceError("an earlier send was interrupted in the middle of a frame")
+            try:
+                await self.stream.send_all(data)
+            except BaseException:
+                self.broken = True
+                raise
 
     async def send_farewell(self, msg: m.Err) -> None:
         """Send a final `Err` even when the state machine already considers the connection dead
