@@ -13,6 +13,7 @@ import errno
 import itertools
 import os
 import stat as st
+from typing import Any
 
 import pytest
 
@@ -224,7 +225,7 @@ def test_acl_table(shared_server: AttackServer, op: str, a: str, b: str) -> None
 
 
 # --- setattr and xattrs where bob may not write ------------------------------------------------------
-SETATTRS = {
+SETATTRS: dict[str, tuple[str, dict[str, Any]]] = {
     "chmod": ("setattr", {"mode": 0o777}),
     "chown": ("setattr", {"uid": 1234, "gid": 1234}),
     "truncate": ("setattr", {"size": 0}),
