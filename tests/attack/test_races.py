@@ -46,14 +46,11 @@ def _swapper(srv: AttackServer, a: str, b: str, stop: threading.Event, stats: Sw
                     [("rename", {"old": a, "new": b, "noreplace": False, "exchange": True})] * BATCH
                 )
             else:
-                tmp = a + ".swap"
-                replies = c.pipeline(
-                    [
-                        ("rename", {"old": a, "new": tmp, "noreplace": False, "exchange": False}),
-                        ("rename", {"old": b, "new": a, "noreplace": False, "exchange": False}),
-                        ("rename", {"old": tmp, "new": b, "noreplace": False, "exchange": False}),
-                    ]
-                )
+                tmp = a + ".swap"  # one after the other: pipelined renames may run in any order
+                replies = [
+                    c.call("rename", old=old, new=new, noreplace=False, exchange=False)
+                    for old, new in ((a, tmp), (b, a), (tmp, b))
+                ]
             for r in replies:
                 if r.ok:
                     stats.ok += 1

@@ -263,7 +263,9 @@ def test_errors_do_not_map_ports(shared_server: AttackServer) -> None:
                     ("open", silent.port),
                 )
             }
-            dl = Deadline(6.0)  # all three run at once; the filtered connect alone takes ~5 s today
+            # All three run at once.  Wait until they have ended (the filtered connect alone takes
+            # ~5 s; today the silent listener keeps its transfer running for data_timeout, 30 s).
+            dl = Deadline(10.0)
             outcomes = {}
             for name, r in started.items():
                 port = {"closed": closed_port, "filtered": filtered.port, "open": silent.port}[name]
