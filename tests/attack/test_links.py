@@ -217,7 +217,10 @@ def test_acl_table(shared_server: AttackServer, op: str, a: str, b: str) -> None
     if may_succeed(op, a, b):
         return  # confers nothing new: the server may do it or refuse it
     after = {p: srv.path(p).read_bytes() if srv.path(p).exists() else None for p in (src, dst)}
-    assert not r.ok, f"{op} {src} -> {dst} succeeded; it gives bob {BOB_RIGHTS[b] ^ BOB_RIGHTS[a]}"
+    gained = BOB_RIGHTS[a] ^ BOB_RIGHTS[b] if op == "exchange" else BOB_RIGHTS[b] - BOB_RIGHTS[a]
+    assert not r.ok, (
+        f"{op} {src} -> {dst} succeeded; it gives bob {sorted(gained)} (or needs rights he lacks)"
+    )
     assert r.errno in REFUSED, (
         f"{op} {src} -> {dst}: refused with errno {r.errno} ({r.message}), not EACCES/EXDEV"
     )
