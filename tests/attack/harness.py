@@ -246,7 +246,7 @@ class AttackServer:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGCONT, 0.0), (signal.SIGKILL, 5.0)):
+        for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGCONT, 0.0), (signal.SIGKILL, 5.0)):
             try:
                 os.kill(proc.pid, sig)
             except ProcessLookupError:

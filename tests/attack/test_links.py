@@ -13,6 +13,7 @@ import errno
 import itertools
 import os
 import stat as st
+from typing import Any
 
 import pytest
 
@@ -193,7 +194,10 @@ def test_acl_table(shared_server: AttackServer, op: str, a: str, b: str) -> None
     if may_succeed(op, a, b):
         return  # confers nothing new: the server may do it or refuse it
     after = {p: srv.path(p).read_bytes() if srv.path(p).exists() else None for p in (src, dst)}
-    assert not r.ok, f"{op} {src} -> {dst} succeeded; it gives bob {BOB_RIGHTS[b] ^ BOB_RIGHTS[a]}"
+    gained = BOB_RIGHTS[a] ^ BOB_RIGHTS[b] if op == "exchange" else BOB_RIGHTS[b] - BOB_RIGHTS[a]
+    assert not r.ok, (
+        f"{op} {src} -> {dst} succeeded; it gives bob {sorted(gained)} (or needs rights he lacks)"
+    )
     assert r.errno in REFUSED, (
         f"{op} {src} -> {dst}: refused with errno {r.errno} ({r.message}), not EACCES/EXDEV"
     )
@@ -201,7 +205,7 @@ def test_acl_table(shared_server: AttackServer, op: str, a: str, b: str) -> None
 
 
 # --- setattr and xattrs where bob may not write ------------------------------------------------------
-SETATTRS = {
+SETATTRS: dict[str, tuple[str, dict[str, Any]]] = {
     "chmod": ("setattr", {"mode": 0o777}),
     "chown": ("setattr", {"uid": 1234, "gid": 1234}),
     "truncate": ("setattr", {"size": 0}),

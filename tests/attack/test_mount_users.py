@@ -54,10 +54,13 @@ def shared_mount(start_server: Any, start_mount: Any) -> Iterator[tuple[Path, Pa
     os.chmod(tmp / "alice-0600.txt", 0o600)
     base = Path(tempfile.mkdtemp(prefix="etfs-attack-mnt-", dir="/tmp"))
     os.chmod(base, 0o755)
+    mount = None
     try:
         mount = start_mount([srv], base=base)
         yield srv.export, mount.dir("m7")
     finally:
+        if mount is not None:
+            mount.stop()  # unmounted before the directory goes (start_mount's teardown is later)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from .harness import ALICE_SECRET, BOB_SOURCE, IMPORTANT, PASSWORDS, AttackServer, Deadline
-from .rawclient import O_CREAT, O_RDONLY, O_TRUNC, O_WRONLY, Attr, RawClient
+from .rawclient import O_CREAT, O_EXCL, O_RDONLY, O_TRUNC, O_WRONLY, Attr, RawClient
 
 pytestmark = pytest.mark.attack
 
@@ -46,14 +46,11 @@ def _swapper(srv: AttackServer, a: str, b: str, stop: threading.Event, stats: Sw
                     [("rename", {"old": a, "new": b, "noreplace": False, "exchange": True})] * BATCH
                 )
             else:
-                tmp = a + ".swap"
-                replies = c.pipeline(
-                    [
-                        ("rename", {"old": a, "new": tmp, "noreplace": False, "exchange": False}),
-                        ("rename", {"old": b, "new": a, "noreplace": False, "exchange": False}),
-                        ("rename", {"old": tmp, "new": b, "noreplace": False, "exchange": False}),
-                    ]
-                )
+                tmp = a + ".swap"  # one after the other: pipelined renames may run in any order
+                replies = [
+                    c.call("rename", old=old, new=new, noreplace=False, exchange=False)
+                    for old, new in ((a, tmp), (b, a), (tmp, b))
+                ]
             for r in replies:
                 if r.ok:
                     stats.ok += 1
@@ -152,12 +149,18 @@ def test_race_create_write_into_readonly(fresh_server: AttackServer) -> None:
     srv = fresh_server
 
     def attempt(c: RawClient, n: int) -> str | None:
-        name = "important.txt" if n % 2 else f"planted-{n}"
-        r = c.call("create", path=f"/tmp/bob/Wd/{name}", mode=0o644, flags=O_WRONLY | O_CREAT | O_TRUNC)
-        if r.ok:
-            h = r.value["handle"]
-            c.call("write", handle=h, offset=0, data=b"PWNED by bob\n")
-            c.call("close", handle=h)
+        # Half new names (any file appearing in /tmp/ro is a win), half the existing one, truncated.
+        creates = []
+        for i in range(BATCH):
+            name, flags = (
+                (f"planted-{n}-{i}", O_WRONLY | O_CREAT | O_EXCL)
+                if i % 2
+                else ("important.txt", O_WRONLY | O_CREAT | O_TRUNC)
+            )
+            creates.append(("create", {"path": f"/tmp/bob/Wd/{name}", "mode": 0o644, "flags": flags}))
+        handles = [r.value["handle"] for r in c.pipeline(creates) if r.ok]
+        c.pipeline([("write", {"handle": h, "offset": 0, "data": b"PWNED by bob\n"}) for h in handles])
+        c.pipeline([("close", {"handle": h}) for h in handles])
         return None
 
     won, elapsed, n, stats = race(
