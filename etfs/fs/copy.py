@@ -78,6 +78,11 @@ class CopyDispatcher:
             if req.off_in != 0 or req.off_out != 0:
                 req.reply_error(errno.EOPNOTSUPP)  # a range copy: the kernel's read/write fallback
                 return
+            if src.client is not self.ops.pool[src.server] or dst.client is not self.ops.pool[dst.server]:
+                # Opened with a local user's own identity (`etfs login`): the engine acts as
+                # the mount's identity, so the kernel copies through those handles instead.
+                req.reply_error(errno.EOPNOTSUPP)
+                return
             if (
                 src.inode == dst.inode
                 or (src.server, src.path) == (dst.server, dst.path)
