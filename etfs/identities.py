@@ -122,6 +122,24 @@ class Identities:
             engine = self._engines[uid] = TransferEngine(pool, self.config)
         return engine
 
+    def engine_of(self, *clients: ServerClient) -> TransferEngine | None:
+        """The engine acting as the identity all ``clients`` belong to (open files' clients:
+        `cp` through the mount), or None if they belong to different or forgotten ones."""
+        owners = {self._owner(c) for c in clients}
+        uid = owners.pop() if len(owners) == 1 else None
+        if uid is None:
+            return None
+        return self.engine if uid == 0 else self.engine_for(uid)
+
+    def _owner(self, client: ServerClient) -> int | None:
+        """0 for the mount's clients, the uid whose login made ``client``, else None."""
+        if self.pool.clients.get(client.name) is client:
+            return 0
+        for uid, pool in self._pools.items():
+            if pool.clients.get(client.name) is client:
+                return uid
+        return None
+
     def engines(self) -> dict[int, TransferEngine]:
         """Every uid's engine (root's is the mount's), for root's `etfs status`."""
         return {0: self.engine, **self._engines}

@@ -217,12 +217,15 @@ def test_login_acts_as_bob_and_logout_ends_it(site: Site) -> None:
     assert "denied: user=tester" not in server_log.read_text()
     # Root keeps the mount's identity.
     assert (jive / "tmp" / "open.txt").read_text() == "FOR THE MOUNT'S IDENTITY\n"
-    # `cp` between servers with bob's handles goes through them (as bob), never as a transfer
-    # of the mount's identity.
-    r = site.sh(f"cp {jive}/tmp/bob/f {site.dir('onsala')}/tmp/bob/f2")
+    # `cp` between servers with bob's handles is a transfer as bob (in nobody's status), never
+    # one of the mount's identity.
+    onsala = site.dir("onsala")
+    r = site.sh(f"cp {jive}/tmp/bob/f {onsala}/tmp/bob/f2")
     assert r.returncode == 0, r
     assert (site.export("onsala") / "tmp" / "bob" / "f2").read_text() == "from-bob\n"
-    assert not any("f2" in str(t["destination"]) for t in site.status(None))
+    rows = [t for t in site.status(None) if t["destination"] == "onsala:/tmp/bob/f2"]
+    assert rows and {t["uid"] for t in rows} == {NOBODY_UID}, rows
+    assert [t["state"] for t in site.status(NOBODY_UID)] == ["done"]
 
     # A file opened as bob stays bob's; `etfs logout` ends even that.
     holder = subprocess.Popen(
