@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # The local uid a filesystem request comes from; None: the daemon itself (background work).
 caller: contextvars.ContextVar[int | None] = contextvars.ContextVar("etfs_caller", default=None)
+# `caller` of a filesystem request that names no caller (read, write, flush, release...): it
+# must act through its open file's client; a server call by path from it is refused.
+NO_CALLER = -1
 
 
 @contextlib.contextmanager
@@ -85,6 +88,8 @@ class Identities:
 
     def client(self, server: str, uid: int | None) -> ServerClient:
         """The client for ``server`` that a request of ``uid`` uses; EACCES if there is none."""
+        if uid == NO_CALLER:
+            raise OSError(errno.EACCES, "a request without a caller may act only through its open file")
         pool = self.pool_for(uid)
         if pool is None:
             raise OSError(errno.EACCES, f"uid {uid} has no etfs identity on this mount (etfs login)")

@@ -56,8 +56,8 @@ def _edge(
     @functools.wraps(fn)
     async def handler(self: EtfsOperations, *args: P.args, **kwargs: P.kwargs) -> R:
         # The caller's uid picks the etfs identity of the request (`EtfsOperations._client`);
-        # handlers without a request context act through their handle's identity.
-        uid = next((a.uid for a in args if isinstance(a, pyfuse3.RequestContext)), None)
+        # handlers without a request context act only through their handle's identity.
+        uid = next((a.uid for a in args if isinstance(a, pyfuse3.RequestContext)), identities.NO_CALLER)
         token = identities.caller.set(uid)
         try:
             return await fn(self, *args, **kwargs)
