@@ -251,6 +251,14 @@ def test_login_acts_as_bob_and_logout_ends_it(site: Site) -> None:
     assert r.returncode == 0 and r.stdout == "FOR THE MOUNT'S IDENTITY\n", r
     r = site.etfs("logout", "--mount", str(site.mount.root))
     assert r.returncode == 0 and "was not logged in" in r.stdout, r
+    # The key was kept in memory only: not in the daemon's log or registry files.
+    secret = BOB_KEY.strip()
+    logs = [site.mount.log, site.mount.log.with_suffix(".stderr")]
+    written = [*logs, *Path("/run/etfs/mounts").glob("*.json")]
+    for f in written:
+        if f.exists():
+            text = f.read_text()
+            assert secret not in text and secret.encode().hex() not in text, f
 
 
 def test_login_is_verified_and_private(site: Site) -> None:
@@ -309,6 +317,10 @@ def test_each_uid_sees_only_its_transfers(site: Site) -> None:
     # Without a login, `etfs cp` never runs as the mount's identity (no kernel checks a copy).
     r = site.etfs("cp", "--mount", root, "jive:/tmp/bob/src", "onsala:/tmp/bob/dst")
     assert r.returncode != 0 and not (site.export("onsala") / "tmp" / "bob" / "dst").exists(), r
+    assert "etfs login" in r.stdout + r.stderr, r
+    # ...and sees nothing.
+    r = site.etfs("status", "--mount", root, "--server", "jive")
+    assert r.returncode != 0 and "etfs login" in r.stderr, r
 
     assert site.login().returncode == 0
     r = site.etfs("cp", "--json", "--mount", root, "jive:/tmp/bob/src", "onsala:/tmp/bob/dst")
