@@ -1,4 +1,4 @@
-"""`etfs` command line: mount, umount, demo, cp, status.
+"""`etfs` command line: mount, umount, demo, cp, status, login, logout.
 
 Each subcommand lives with the code it drives; this module only parses arguments
 and turns expected failures into one clear line and a non-zero exit status.
@@ -55,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument("--mount", type=Path, help="the mount root, if several mounts run")
     status.add_argument("--server", help="list the transfer records a server keeps (they survive restarts)")
+
+    login = sub.add_parser("login", help="use your own etfs identity on a shared (root) mount")
+    login.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="your credentials: servers: NAME: {user, key_file} (default ~/.config/etfs/login.yaml)",
+    )
+    login.add_argument("--mount", type=Path, help="the mount root, if several mounts run")
+
+    logout = sub.add_parser("logout", help="make the mount forget the identity 'etfs login' gave it")
+    logout.add_argument("--mount", type=Path, help="the mount root, if several mounts run")
     return p
 
 
@@ -85,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             from etfs.transfer.commands import cmd_status
 
             return cmd_status(args)
+        if args.command == "login":
+            from etfs.login import cmd_login
+
+            return cmd_login(args)
+        if args.command == "logout":
+            from etfs.login import cmd_logout
+
+            return cmd_logout(args)
     except ConfigError as exc:
         print(f"etfs: {exc}", file=sys.stderr)
         return 2

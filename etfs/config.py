@@ -280,6 +280,9 @@ DEFAULT_PORT = 7070
 THIRD_PARTY = ("auto", "always", "never")
 DIRECTIONS = tuple(DATA_DIRECTIONS)
 MODES = tuple(CopyMode)
+# `others:` in mountpoints.yaml: local users without their own identity act as the mount's
+# etfs user, or get EACCES.
+OTHERS = ("mount-identity", "refuse")
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,8 @@ class ClientConfig:
     pairs: tuple[PairOverride, ...] = ()
     connect_timeout: float = 5.0
     request_timeout: float = 30.0
+    # On a shared (root) mount: what a local uid without an `etfs login` identity gets.
+    others: str = "mount-identity"
 
     def transfer_for(self, source: str, destination: str) -> TransferDefaults:
         """Transfer settings for one server pair: pair override > destination's > global."""
@@ -451,6 +456,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
         pairs=tuple(pairs),
         connect_timeout=positive_seconds(top, "connect_timeout", 5.0),
         request_timeout=positive_seconds(top, "request_timeout", 30.0),
+        others=top.choice("others", OTHERS, "mount-identity"),
     )
     top.done()
     return cfg

@@ -369,6 +369,25 @@ def make_env(
                 s.stop()
 
 
+@contextmanager
+def walkable(path: Path) -> Iterator[None]:
+    """pytest's temporary directories are 0700: let other local users walk (not list) down
+    through ``path`` and its parents for the block."""
+    changed: list[tuple[Path, int]] = []
+    for d in [path, *path.parents]:
+        if d == Path("/"):
+            break
+        mode = d.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            changed.append((d, mode))
+            os.chmod(d, mode | 0o001)
+    try:
+        yield
+    finally:
+        for d, mode in changed:
+            os.chmod(d, mode)
+
+
 # --- nothing left behind ----------------------------------------------------------------------------
 def _leftovers(base: str, netns_prefix: str) -> list[str]:
     """Mounts under ``base``, live etfs processes whose command line names ``base`` (their

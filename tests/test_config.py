@@ -283,6 +283,7 @@ CLIENT_CASES: list[tuple[str, str, int | None, str]] = [
     ),
     ("unknown pair server", "+pairs: [{source: jive, destination: onsala}]", 9, "unknown server 'onsala'"),
     ("too many streams", "@transfer.streams: 65", 8, "at most 64"),
+    ("bad others", "+others: everyone", 9, "others must be one of"),
     ("empty", "", None, "empty"),
 ]
 
@@ -325,6 +326,9 @@ def test_good_client_config(base: Path) -> None:
     cfg = load_client_config(base / "mountpoints.yaml")
     assert cfg.servers["jive"].addresses == (("127.0.0.1", 7070),)
     assert cfg.servers["jive"].key_file == base / "alice.key"
+    assert cfg.others == "mount-identity"  # a single-user setup needs nothing
+    (base / "mountpoints.yaml").write_text(good_client_yaml(base) + "others: refuse\n")
+    assert load_client_config(base / "mountpoints.yaml").others == "refuse"
 
 
 @pytest.mark.parametrize(

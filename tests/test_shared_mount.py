@@ -11,10 +11,9 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from conftest import Env
+from conftest import Env, walkable
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -26,19 +25,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def traversable(etfs_env: Env) -> Iterator[None]:
     """pytest's temporary directories are 0700: let nobody walk (not list) down to the mount."""
-    changed: list[tuple[Path, int]] = []
-    for d in [*etfs_env.dir("jive").parents]:
-        if d == Path("/"):
-            break
-        mode = d.stat().st_mode & 0o7777
-        if not mode & 0o001:
-            changed.append((d, mode))
-            os.chmod(d, mode | 0o001)
-    try:
+    with walkable(etfs_env.dir("jive").parent):
         yield
-    finally:
-        for d, mode in changed:
-            os.chmod(d, mode)
 
 
 def as_nobody(script: str) -> subprocess.CompletedProcess[str]:

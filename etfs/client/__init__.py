@@ -32,13 +32,16 @@ def endpoint_for(entry: ServerEntry, config: ClientConfig) -> Endpoint:
 
 
 class Pool:
-    """One `ServerClient` per configured server."""
+    """One `ServerClient` per configured server (or per given endpoint: a local user's own
+    identities, see `etfs.identities`)."""
 
-    def __init__(self, config: ClientConfig, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, config: ClientConfig, nursery: trio.Nursery, endpoints: dict[str, Endpoint] | None = None
+    ) -> None:
         self.config = config
-        self.clients = {
-            name: ServerClient(endpoint_for(e, config), nursery) for name, e in config.servers.items()
-        }
+        if endpoints is None:
+            endpoints = {name: endpoint_for(e, config) for name, e in config.servers.items()}
+        self.clients = {name: ServerClient(ep, nursery) for name, ep in endpoints.items()}
 
     def __getitem__(self, name: str) -> ServerClient:
         return self.clients[name]

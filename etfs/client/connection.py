@@ -19,6 +19,7 @@ must be reopened after a reconnect.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
@@ -101,6 +102,7 @@ class ServerClient:
         # (the filesystem's own, which it accounts for itself): the filesystem's knowledge of
         # a directory's complete contents (etfs.fs.inodes) is valid only while this is unchanged.
         self.namespace_epoch = 0
+        self._forgotten = False
 
     @property
     def name(self) -> str:
@@ -111,6 +113,8 @@ class ServerClient:
         return self._generation
 
     async def connection(self) -> _Live:
+        if self._forgotten:
+            raise ConnectionLost(errno.EACCES, f"{self.name}: logged out (etfs logout)")
         if self._live is not None and not self._live.closed:
             return self._live
         async with self._connecting:
@@ -315,6 +319,14 @@ class ServerClient:
     async def aclose(self) -> None:
         if self._live is not None:
             self._drop(self._live, "closed by client")
+
+    def forget(self) -> None:
+        """Drop the connection and the key for good (`etfs logout`): every later call,
+        also through file handles opened with this client, fails with EACCES."""
+        self._forgotten = True
+        self.endpoint = dataclasses.replace(self.endpoint, key=b"")
+        if self._live is not None:
+            self._drop(self._live, "logged out")
 
 
 async def _close_quietly(ms: MessageStream) -> None:

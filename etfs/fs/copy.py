@@ -8,6 +8,9 @@ one call at just under 4 GiB) wait for the same transfer and are answered with t
 bytes they cover, so verification finishes before the last answer.  Anything else
 (a range in the middle of a file, an unknown handle) is answered EOPNOTSUPP and the
 kernel copies through the daemon with ordinary reads and writes.
+The transfer acts as the etfs identity both files were opened with (a local user's own
+after `etfs login`, see `etfs.identities`), with that identity's engine; files opened with
+different identities are left to the kernel's read/write path too.
 
 A failed transfer answers the errno that says why (`etfs.transfer.errors.reply_errno`:
 ENOSPC for a full destination, ESTALE for a changed source, ETIMEDOUT, EACCES..., EIO
@@ -78,6 +81,12 @@ class CopyDispatcher:
             if req.off_in != 0 or req.off_out != 0:
                 req.reply_error(errno.EOPNOTSUPP)  # a range copy: the kernel's read/write fallback
                 return
+            # The transfer acts as the identity both files were opened with (`etfs login`);
+            # files opened with different ones are copied by the kernel through the handles.
+            engine = self._engine_of(src, dst)
+            if engine is None:
+                req.reply_error(errno.EOPNOTSUPP)
+                return
             if (
                 src.inode == dst.inode
                 or (src.server, src.path) == (dst.server, dst.path)
@@ -91,8 +100,8 @@ class CopyDispatcher:
                 # The transfer reads the server's files: this client's writes go first.
                 await self.ops.sync_inode(src.inode)
                 await self.ops.sync_inode(dst.inode)
-                attr = await self.ops.pool[src.server].call(m.Stat, m.Attr, path=src.path)
-                dst_attr = await self.ops.pool[dst.server].call(m.Stat, m.Attr, path=dst.path)
+                attr = await src.client.call(m.Stat, m.Attr, path=src.path)
+                dst_attr = await dst.client.call(m.Stat, m.Attr, path=dst.path)
             except OSError as exc:
                 req.reply_error(reply_errno(exc))
                 return
@@ -106,7 +115,7 @@ class CopyDispatcher:
                 return
             job = Job(size=attr.size)
             self.jobs[key] = job
-            self.nursery.start_soon(self._run_job, job, src, dst)
+            self.nursery.start_soon(self._run_job, job, engine, src, dst)
         elif req.off_in != req.off_out:
             req.reply_error(errno.EOPNOTSUPP)
             return
@@ -133,11 +142,18 @@ class CopyDispatcher:
             self.jobs.pop(key, None)
         req.reply_count(count)
 
-    async def _run_job(self, job: Job, src: Any, dst: Any) -> None:
+    def _engine_of(self, src: Any, dst: Any) -> TransferEngine | None:
+        identities = getattr(self.ops, "identities", None)
+        if identities is None:
+            return self.engine
+        engine: TransferEngine | None = identities.engine_of(src.client, dst.client)
+        return engine
+
+    async def _run_job(self, job: Job, engine: TransferEngine, src: Any, dst: Any) -> None:
         try:
             with job.scope:
                 await dst.flush()
-                await self.engine.copy(src.server, src.path, dst.server, dst.path, mode="resume")
+                await engine.copy(src.server, src.path, dst.server, dst.path, mode="resume")
                 # The destination's part file was renamed onto its path: its open handles
                 # (cp's own) still name the old file until reopened.
                 await self.ops.replaced(dst.inode)

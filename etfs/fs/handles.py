@@ -115,6 +115,11 @@ class OpenFile:
         return self.node.inode
 
     @property
+    def client(self) -> ServerClient:
+        """The client (so the etfs identity) this file was opened with; it keeps it."""
+        return self._client
+
+    @property
     def dirty(self) -> bool:
         return bool(self._buf) or bool(self._inflight)
 

@@ -27,7 +27,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from etfs import copyrange
+from etfs import copyrange, identities
 from etfs.client import ConnectionLost, Pool, ServerClient
 from etfs.config import ClientConfig
 from etfs.protocol import messages as m
@@ -55,6 +55,10 @@ def _edge(
 
     @functools.wraps(fn)
     async def handler(self: EtfsOperations, *args: P.args, **kwargs: P.kwargs) -> R:
+        # The caller's uid picks the etfs identity of the request (`EtfsOperations._client`);
+        # handlers without a request context act only through their handle's identity.
+        uid = next((a.uid for a in args if isinstance(a, pyfuse3.RequestContext)), identities.NO_CALLER)
+        token = identities.caller.set(uid)
         try:
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -72,6 +76,8 @@ def _edge(
         except Exception:
             log.exception("internal error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            identities.caller.reset(token)
 
     return handler
 
@@ -81,6 +87,7 @@ class DirHandle:
     """An open directory: the listing snapshot fetched page by page (offsets index into it)."""
 
     node: Node
+    caller: int | None = None  # the uid that opened it: its identity lists the directory
     entries: list[m.Entry] = field(default_factory=list)
     asked: list[int] = field(default_factory=list)  # per entry: `stamp` when its page was asked for
     after: str = ""
@@ -114,6 +121,9 @@ class EtfsOperations(pyfuse3.Operations):
         self._started_ns = time.time_ns()
         self._uid = os.geteuid()
         self._gid = os.getegid()
+        # Set by the daemon's services (`etfs.transfer.service`); until then, and on a mount
+        # without it, every request acts as the mount's identity.
+        self.identities: identities.Identities | None = None
 
     # --- API for the copy hook and the daemon -------------------------------------------------
     def file_handle(self, fh: int) -> OpenFile:
@@ -162,7 +172,17 @@ class EtfsOperations(pyfuse3.Operations):
 
     # --- helpers ------------------------------------------------------------------------------
     def _client(self, server: str) -> ServerClient:
-        return self.pool[server]
+        """The client of ``server`` for the current request's caller (`identities.caller`):
+        the caller's own etfs identity, the mount's, or EACCES (see `etfs.identities`)."""
+        if self.identities is None:
+            return self.pool[server]
+        return self.identities.client(server, identities.caller.get())
+
+    def _epoch(self, server: str) -> int:
+        """The namespace epoch of ``server`` over every identity's client."""
+        if self.identities is None:
+            return self.pool[server].namespace_epoch
+        return self.identities.epoch(server)
 
     async def _call(self, server: str, req: type[m.Request], result: type[T] | None, **fields: Any) -> T:
         client = self._client(server)
@@ -312,7 +332,7 @@ class EtfsOperations(pyfuse3.Operations):
             node_or_none.lookups += 1
             return self._entry(node_or_none, cached)
         if parent.names is not None:
-            absent_for = self.table.known_absent(parent, _fs_name(name), self._client(server).namespace_epoch)
+            absent_for = self.table.known_absent(parent, _fs_name(name), self._epoch(server))
             if absent_for > 0:
                 negative = pyfuse3.EntryAttributes()
                 negative.st_ino = 0
@@ -405,7 +425,7 @@ class EtfsOperations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
         fh = next(self._fh)
-        self._dirs[fh] = DirHandle(node)
+        self._dirs[fh] = DirHandle(node, identities.caller.get())
         return fh
 
     @_edge
@@ -430,9 +450,10 @@ class EtfsOperations(pyfuse3.Operations):
                 if not h.more:
                     return
                 asked = stamp()
-                page = await self._call(
-                    node.server, m.List, m.ListPage, path=node.path, after=h.after, limit=LIST_PAGE
-                )
+                with identities.acting_as(h.caller):
+                    page = await self._call(
+                        node.server, m.List, m.ListPage, path=node.path, after=h.after, limit=LIST_PAGE
+                    )
                 h.entries.extend(page.entries)
                 h.asked.extend([asked] * len(page.entries))
                 h.more = page.more and bool(page.entries)
@@ -462,7 +483,7 @@ class EtfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         server, path = self._creating(parent, name)
-        epoch = self._client(server).namespace_epoch
+        epoch = self._epoch(server)
         asked = stamp()
         attr = await self._call(server, m.Mkdir, m.Attr, path=path, mode=mode & 0o7777)
         self._parent_changed(parent)

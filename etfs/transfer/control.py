@@ -1,10 +1,15 @@
 """The mount daemon's control socket: how `etfs cp` and `etfs status` talk to the running mount.
 
-A Unix stream socket (mode 0600, so only the mount's owner) carrying JSON lines.
+A Unix stream socket carrying JSON lines: mode 0600 (only the mount's owner) on a user's
+mount; on a root mount (``shared``) 0666 in a 0755 directory, and every request is served
+for the uid the kernel names (``SO_PEERCRED``, never a uid in the message): root sees every
+transfer, any other uid only its own (`etfs.identities`).
 Every request gets an answer line or a clean close: a malformed one is answered with
 ``{"event": "error", "errno": EINVAL, ...}``, and no client, however broken, can take
 the mount daemon down.
 Requests: ``{"op": "status"}`` -> one line ``{"transfers": [...]}``;
+``{"op": "login", "servers": {NAME: {"user": U, "key": HEX}}}`` and ``{"op": "logout"}``
+(`etfs login` / `etfs logout`) -> one ``{"event": "done", ...}`` or error line;
 ``{"op": "copy", "source": "SERVER:PATH", "destination": "SERVER:PATH", ...}`` ->
 ``{"event": "progress", "transfer": {...}}`` lines while it runs, then one
 ``{"event": "done", ...}`` or ``{"event": "error", "errno": N, "message": "..."}``.
@@ -26,9 +31,10 @@ import logging
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -39,6 +45,9 @@ from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
 
 from .engine import ClientTransfer, TransferEngine
 
+if TYPE_CHECKING:
+    from etfs.identities import Identities
+
 log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20
 
@@ -46,6 +55,8 @@ MAX_LINE = 1 << 20
 COPY_MODES = frozenset(CopyMode)
 DIRECTIONS = frozenset(DATA_DIRECTIONS)
 MAX_STREAMS = 64
+# A root mount's registry: other local users look here too (`etfs login`, `etfs cp`).
+SYSTEM_REGISTRY = Path("/run/etfs/mounts")
 
 
 class UnsafeRegistryDir(OSError):
@@ -66,29 +77,31 @@ def registry_dir() -> Path:
     return _registry_base()[1]
 
 
-def check_private_dir(path: Path) -> None:
-    """Raise `UnsafeRegistryDir` unless ``path`` is a real directory, ours, not group/other-writable."""
+def check_private_dir(path: Path, owner: int | None = None) -> None:
+    """Raise `UnsafeRegistryDir` unless ``path`` is a real directory owned by ``owner`` (default:
+    us), not group/other-writable."""
+    owner = os.geteuid() if owner is None else owner
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         raise UnsafeRegistryDir(errno.ELOOP, f"{path} is a symlink")
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeRegistryDir(errno.ENOTDIR, f"{path} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise UnsafeRegistryDir(
-            errno.EPERM, f"{path} is owned by uid {st.st_uid}, not by us ({os.geteuid()})"
-        )
+    if st.st_uid != owner:
+        raise UnsafeRegistryDir(errno.EPERM, f"{path} is owned by uid {st.st_uid}, not by {owner}")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise UnsafeRegistryDir(
             errno.EPERM, f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
         )
 
 
-def ensure_registry_dir(path: Path | None = None, base: Path | None = None) -> Path:
-    """Create the registry directory (every level below ``base`` with mode 0700) and check it.
+def ensure_registry_dir(path: Path | None = None, base: Path | None = None, shared: bool = False) -> Path:
+    """Create the registry directory (every level below ``base`` with mode 0700, 0755 if
+    ``shared``: a root mount's local users find it) and check it.
 
     Each level we own is refused with `UnsafeRegistryDir` if it is a symlink, owned by
     another user, or writable by group/others.  Defaults to `registry_dir()`.
     """
+    mode = 0o755 if shared else 0o700
     if path is None:
         base, path = _registry_base()
     elif base is None:
@@ -96,30 +109,36 @@ def ensure_registry_dir(path: Path | None = None, base: Path | None = None) -> P
     levels = [path, *path.parents]
     for level in reversed(levels[: levels.index(base)] if base in levels else [path]):
         try:
-            os.mkdir(level, 0o700)
+            os.mkdir(level, mode)
         except FileExistsError:
             pass
         else:
-            os.chmod(level, 0o700, follow_symlinks=False)  # whatever the umask was
+            os.chmod(level, mode, follow_symlinks=False)  # whatever the umask was
         check_private_dir(level)
+        if shared and stat.S_IMODE(os.lstat(level).st_mode) != mode:
+            os.chmod(level, mode, follow_symlinks=False)  # an older private one: open it
     return path
 
 
 def running_mounts() -> list[dict[str, Any]]:
     """Registered mounts whose daemon is still alive (never raises; skips anything odd)."""
     out: list[dict[str, Any]] = []
-    d = registry_dir()
-    try:
-        check_private_dir(d)
-    except UnsafeRegistryDir as exc:
-        log.warning("ignoring the mount registry: %s", exc.strerror)
-        return out
-    except OSError:
-        return out
-    try:
-        entries = sorted(d.glob("*.json"))
-    except OSError:
-        return out
+    dirs: list[tuple[Path, int | None]] = [(registry_dir(), None)]
+    if os.geteuid() != 0:
+        dirs.append((SYSTEM_REGISTRY, 0))  # root mounts, shared with every local user
+    entries: list[Path] = []
+    for d, owner in dirs:
+        try:
+            check_private_dir(d, owner)
+        except UnsafeRegistryDir as exc:
+            log.warning("ignoring the mount registry: %s", exc.strerror)
+            continue
+        except OSError:
+            continue
+        try:
+            entries += sorted(d.glob("*.json"))
+        except OSError:
+            continue
     for p in entries:
         try:
             info = json.loads(p.read_text())
@@ -213,10 +232,28 @@ def split_spec(spec: str) -> tuple[str, str]:
     return server, path
 
 
+def peer_uid(stream: trio.SocketStream) -> int:
+    """The uid of the process at the other end of a Unix socket, as the kernel says."""
+    creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
 class ControlServer:
-    def __init__(self, engine: TransferEngine, socket_path: Path) -> None:
+    """The control socket; with ``identities`` each request is served for its peer's uid."""
+
+    def __init__(
+        self,
+        engine: TransferEngine,
+        socket_path: Path,
+        identities: Identities | None = None,
+        *,
+        shared: bool = False,
+    ) -> None:
         self.engine = engine
         self.path = socket_path
+        self.identities = identities
+        self.shared = shared
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,13 +261,16 @@ class ControlServer:
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # Bind synchronously under a umask that makes the socket 0600 from the start
-            # (no window where others may connect); nothing else runs in between.
-            old_umask = os.umask(0o177)
+            # (no window where others may connect); nothing else runs in between.  A shared
+            # (root) mount's socket is for every local user: each request is served for its
+            # peer's uid.
+            mode = 0o666 if self.shared else 0o600
+            old_umask = os.umask(0o777 & ~mode)
             try:
                 raw.bind(str(self.path))
             finally:
                 os.umask(old_umask)
-            os.chmod(self.path, 0o600)
+            os.chmod(self.path, mode)
             raw.listen(64)
         except BaseException:
             raw.close()
@@ -269,26 +309,62 @@ class ControlServer:
             request = json.loads(buf.split(b"\n", 1)[0])
             if not isinstance(request, dict):
                 raise ValueError("request must be a JSON object")
-            await self._dispatch(stream, request)
+            uid = peer_uid(stream) if self.identities is not None else 0
+            await self._dispatch(stream, request, uid)
         except (ValueError, KeyError, TypeError) as exc:
             await _send_quietly(
                 stream, {"event": "error", "errno": errno.EINVAL, "message": f"bad request: {exc}"}
             )
 
-    async def _dispatch(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
+    def _engine(self, uid: int) -> TransferEngine | None:
+        """The engine whose transfers ``uid`` may start and see (None: none)."""
+        if self.identities is None:
+            return self.engine
+        return self.identities.engine_for(uid)
+
+    def _status(self, uid: int) -> list[dict[str, Any]]:
+        """Transfers ``uid`` may see: root every uid's (each row with its ``uid``), others their own."""
+        if self.identities is None:
+            return self.engine.status()
+        if self.identities.privileged(uid):
+            rows = []
+            for owner, engine in self.identities.engines().items():
+                rows += [{**row, "uid": owner} for row in engine.status()]
+            return rows
+        own = self.identities.engine_for(uid)
+        return [] if own is None else [{**row, "uid": uid} for row in own.status()]
+
+    async def _dispatch(self, stream: trio.SocketStream, req: dict[str, Any], uid: int) -> None:
         op = req.get("op")
         if op == "status":
-            await _send(stream, {"transfers": self.engine.status()})
+            await _send(stream, {"transfers": self._status(uid)})
             return
+        if op in ("login", "logout"):
+            await self._login(stream, req, uid)
+            return
+        maybe_engine = self._engine(uid)
+        if maybe_engine is None:
+            await _send(
+                stream,
+                {
+                    "event": "error",
+                    "errno": errno.EACCES,
+                    "message": f"uid {uid} has no etfs identity on this mount: run 'etfs login' first",
+                },
+            )
+            return
+        engine = maybe_engine
         if op == "server-records":
             # The records a server persisted (they survive its restarts), newest first.
             name = req.get("server")
             if not isinstance(name, str):
                 raise ValueError("'server' must be a string")
-            if name not in self.engine.config.servers:
+            if name not in engine.config.servers:
                 raise ValueError(f"unknown server {name!r}")
             try:
-                infos = await self.engine.pool[name].call(m.TransferList, list[m.TransferInfo])
+                if name not in engine.pool.clients:
+                    raise OSError(errno.EACCES, f"uid {uid} did not log in to {name}")
+                infos = await engine.pool[name].call(m.TransferList, list[m.TransferInfo])
             except OSError as exc:
                 await _send(stream, {"event": "error", "errno": exc.errno or errno.EIO, "message": str(exc)})
                 return
@@ -301,7 +377,7 @@ class ControlServer:
         src_server, src_path = split_spec(creq.source)
         dst_server, dst_path = split_spec(creq.destination)
         for name in (src_server, dst_server):
-            if name not in self.engine.config.servers:
+            if name not in engine.config.servers:
                 await _send(
                     stream, {"event": "error", "errno": errno.ENOENT, "message": f"unknown server {name!r}"}
                 )
@@ -314,7 +390,9 @@ class ControlServer:
         async def run(done: trio.CancelScope) -> None:
             with copy_scope:
                 try:
-                    t = await self.engine.copy(
+                    if src_server not in engine.pool.clients or dst_server not in engine.pool.clients:
+                        raise OSError(errno.EACCES, f"uid {uid} did not log in to both servers")
+                    t = await engine.copy(
                         src_server,
                         src_path,
                         dst_server,
@@ -349,7 +427,7 @@ class ControlServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run, nursery.cancel_scope)
             nursery.start_soon(watch_client)
-            nursery.start_soon(self._progress, stream, src_server, src_path, dst_server, dst_path)
+            nursery.start_soon(self._progress, stream, engine, src_server, src_path, dst_server, dst_path)
         if not result and client_gone and records:
             # Cancelled: say how it ended (only now: the servers have answered the cancel).
             t = records[-1]
@@ -366,19 +444,45 @@ class ControlServer:
         if result:
             await _send_quietly(stream, result)
 
-    async def _progress(self, stream: trio.SocketStream, *spec: str) -> None:
+    async def _progress(self, stream: trio.SocketStream, engine: TransferEngine, *spec: str) -> None:
         source, destination = f"{spec[0]}:{spec[1]}", f"{spec[2]}:{spec[3]}"
         while True:
             with trio.move_on_after(0.5):
-                await self.engine.changed.wait()
+                await engine.changed.wait()
             mine: list[ClientTransfer] = [
-                t
-                for t in self.engine.transfers.values()
-                if t.source == source and t.destination == destination
+                t for t in engine.transfers.values() if t.source == source and t.destination == destination
             ]
             if mine:
                 await _send(stream, {"event": "progress", "transfer": mine[-1].as_dict()})
             await trio.sleep(0.2)
+
+    async def _login(self, stream: trio.SocketStream, req: dict[str, Any], uid: int) -> None:
+        """`etfs login` / `etfs logout` of the peer's uid."""
+        if self.identities is None:
+            raise ValueError(f"{req['op']!r} is not served by this mount")
+        if req["op"] == "logout":
+            had = self.identities.logout(uid)
+            await _send(stream, {"event": "done", "uid": uid, "logged_out": had})
+            return
+        servers = req.get("servers")
+        if not isinstance(servers, dict) or not servers:
+            raise ValueError("'servers' must be a mapping NAME -> {user, key}")
+        credentials: dict[str, tuple[str, bytes]] = {}
+        for name, cred in servers.items():
+            if not isinstance(cred, dict) or not isinstance(cred.get("user"), str):
+                raise ValueError(f"server {name!r}: 'user' must be a string")
+            if not isinstance(cred.get("key"), str):
+                raise ValueError(f"server {name!r}: 'key' must be a hex string")
+            credentials[name] = (cred["user"], bytes.fromhex(cred["key"]))
+        try:
+            users = await self.identities.login(uid, credentials)
+        except OSError as exc:
+            await _send(
+                stream,
+                {"event": "error", "errno": exc.errno or errno.EIO, "message": exc.strerror or str(exc)},
+            )
+            return
+        await _send(stream, {"event": "done", "uid": uid, "servers": users})
 
 
 async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:

@@ -32,10 +32,12 @@ async def run_client_services(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     from etfs.fs.copy import CopyDispatcher
+    from etfs.identities import Identities
 
     engine = TransferEngine(pool, config)
+    shared = os.geteuid() == 0  # a root mount: every local user may use the control socket
     try:
-        reg: Path | None = ensure_registry_dir()
+        reg: Path | None = ensure_registry_dir(shared=shared)
     except OSError as exc:
         # A planted or shared registry directory: serving the control socket (or writing our
         # record) there could hand `etfs cp` requests to someone else.  The mount itself still
@@ -43,6 +45,8 @@ async def run_client_services(
         log.error("not starting the control socket (etfs cp/status will not find this mount): %s", exc)
         reg = None
     async with trio.open_nursery() as nursery:
+        identities = Identities(config, pool, engine, nursery)
+        ops.identities = identities
         dispatcher = CopyDispatcher(ops, engine, nursery)
         copyrange.set_handler(dispatcher.on_request)
         socket_path = record = None
@@ -50,7 +54,7 @@ async def run_client_services(
             forget_dead_daemons(reg)
             socket_path = reg / f"{os.getpid()}.sock"
             record = reg / f"{os.getpid()}.json"
-            control = ControlServer(engine, socket_path)
+            control = ControlServer(engine, socket_path, identities, shared=shared)
             await nursery.start(control.serve)
             record.write_text(
                 json.dumps(
@@ -66,10 +70,13 @@ async def run_client_services(
                     }
                 )
             )
+            if shared:
+                os.chmod(record, 0o644)  # local users' `etfs login` / `etfs cp` find the mount
         task_status.started(None)
         try:
             await trio.sleep_forever()
         finally:
+            identities.forget_all()
             copyrange.set_handler(None)
             if record is not None:
                 record.unlink(missing_ok=True)
