@@ -268,9 +268,45 @@ class EtfsOperations(pyfuse3.Operations):
                 return node.attr or self._dir_attr()
             attr = attr_or_none
         else:
-            attr = await self._call(node.server, m.Stat, m.Attr, path=node.path)
+            attr = await self._by_path(node, m.Stat, m.Attr, lambda a: a)
         self.table.set_attr(node, attr, self.config.cache.attr_ttl, asked)
         return attr
+
+    async def _by_path(
+        self,
+        node: Node,
+        req: type[m.Request],
+        result: type[T],
+        file_of: Callable[[T], m.Attr],
+        undo: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+        **fields: Any,
+    ) -> T:
+        """A request by ``node``'s path that only reads (Stat, Open), on the node's own file.
+
+        A multiply linked file is one node for all its names here, and any of them may have
+        been unlinked or replaced by another client since (this table never hears of it):
+        a name that is gone (ENOENT) or now another file (the reply's inode number, read by
+        ``file_of``) is forgotten and the next one tried; ``undo`` releases a reply that went
+        to another file (an open handle).  A node of one name simply follows its path.
+        """
+        while True:
+            path = node.path
+            several = node.linked and len(node.links) > 1
+            known = node.attr.ino if node.attr is not None else None
+            try:
+                value = await self._call(node.server, req, result, path=path, **fields)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT or not several or path not in node.links:
+                    raise
+                log.debug("%s:%s: gone, using another name of inode %d", node.server, path, node.inode)
+                self.table.drop_name(node, path)
+                continue
+            if not several or known is None or file_of(value).ino == known or path not in node.links:
+                return value
+            log.debug("%s:%s: another file now, using another name of %d", node.server, path, node.inode)
+            self.table.drop_name(node, path)
+            if undo is not None:
+                await undo(value)
 
     def _child(self, parent: Node, name: bytes) -> tuple[str, str]:
         if not parent.server:
@@ -279,7 +315,7 @@ class EtfsOperations(pyfuse3.Operations):
 
     def _new_entry(self, server: str, path: str, attr: m.Attr, asked: int) -> pyfuse3.EntryAttributes:
         """An entry the kernel will hold a reference to (lookup count + 1)."""
-        node = self.table.ensure(server, path, attr)
+        node = self.table.ensure(server, path, attr, asked)
         node.lookups += 1
         return self._remember(node, attr, asked)
 
@@ -440,7 +476,7 @@ class EtfsOperations(pyfuse3.Operations):
                     h.after = page.entries[-1].name
                 continue
             ent = h.entries[i]
-            child = self.table.ensure(node.server, join(node.path, ent.name), ent.attr)
+            child = self.table.ensure(node.server, join(node.path, ent.name), ent.attr, h.asked[i])
             self.table.set_attr(child, ent.attr, ttl, h.asked[i])
             if not pyfuse3.readdir_reply(token, ent.name.encode(), self._entry(child, ent.attr), i + 1):
                 self.table.discard_if_unused(child)
@@ -618,8 +654,13 @@ class EtfsOperations(pyfuse3.Operations):
             node.touch()
         asked = stamp()
         before = node.attr
-        opened = await self._call(
-            node.server, m.Open, m.Opened, path=node.path, flags=self._server_flags(flags)
+        opened = await self._by_path(
+            node,
+            m.Open,
+            m.Opened,
+            lambda o: o.attr,
+            functools.partial(self._close_handle, node.server),
+            flags=self._server_flags(flags),
         )
         info = self._register(node, flags, opened, asked)
         if before is not None and _changed_elsewhere(before, opened.attr):
@@ -686,6 +727,13 @@ class EtfsOperations(pyfuse3.Operations):
             # the next file (cp -r of many small files).
             self._nursery.start_soon(self._close, f)
         self.table.discard_if_unused(f.node)
+
+    async def _close_handle(self, server: str, opened: m.Opened) -> None:
+        """Close a server handle nothing uses (an open that reached the wrong file)."""
+        try:
+            await self._call(server, m.Close, None, handle=opened.handle)
+        except OSError as exc:
+            log.debug("%s: close of an unused handle: %s", server, exc)
 
     async def _close(self, f: OpenFile) -> None:
         try:
