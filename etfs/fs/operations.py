@@ -198,7 +198,9 @@ class EtfsOperations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.inode
         e.generation = 0
-        e.entry_timeout = self.config.cache.entry_ttl
+        # A name of a file known here by several names is looked up every time: which name
+        # the kernel resolved decides the path its requests go by (see `lookup`).
+        e.entry_timeout = 0 if len(node.links) > 1 else self.config.cache.entry_ttl
         e.attr_timeout = self.config.cache.attr_ttl
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
@@ -344,7 +346,13 @@ class EtfsOperations(pyfuse3.Operations):
             return self._entry(node, await self._attr(node))
         server, path = self._child(parent, name)
         node_or_none = self.table.find(server, path)
-        if node_or_none is not None and (cached := self.table.fresh_attr(node_or_none)) is not None:
+        if (
+            node_or_none is not None
+            # One of several names: another client may have unlinked or replaced it, and the
+            # server's answer makes it the name the open that follows goes by (`InodeTable.confirm`).
+            and len(node_or_none.links) < 2
+            and (cached := self.table.fresh_attr(node_or_none)) is not None
+        ):
             node_or_none.lookups += 1
             return self._entry(node_or_none, cached)
         if parent.names is not None:
