@@ -279,16 +279,17 @@ class EtfsOperations(pyfuse3.Operations):
         node: Node,
         req: type[m.Request],
         result: type[T],
-        file_of: Callable[[T], m.Attr],
+        file_of: Callable[[T], m.Attr] | None,
         undo: Callable[[T], Coroutine[Any, Any, None]] | None = None,
         **fields: Any,
     ) -> T:
-        """A request by ``node``'s path that only reads (Stat, Open), on the node's own file.
+        """A request by ``node``'s path (Stat, Open), on the node's own file.
 
         A multiply linked file is one node for all its names here, and any of them may have
         been unlinked or replaced by another client since (this table never hears of it):
         a name that is gone (ENOENT) or now another file (the reply's inode number, read by
-        ``file_of``) is forgotten and the next one tried; ``undo`` releases a reply that went
+        ``file_of``; None: a request that changed what it reached, which is not repeated on
+        another name) is forgotten and the next one tried; ``undo`` releases a reply that went
         to another file (an open handle).  A node of one name simply follows its path.
         """
         while True:
@@ -303,7 +304,9 @@ class EtfsOperations(pyfuse3.Operations):
                 log.debug("%s:%s: gone, using another name of inode %d", node.server, path, node.inode)
                 self.table.drop_name(node, path)
                 continue
-            if not several or known is None or file_of(value).ino == known or path not in node.links:
+            if file_of is None or not several or known is None or path not in node.links:
+                return value
+            if file_of(value).ino == known:
                 return value
             log.debug("%s:%s: another file now, using another name of %d", node.server, path, node.inode)
             self.table.drop_name(node, path)
@@ -666,7 +669,8 @@ class EtfsOperations(pyfuse3.Operations):
             node,
             m.Open,
             m.Opened,
-            lambda o: o.attr,
+            # An O_TRUNC open has truncated whatever it reached: never a second file.
+            None if flags & os.O_TRUNC else lambda o: o.attr,
             functools.partial(self._close_handle, node.server),
             flags=self._server_flags(flags),
         )
