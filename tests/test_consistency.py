@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,43 @@ def test_close_to_open_across_two_mounts(start_server: ServerFactory, start_moun
             assert got == want, f"round {i}: read {len(got)} bytes, want {len(want)}"
         finally:
             os.close(fd)
+
+
+def test_hard_link_name_unlinked_elsewhere(jive: tuple[Path, Path]) -> None:
+    """A file of two names is one inode on the mount, its requests going by one of the names;
+    another client (here: the server's own side) unlinks that name: the other still opens.
+    (tests/test_model.py seed 7: the second mount said ENOENT for a name that stat listed.)"""
+    mnt, srv = jive
+    data = random.Random(1).randbytes(70_000)
+    (srv / "a").write_bytes(data)
+    os.link(srv / "a", srv / "b")
+    assert (mnt / "a").read_bytes() == data  # the mount's node for the file is known as "a"...
+    assert (mnt / "b").read_bytes() == data  # ... and "b" joins it (one inode)
+    assert os.stat(mnt / "a").st_ino == os.stat(mnt / "b").st_ino
+    os.unlink(srv / "a")
+    assert (mnt / "b").read_bytes() == data  # was ENOENT: the open went by "a"
+    time.sleep(1.1)  # attr_ttl: stat asks the server again
+    st = os.stat(mnt / "b")
+    assert (st.st_size, st.st_nlink) == (len(data), 1)
+    assert (mnt / "b").read_bytes() == data
+
+
+def test_hard_link_name_replaced_elsewhere(jive: tuple[Path, Path]) -> None:
+    """Another client replaces one name of a file of two names by a new file: the next open
+    of that name (close-to-open, no waiting for entry_ttl: the kernel's dentry of it still
+    points at the two-name inode) reads the new file, the other name the old one."""
+    mnt, srv = jive
+    rnd = random.Random(2)
+    old, new = rnd.randbytes(50_000), rnd.randbytes(3000)
+    (srv / "c").write_bytes(old)
+    os.link(srv / "c", srv / "d")
+    assert (mnt / "c").read_bytes() == old
+    assert (mnt / "d").read_bytes() == old
+    os.unlink(srv / "d")
+    (srv / "d").write_bytes(new)
+    assert (mnt / "d").read_bytes() == new  # was the old file: the open went by "c"
+    assert (mnt / "c").read_bytes() == old
+    assert os.stat(mnt / "c").st_ino != os.stat(mnt / "d").st_ino
 
 
 def test_writes_while_cp_between_servers_reads_the_file(etfs_env: Env) -> None:

@@ -12,7 +12,11 @@ Hard links: a file the server reports with more than one link is one node for al
 names (found by the server's inode number), so the kernel sees one inode (one ``st_ino``,
 shared pages, as `tar` and `rsync -H` expect).  The node's `path` is one of its names
 (requests go by path); `links` holds all names known here, and unlinking one name moves
-`path` to another.
+`path` to another.  Another client (or the server's own users) may unlink or replace any of
+those names without this table hearing of it, so a name is only trusted as far as the server
+last confirmed it: the server showing a name as a different file takes it from the node
+(`ensure`), a name it shows as the node's file becomes the one requests use, and
+`drop_name` forgets a name a by-path request found gone.
 """
 
 from __future__ import annotations
@@ -103,12 +107,20 @@ class InodeTable:
         inode = self._by_key.get((server, path))
         return None if inode is None else self._nodes[inode]
 
-    def ensure(self, server: str, path: str, attr: m.Attr | None = None) -> Node:
+    def ensure(self, server: str, path: str, attr: m.Attr | None = None, asked: int | None = None) -> Node:
         """The node for a path, allocating a new inode on first sight (lookup count 0); a new
-        name of a multiply linked file (``attr``) joins that file's node."""
+        name of a multiply linked file (``attr``) joins that file's node.
+
+        ``attr`` is what the server just said the path is, asked for at ``asked`` (a `stamp`):
+        a known name of a multiply linked node that is now another file leaves that node
+        (another client unlinked or replaced it), and one still naming the node's file becomes
+        the name its requests use (see `confirm`)."""
         inode = self._by_key.get((server, path))
         if inode is not None:
-            return self._nodes[inode]
+            node = self._nodes[inode]
+            if attr is None or asked is None or node.changed > asked or self.confirm(node, path, attr):
+                return node
+            self.drop_name(node, path)
         if attr is not None and (other := self._linked_node(server, attr)) is not None:
             self.add_name(other, path)
             return other
@@ -123,6 +135,31 @@ class InodeTable:
         inode = self._by_ino.get((server, attr.ino))
         node = None if inode is None else self._nodes.get(inode)
         return node if node is not None and node.linked else None
+
+    def confirm(self, node: Node, path: str, attr: m.Attr) -> bool:
+        """The server says ``path``, a known name of ``node``, is the file ``attr``: whether
+        that is still the node's file.  Only names of a multiply linked node can stop being
+        it: a node of one name follows its path (a file replaced there stays this inode, and
+        open handles follow it, see `etfs.fs.operations.EtfsOperations.replaced`).
+
+        A confirmed name becomes the node's `path`, since it is the one known to exist; with
+        a link count of one, the node's other names are gone (unlinked elsewhere)."""
+        if len(node.links) < 2 or node.attr is None:
+            return True
+        if attr.ino != node.attr.ino:
+            return False
+        node.path = path
+        if attr.nlink < 2:
+            for other in node.links - {path}:
+                self.drop_name(node, other)
+        return True
+
+    def drop_name(self, node: Node, path: str) -> None:
+        """``path`` no longer names ``node``'s file (removed or replaced elsewhere): forget it
+        as one of the node's names; the node lives on under its others."""
+        if self._by_key.get((node.server, path)) == node.inode:
+            del self._by_key[(node.server, path)]
+        self._forget_name(node, path)
 
     def add_name(self, node: Node, path: str) -> None:
         """``path`` is (now) also a name of ``node``'s file (a hard link)."""

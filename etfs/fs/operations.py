@@ -218,7 +218,9 @@ class EtfsOperations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.inode
         e.generation = 0
-        e.entry_timeout = self.config.cache.entry_ttl
+        # A name of a file known here by several names is looked up every time: which name
+        # the kernel resolved decides the path its requests go by (see `lookup`).
+        e.entry_timeout = 0 if len(node.links) > 1 else self.config.cache.entry_ttl
         e.attr_timeout = self.config.cache.attr_ttl
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
@@ -288,9 +290,48 @@ class EtfsOperations(pyfuse3.Operations):
                 return node.attr or self._dir_attr()
             attr = attr_or_none
         else:
-            attr = await self._call(node.server, m.Stat, m.Attr, path=node.path)
+            attr = await self._by_path(node, m.Stat, m.Attr, lambda a: a)
         self.table.set_attr(node, attr, self.config.cache.attr_ttl, asked)
         return attr
+
+    async def _by_path(
+        self,
+        node: Node,
+        req: type[m.Request],
+        result: type[T],
+        file_of: Callable[[T], m.Attr] | None,
+        undo: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+        **fields: Any,
+    ) -> T:
+        """A request by ``node``'s path (Stat, Open), on the node's own file.
+
+        A multiply linked file is one node for all its names here, and any of them may have
+        been unlinked or replaced by another client since (this table never hears of it):
+        a name that is gone (ENOENT) or now another file (the reply's inode number, read by
+        ``file_of``; None: a request that changed what it reached, which is not repeated on
+        another name) is forgotten and the next one tried; ``undo`` releases a reply that went
+        to another file (an open handle).  A node of one name simply follows its path.
+        """
+        while True:
+            path = node.path
+            several = node.linked and len(node.links) > 1
+            known = node.attr.ino if node.attr is not None else None
+            try:
+                value = await self._call(node.server, req, result, path=path, **fields)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT or not several or path not in node.links:
+                    raise
+                log.debug("%s:%s: gone, using another name of inode %d", node.server, path, node.inode)
+                self.table.drop_name(node, path)
+                continue
+            if file_of is None or not several or known is None or path not in node.links:
+                return value
+            if file_of(value).ino == known:
+                return value
+            log.debug("%s:%s: another file now, using another name of %d", node.server, path, node.inode)
+            self.table.drop_name(node, path)
+            if undo is not None:
+                await undo(value)
 
     def _child(self, parent: Node, name: bytes) -> tuple[str, str]:
         if not parent.server:
@@ -299,7 +340,7 @@ class EtfsOperations(pyfuse3.Operations):
 
     def _new_entry(self, server: str, path: str, attr: m.Attr, asked: int) -> pyfuse3.EntryAttributes:
         """An entry the kernel will hold a reference to (lookup count + 1)."""
-        node = self.table.ensure(server, path, attr)
+        node = self.table.ensure(server, path, attr, asked)
         node.lookups += 1
         return self._remember(node, attr, asked)
 
@@ -328,7 +369,13 @@ class EtfsOperations(pyfuse3.Operations):
             return self._entry(node, await self._attr(node))
         server, path = self._child(parent, name)
         node_or_none = self.table.find(server, path)
-        if node_or_none is not None and (cached := self.table.fresh_attr(node_or_none)) is not None:
+        if (
+            node_or_none is not None
+            # One of several names: another client may have unlinked or replaced it, and the
+            # server's answer makes it the name the open that follows goes by (`InodeTable.confirm`).
+            and len(node_or_none.links) < 2
+            and (cached := self.table.fresh_attr(node_or_none)) is not None
+        ):
             node_or_none.lookups += 1
             return self._entry(node_or_none, cached)
         if parent.names is not None:
@@ -461,7 +508,7 @@ class EtfsOperations(pyfuse3.Operations):
                     h.after = page.entries[-1].name
                 continue
             ent = h.entries[i]
-            child = self.table.ensure(node.server, join(node.path, ent.name), ent.attr)
+            child = self.table.ensure(node.server, join(node.path, ent.name), ent.attr, h.asked[i])
             self.table.set_attr(child, ent.attr, ttl, h.asked[i])
             if not pyfuse3.readdir_reply(token, ent.name.encode(), self._entry(child, ent.attr), i + 1):
                 self.table.discard_if_unused(child)
@@ -639,8 +686,14 @@ class EtfsOperations(pyfuse3.Operations):
             node.touch()
         asked = stamp()
         before = node.attr
-        opened = await self._call(
-            node.server, m.Open, m.Opened, path=node.path, flags=self._server_flags(flags)
+        opened = await self._by_path(
+            node,
+            m.Open,
+            m.Opened,
+            # An O_TRUNC open has truncated whatever it reached: never a second file.
+            None if flags & os.O_TRUNC else lambda o: o.attr,
+            functools.partial(self._close_handle, node.server),
+            flags=self._server_flags(flags),
         )
         info = self._register(node, flags, opened, asked)
         if before is not None and _changed_elsewhere(before, opened.attr):
@@ -707,6 +760,13 @@ class EtfsOperations(pyfuse3.Operations):
             # the next file (cp -r of many small files).
             self._nursery.start_soon(self._close, f)
         self.table.discard_if_unused(f.node)
+
+    async def _close_handle(self, server: str, opened: m.Opened) -> None:
+        """Close a server handle nothing uses (an open that reached the wrong file)."""
+        try:
+            await self._call(server, m.Close, None, handle=opened.handle)
+        except OSError as exc:
+            log.debug("%s: close of an unused handle: %s", server, exc)
 
     async def _close(self, f: OpenFile) -> None:
         try:
