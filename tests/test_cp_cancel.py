@@ -39,7 +39,7 @@ def test_ctrl_c_on_etfs_cp_cancels_and_the_rerun_resumes(etfs_env: Env) -> None:
     finally:
         if cp.poll() is None:
             cp.kill()
-            cp.wait()
+        cp.communicate(timeout=10)  # reaps it and closes its pipes
     print(f"etfs cp exited {cp.returncode} {elapsed * 1000:.0f} ms after SIGINT")
     assert cp.returncode == 130, err
     assert elapsed < 5.0, elapsed  # promised: < 1 s; loose for a loaded machine

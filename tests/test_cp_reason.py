@@ -8,6 +8,7 @@ space is freed, the same `cp` resumes instead of sending the whole file again.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import subprocess
 from collections.abc import Callable
@@ -43,13 +44,15 @@ class Full:
 def fill(path: Path) -> None:
     """Write ``path`` until its filesystem is full."""
     block = b"\0" * 2**20
-    with open(path, "wb") as f:
-        try:
-            while True:
-                f.write(block)
-                f.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
+    # Unbuffered: a short last write must not leave bytes for close() to fail on.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
 
 
 def arrived(part: Path) -> int:
@@ -74,16 +77,15 @@ def copy_until_full(
     assert jive.proc is not None
     # The source runs 4% of the time from before the copy starts, so we can act at about half.
     with throttled(jive.proc, run=0.002, pause=0.048):
-        cp = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_for(lambda: arrived(part) >= SIZE // 2, 60, "half the file to arrive")
-            done_at_fault = arrived(part)
-            fill(filler)
-            out, err = cp.communicate(timeout=120)
-        finally:
-            if cp.poll() is None:
-                cp.kill()
-                cp.wait()
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as cp:
+            try:
+                wait_for(lambda: arrived(part) >= SIZE // 2, 60, "half the file to arrive")
+                done_at_fault = arrived(part)
+                fill(filler)
+                out, err = cp.communicate(timeout=120)
+            finally:
+                if cp.poll() is None:
+                    cp.kill()
     return Full(
         jive, onsala, m, src, filler, subprocess.CompletedProcess(cmd, cp.returncode, out, err), done_at_fault
     )

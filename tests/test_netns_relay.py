@@ -67,7 +67,7 @@ def test_kill9_mid_relay_then_remount_resumes_and_leaves_no_orphan(lab: NetLab, 
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(10)
+        proc.communicate(timeout=10)  # reaps it and closes its pipes
     assert proc.returncode != 0
     assert no_full_file(dst_dir / "relay.bin", size)
     left = relay_files(dst_dir, "relay.bin")
@@ -121,7 +121,7 @@ def test_ctrl_c_on_etfs_cp_mid_relay_keeps_the_part_for_a_resume(lab: NetLab, tm
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(10)
+        proc.communicate(timeout=10)  # reaps it and closes its pipes
     print(f"etfs cp (relay) exited {proc.returncode} {elapsed * 1000:.0f} ms after SIGINT")
     assert proc.returncode == 130, err
     assert elapsed < 5.0
