@@ -134,7 +134,14 @@ class InodeTable:
             return None
         inode = self._by_ino.get((server, attr.ino))
         node = None if inode is None else self._nodes.get(inode)
-        return node if node is not None and node.linked else None
+        if node is None or not node.linked or node.attr is None:
+            return None
+        # Servers reuse inode numbers: only a node last seen with exactly these attributes
+        # (all names of one file show the same) is taken for the same file.
+        a = node.attr
+        if (a.size, a.mtime_ns, a.ctime_ns, a.nlink) != (attr.size, attr.mtime_ns, attr.ctime_ns, attr.nlink):
+            return None
+        return node
 
     def confirm(self, node: Node, path: str, attr: m.Attr) -> bool:
         """The server says ``path``, a known name of ``node``, is the file ``attr``: whether
