@@ -46,7 +46,7 @@ from etfs import _sendfile_cffi as native
 from etfs.protocol import messages as m
 
 from .acl import ACL, Right
-from .exports import ExportRoot, Located
+from .exports import ExportRoot, Located, normalize
 from .identity import Account, as_account
 from .limits import UserLoad
 
@@ -110,21 +110,20 @@ class Session:
             if loc.path != loc.asked:  # reached through a symlinked directory: the target too
                 self.acl.check(self.user, self.groups, loc.path, right)
 
+    def precheck(self, path: str, *rights: Right) -> str:
+        """The ACL on the path as asked, before anything is resolved: a user without rights
+        learns nothing about what exists there (EACCES, never ENOENT).  Returns it normalised."""
+        asked = normalize(path)
+        for right in rights:
+            self.acl.check(self.user, self.groups, asked, right)
+        return asked
+
     @contextmanager
     def at(self, path: str, *rights: Right) -> Iterator[Located]:
         """``path`` resolved once and checked for ``rights`` (see the module docstring)."""
-        with self.root.locate(path) as loc:
+        with self.root.locate(self.precheck(path, *rights)) as loc:
             self.require(loc, *rights)
             yield loc
-
-    def check(self, path: str, right: Right) -> str:
-        """Check ``right`` on ``path`` and return it normalised.
-
-        Only for callers that resolve the path again themselves (transfers open files
-        through `ExportRoot.open`): prefer `at`, which hands out the directory it checked.
-        """
-        with self.at(path, right) as loc:
-            return loc.asked
 
     def _handle(self, hid: int) -> Handle:
         try:
@@ -165,11 +164,16 @@ class Session:
     def op_ping(self, req: m.Ping) -> None:
         return None
 
+    def _visible(self, path: str) -> None:
+        if path != "/" and not self.acl.visible(self.user, self.groups, path):
+            self.acl.check(self.user, self.groups, path, Right.LIST)
+
     def op_stat(self, req: m.Stat) -> m.Attr:
-        with self.root.locate(req.path) as loc:
-            for path in {loc.asked, loc.path}:
-                if path != "/" and not self.acl.visible(self.user, self.groups, path):
-                    self.acl.check(self.user, self.groups, path, Right.LIST)
+        asked = normalize(req.path)
+        self._visible(asked)  # before resolving: nothing to learn about what exists there
+        with self.root.locate(asked) as loc:
+            if loc.path != asked:  # reached through a symlinked directory: the target too
+                self._visible(loc.path)
             dfd, name = loc.at
             return to_attr(os.stat(name, dir_fd=dfd, follow_symlinks=False))
 
@@ -352,7 +356,10 @@ class Session:
             )
 
     def op_rename(self, req: m.Rename) -> None:
-        with self.root.locate(req.old) as old, self.root.locate(req.new) as new:
+        both = (Right.WRITE, Right.DELETE) if req.exchange else ()
+        old_path = self.precheck(req.old, Right.DELETE, *both)
+        new_path = self.precheck(req.new, Right.WRITE, *both)
+        with self.root.locate(old_path) as old, self.root.locate(new_path) as new:
             self.require(old, Right.DELETE)
             self.require(new, Right.WRITE)
             if req.exchange:

@@ -365,3 +365,17 @@ async def test_one_users_checksums_do_not_starve_another(
     with trio.fail_after(5):
         opened = await bob2.call(m.Open, m.Opened, path="/tmp/bob/mib", flags=os.O_RDONLY)
         await bob2.call(m.Read, bytes, handle=opened.handle, offset=0, size=10)
+
+
+async def test_no_rights_no_existence_probing(
+    priv_server: tuple[ServerProcess, Setup], nursery: trio.Nursery
+) -> None:
+    """Where bob has no right, every answer is EACCES, whether the path exists or not."""
+    bob = await _client(priv_server, nursery, "bob")
+    for path in ("/tmp/secret/alice.txt", "/tmp/secret/no-such-dir/x", "/tmp/no-such-dir/x", "/private/x/y"):
+        assert await _errno(bob.call(m.Stat, m.Attr, path=path)) == errno.EACCES, path
+        assert await _errno(bob.call(m.Open, m.Opened, path=path, flags=os.O_RDONLY)) == errno.EACCES, path
+        code = await _errno(bob.call(m.Create, m.Opened, path=path, mode=0o644, flags=os.O_WRONLY))
+        assert code == errno.EACCES, path
+        code = await _errno(bob.call(m.Rename, old="/tmp/bob/none", new=path))
+        assert code == errno.EACCES, path
