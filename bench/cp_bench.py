@@ -49,16 +49,9 @@ from types import FrameType
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from netns import (  # noqa: E402
-    NetLab,
-    NsMount,
-    ServerEntry,
-    make_mount,
-    netns_unavailable,
-    python_env,
-    start_server,
-    write_key,
-)
+from harness.mount import Mount  # noqa: E402
+from harness.netlab import NetLab, ServerEntry, make_mount, netns_unavailable, start_server, write_key  # noqa: E402
+from harness.process import child_env  # noqa: E402
 
 MIB = 1 << 20
 MB = 1e6
@@ -96,7 +89,7 @@ def sha256(path: Path) -> str:
 @dataclass
 class Bench:
     lab: NetLab
-    mount: NsMount
+    mount: Mount
     client_ns: str
     client_ifs: list[str]
     jive_export: Path
@@ -118,7 +111,7 @@ class Bench:
             [sys.executable, "-m", "etfs.cli", "status", "--json", "--mount", str(self.mount.root)],
             capture_output=True,
             text=True,
-            env=python_env(),
+            env=child_env(),
             timeout=60,
             check=True,
         )
@@ -138,7 +131,6 @@ def setup(lab: NetLab, base: Path, streams: int) -> Bench:
     onsala = start_server(lab, ons, "onsala", base / "onsala", key)
     entries = [ServerEntry(jive, "10.213.1.2", "10.213.3.1"), ServerEntry(onsala, "10.213.2.2", "10.213.3.2")]
     mount = make_mount(lab, cns, base / "client", entries, key, third_party="auto", streams=streams)
-    lab.finalizers.append(mount.stop)
     mount.start()
     return Bench(lab, mount, cns, [c1, c2], jive.export, onsala.export)
 
@@ -171,7 +163,7 @@ def run_etfs_cp(b: Bench, src: Path, name: str, streams: int) -> tuple[float, fl
     b.remove(name)
     cmd = [sys.executable, "-m", "etfs.cli", "cp", "--streams", str(streams), "--mount", str(b.mount.root)]
     cmd += [str(b.mp("jive") / "tmp" / src.name), f"onsala:/tmp/{name}"]
-    secs = timed(cmd, env=python_env())
+    secs = timed(cmd, env=child_env())
     rec = b.transfer(f"onsala:/tmp/{name}")
     if rec["kind"] != "third-party" or rec["state"] != "done":
         raise RuntimeError(f"etfs cp was not a third-party transfer: {rec}")

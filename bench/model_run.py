@@ -26,8 +26,9 @@ from types import FrameType
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import KEY, Mount, Server, _server_yaml, write_client_config  # noqa: E402
 from fsmodel import Mismatch, Model  # noqa: E402
+from harness.mount import Mount, mount_servers, start_export_server  # noqa: E402
+from harness.server import KEY, ServerProcess  # noqa: E402
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -50,29 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(tmp)
         key = base / "tester.key"
         key.write_text(KEY)
-        servers: list[Server] = []
+        servers: list[ServerProcess] = []
         mount: Mount | None = None
         second: Mount | None = None
         try:
             for name in ("jive", "onsala"):
-                d = base / f"srv-{name}"
-                (d / "export" / "tmp").mkdir(parents=True)
-                cfg = d / "server.yaml"
-                acl: list[dict[str, object]] = [{"who": "tester", "path": "/", "rights": ["all"]}]
-                cfg.write_text(_server_yaml(name, d / "export", key, d / "state", acl))
-                s = Server(name, d / "export", cfg, d / "ports", d / "server.log")
-                servers.append(s)
-                s.start()
-            root = base / "mnt" / ".etfs"
-            mps = {s.name: base / "mnt" / s.name for s in servers}
-            cfg = write_client_config(base / "mountpoints.yaml", servers, key, root, mps)
-            mount = Mount(cfg, root, mps, base / "mount.log")
-            mount.start()
+                servers.append(start_export_server(base / f"srv-{name}", name, key))
+            mount = mount_servers(base, servers, key)
             # A second client of the same servers: what the first closes, it must read.
-            root2 = base / "mnt2" / ".etfs"
-            cfg2 = write_client_config(base / "mountpoints2.yaml", servers, key, root2)
-            second = Mount(cfg2, root2, {}, base / "mount2.log")
-            second.start()
+            second = mount_servers(base / "second", servers, key, mountpoints=False)
             return run(args, base, mount, second)
         finally:
             if second is not None:

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -32,36 +31,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PY = sys.executable
+sys.path.insert(0, str(REPO / "tests"))
 
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH")) if p)
-    return e
+from harness.mount import Mount, force_unmount, mount_servers, start_export_server  # noqa: E402
+from harness.process import stop_pid, wait_for  # noqa: E402
+from harness.server import KEY, ServerProcess  # noqa: E402
 
 
 def run(*cmd: str | Path, quiet: bool = True) -> None:
     subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL if quiet else None)
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def mounted(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
 
 
 def timed(fn: Callable[[], None], prepare: Callable[[], None] | None, runs: int) -> float:
@@ -81,61 +65,19 @@ class Bench:
         self.dir = Path(tempfile.mkdtemp(prefix="etfs-bench-"))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.mounts: list[Path] = []
-        self.export = self.dir / "export"
-        self.export.mkdir()
+        self.server: ServerProcess | None = None
+        self.mount: Mount | None = None
         self.results: list[tuple[str, str, float]] = []
         self.notes: list[str] = []
 
     # --- setup ------------------------------------------------------------------------------
     def start_etfs(self) -> None:
         key = self.dir / "bench.key"
-        key.write_text("bench-key-NOT-A-SECRET-0123456789\n")
-        ports = self.dir / "ports"
-        self.procs.append(
-            subprocess.Popen(
-                [
-                    PY,
-                    "-m",
-                    "etfs_server.main",
-                    "--name",
-                    "bench",
-                    "--export",
-                    f"bench={self.export}",
-                    "--run-as",
-                    "root",
-                    "--user",
-                    f"bench={key}",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--data-listen",
-                    "127.0.0.1:0",
-                    "--port-file",
-                    str(ports),
-                    "--state-dir",
-                    str(self.dir / "state"),
-                ],
-                env=env(),
-                stdout=subprocess.DEVNULL,
-                stderr=open(self.dir / "server.log", "wb"),
-            )
-        )
-        wait_for(ports.exists, 20, "server")
-        port = ports.read_text().split()[0]
-        self.root = self.dir / "mnt" / ".etfs"
-        cfg = self.dir / "mountpoints.yaml"
-        cfg.write_text(
-            f"root: {self.root}\nservers:\n  bench:\n    address: 127.0.0.1:{port}\n    user: bench\n"
-            f"    key_file: {key}\n    export: bench\n"
-        )
-        self.mount_proc = subprocess.Popen(
-            [PY, "-m", "etfs.cli", "mount", "-c", str(cfg), "-f", "--log-file", str(self.dir / "mount.log")],
-            env=env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.procs.append(self.mount_proc)
-        self.mounts.append(self.root)
-        wait_for(lambda: (self.dir / "mnt" / "daemon.json").exists(), 20, "etfs mount")
+        key.write_text(KEY)
+        self.server = start_export_server(self.dir / "srv", "bench", key)
+        self.export = self.server.export
+        self.mount = mount_servers(self.dir, [self.server], key, mountpoints=False)
+        self.root = self.mount.root
         self.etfs = self.root / "bench"
 
     def start_sshfs(self) -> bool:
@@ -188,19 +130,13 @@ class Bench:
 
     def stop(self) -> None:
         for m in reversed(self.mounts):
-            if mounted(m):
-                subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
+            force_unmount(m)
         for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        for m in self.mounts:
-            if mounted(m):
-                subprocess.run(["umount", "-l", str(m)], capture_output=True)
+            stop_pid(p, 15)
+        if self.mount is not None:
+            self.mount.stop()
+        if self.server is not None:
+            self.server.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # --- measurements -------------------------------------------------------------------------
@@ -279,7 +215,8 @@ class Bench:
         print("(etfs/sshfs for the timed rows is sshfs time / etfs time: > 1 means etfs is faster)")
         rss = 0
         try:
-            for line in Path(f"/proc/{self.mount_proc.pid}/status").read_text().splitlines():
+            assert self.mount is not None and self.mount.proc is not None
+            for line in Path(f"/proc/{self.mount.proc.pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1])
         except OSError:

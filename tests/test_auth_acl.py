@@ -13,7 +13,7 @@ import msgspec
 import pytest
 import trio
 import trustme
-from server_helpers import RawClient, ServerProcess, Setup, standard_setup
+from harness.server import RawClient, ServerProcess, Setup, standard_setup
 
 from etfs.client.connection import ConnectionLost, Endpoint, RemoteError, ServerClient
 from etfs.protocol import auth

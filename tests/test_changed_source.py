@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PY, Env, env, make_env, throttled, wait_for
+from harness.mount import Env, make_env
+from harness.process import PY, child_env, throttled, wait_for
 from test_cp_mounts import digest, random_file, transfers_to
 
 SIZE = 96 * 2**20
@@ -28,7 +29,8 @@ def streams_env(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, key_file: Path
 ) -> Iterator[tuple[Env, int]]:
     n: int = request.param
-    with make_env(tmp_path_factory, key_file, f"transfer:\n  streams: {n}\n  block_size_mib: 1") as e:
+    extra = f"transfer:\n  streams: {n}\n  block_size_mib: 1"
+    with make_env(tmp_path_factory.mktemp("env"), key_file, extra) as e:
         yield e, n
 
 
@@ -57,9 +59,8 @@ def test_rewritten_source_never_commits(streams_env: tuple[Env, int], tool: str)
         cmd = [PY, "-m", "etfs.cli", "cp", "--streams", str(n), "--mount", str(e.mount.root), *cmd[1:]]
     jive = e.servers["jive"].proc
     assert jive is not None
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env())
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
-
         part = dst.parent / f".{name}.etfs-part"
 
         def received() -> int:
@@ -88,7 +89,7 @@ def test_rewritten_source_never_commits(streams_env: tuple[Env, int], tool: str)
     assert not dst.exists() or dst.stat().st_size < SIZE, "a file was committed from a changed source"
     [t] = transfers_to(e, f"onsala:/tmp/{name}")[-1:]
     assert t["state"] == "failed", t
-    log = e.servers["onsala"].log.read_text()
+    log = e.servers["onsala"].log_path.read_text()
     assert "changed during the transfer" in log, err
     assert not [p for p in dst.parent.iterdir() if p.name.startswith(f".{name}.etfs-part")], "part file kept"
     src.unlink()

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from server_helpers import REPO, make_key
+from harness.process import REPO
+from harness.server import make_key
 
 from etfs.config import ConfigError, load_client_config, parse_address
 from etfs_server.config import load_server_config

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Env, MountFactory, ServerFactory
+from harness.mount import Env, MountFactory
+from harness.server import ServerFactory
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),

@@ -7,7 +7,8 @@ import signal
 import subprocess
 import time
 
-from conftest import PY, Env, env, throttled, wait_for
+from harness.mount import Env
+from harness.process import PY, child_env, throttled, wait_for
 from test_cp_mounts import digest, random_file, transfers_to
 
 
@@ -20,7 +21,7 @@ def test_ctrl_c_on_etfs_cp_cancels_and_the_rerun_resumes(etfs_env: Env) -> None:
     cmd = [PY, "-m", "etfs.cli", "cp", "--mount", str(e.mount.root), "jive:/tmp/interrupted", "onsala:/tmp/"]
     jive = e.servers["jive"].proc
     assert jive is not None
-    cp = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env())
+    cp = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         with throttled(jive):  # the source runs 10% of the time: the copy cannot finish first
 
@@ -35,7 +36,7 @@ def test_ctrl_c_on_etfs_cp_cancels_and_the_rerun_resumes(etfs_env: Env) -> None:
             elapsed = time.monotonic() - t0
             # The state right after exit: nothing may still be running anywhere.
             [t] = transfers_to(e, "onsala:/tmp/interrupted")[-1:]
-            records = e.servers["onsala"].log.read_text()
+            records = e.servers["onsala"].log_path.read_text()
     finally:
         if cp.poll() is None:
             cp.kill()
@@ -48,11 +49,11 @@ def test_ctrl_c_on_etfs_cp_cancels_and_the_rerun_resumes(etfs_env: Env) -> None:
     assert "cancelled by the client" in records  # the destination server logged its end
     assert not final.exists()
     assert part.exists()  # kept for a resume
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=120, check=False)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert digest(final) == digest(src)
     assert not part.exists()
-    log = e.servers["onsala"].log.read_text()
+    log = e.servers["onsala"].log_path.read_text()
     found = re.findall(r"resuming with (\d+) of \d+ bytes already present", log)
     assert found and int(found[-1]) > 0
     src.unlink()

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, Env, env, throttled, wait_for
+from harness.mount import Env
+from harness.process import PY, child_env, throttled, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 
@@ -64,7 +65,7 @@ def status(e: Env) -> list[dict[str, object]]:
         [PY, "-m", "etfs.cli", "status", "--json", "--mount", str(e.mount.root)],
         capture_output=True,
         text=True,
-        env=env(),
+        env=child_env(),
         timeout=30,
         check=True,
     )
@@ -268,7 +269,7 @@ def test_failed_transfer_gives_eio_and_resume_on_rerun(etfs_env: Env) -> None:
         if cp.poll() is None:
             cp.kill()
             cp.wait()
-        jive.start()  # same control port: the mount reconnects
+        jive.restart()  # same control port: the mount reconnects
     assert cp.returncode != 0
     assert "Input/output error" in err
     dst = e.export("onsala") / "tmp" / "resumable"
@@ -287,7 +288,7 @@ def test_failed_transfer_gives_eio_and_resume_on_rerun(etfs_env: Env) -> None:
         timeout=120,
     )
     assert digest(dst) == want
-    log = e.servers["onsala"].log.read_text()
+    log = e.servers["onsala"].log_path.read_text()
     assert re.search(r"resuming with \d+ of \d+ bytes already present", log), log[-2000:]
 
 

@@ -15,15 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import Mount, MountFactory, Server, ServerFactory, throttled, wait_for
+from harness.mount import Mount, MountFactory
+from harness.process import throttled, wait_for
+from harness.server import ServerFactory, ServerProcess
 from test_cp_mounts import digest, random_file
-from transfer_helpers import tmpfs
 
 from etfs.protocol.transfer import FailureCode
 from etfs.transfer.engine import TransferFailed
 from etfs.transfer.errors import reply_errno
-
-__all__ = ["tmpfs"]  # fixture, re-exported for pytest
 
 SIZE = 128 * 2**20
 
@@ -32,8 +31,8 @@ SIZE = 128 * 2**20
 class Full:
     """A `cp` that failed because the destination filled up at about half the file."""
 
-    jive: Server
-    onsala: Server
+    jive: ServerProcess
+    onsala: ServerProcess
     mount: Mount
     src: Path
     filler: Path
@@ -149,7 +148,7 @@ def test_rerun_after_freeing_space_resumes(
     r = subprocess.run(["cp", str(full.mount.dir("jive") / "tmp" / "full"), f"{dst_dir}/"], check=False)
     assert r.returncode == 0
     assert digest(full.onsala.export / "tmp" / "full") == digest(full.src)
-    found = re.findall(r"resuming with (\d+) of \d+ bytes", full.onsala.log.read_text())
+    found = re.findall(r"resuming with (\d+) of \d+ bytes", full.onsala.log_path.read_text())
     present = int(found[-1]) if found else 0
     resent = SIZE - present
     print(f"re-run re-sent {resent / SIZE:.1%} of the file (fault at {full.done_at_fault / SIZE:.0%})")

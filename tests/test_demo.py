@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PY, REPO, env, mounted, wait_for
+from harness.mount import mounted
+from harness.process import PY, REPO, child_env, wait_for
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
@@ -42,7 +43,7 @@ class Demo:
             [PY, "-m", "etfs.cli", "demo", "--dir", str(d)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=env(),
+            env=child_env(),
             cwd=REPO,
             text=True,
         )

@@ -7,7 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import PY, Env, env, wait_for
+from harness.mount import Env
+from harness.process import PY, child_env, wait_for
 from test_cp_mounts import daemon_io, digest, random_file, status
 
 
@@ -16,7 +17,7 @@ def etfs(e: Env, *args: str, check: bool = False) -> subprocess.CompletedProcess
         [PY, "-m", "etfs.cli", *args],
         capture_output=True,
         text=True,
-        env=env(),
+        env=child_env(),
         timeout=120,
         check=check,
     )
@@ -140,7 +141,7 @@ def test_server_records_survive_restart(etfs_env: Env) -> None:
     assert before["state"] == "done" and before["digest"]
     onsala = e.servers["onsala"]
     onsala.kill()
-    onsala.start()
+    onsala.restart()
 
     def back() -> bool:
         try:
@@ -159,7 +160,7 @@ def test_progress_bar_on_a_tty(etfs_env: Env) -> None:
     random_file(e.export("jive") / "tmp" / "tty.bin", 64 * 2**20, seed=31)
     cmd = f"{PY} -m etfs.cli cp --mount {e.mount.root} jive:/tmp/tty.bin onsala:/tmp/tty.bin"
     r = subprocess.run(
-        ["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, env=env(), timeout=120
+        ["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, env=child_env(), timeout=120
     )
     assert r.returncode == 0, r.stdout
     assert "tty.bin" in r.stdout and "━" in r.stdout and "MB" in r.stdout, r.stdout

@@ -17,9 +17,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from harness.server import RawClient, ServerProcess, Setup, standard_setup
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_helpers import RawClient, ServerProcess, Setup, standard_setup
 
 from etfs.protocol import messages as m
 from etfs.protocol.connection import (

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, Server, ServerFactory, write_client_config
+from harness.mount import Mount, write_client_config
+from harness.server import ServerFactory, ServerProcess
 
 REQUEST_TIMEOUT = 4.0
 CONNECT_TIMEOUT = 1.5
@@ -24,7 +25,7 @@ CONNECT_TIMEOUT = 1.5
 @pytest.fixture
 def mount_with_timeouts(
     start_server: ServerFactory, key_file: Path, tmp_path: Path
-) -> Iterator[tuple[Server, Server, Mount]]:
+) -> Iterator[tuple[ServerProcess, ServerProcess, Mount]]:
     """jive and onsala, mounted with short timeouts (REQUEST_TIMEOUT, CONNECT_TIMEOUT)."""
     jive, onsala = start_server("jive"), start_server("onsala")
     root = tmp_path / "mnt" / ".etfs"
@@ -55,7 +56,7 @@ def timed_stat(path: Path) -> tuple[float, OSError | None]:
 
 
 def test_stat_under_a_stopped_server_fails_within_the_timeout(
-    mount_with_timeouts: tuple[Server, Server, Mount],
+    mount_with_timeouts: tuple[ServerProcess, ServerProcess, Mount],
 ) -> None:
     jive, onsala, m = mount_with_timeouts
     for i in range(3):

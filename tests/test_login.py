@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PY, Mount, Server, env, wait_for, walkable, write_client_config
+from harness.mount import Mount, walkable, write_client_config
+from harness.process import PY, child_env, wait_for
+from harness.server import ServerProcess
 
 NOBODY_UID = 65534
 OTHER_UID = 65533  # a second unprivileged local user (no passwd entry needed)
@@ -44,7 +46,7 @@ BOB_KEY = "bob-test-key-NOT-A-SECRET-fedcba9876543210\n"
 
 @dataclass
 class Site:
-    servers: dict[str, Server]
+    servers: dict[str, ServerProcess]
     mount: Mount
     home: Path  # nobody's home: .config/etfs/login.yaml, bob.key
 
@@ -67,7 +69,7 @@ class Site:
 
     def etfs(self, *args: str, uid: int | None = NOBODY_UID) -> subprocess.CompletedProcess[str]:
         """The `etfs` command as a local user (None: as root), for this mount."""
-        e = env()
+        e = child_env()
         e.pop("XDG_RUNTIME_DIR", None)
         if uid is not None:
             e["HOME"] = str(self.home)
@@ -129,7 +131,7 @@ def make_site(tmp_path_factory: pytest.TempPathFactory, others: str | None = Non
         _own(p, 0o700)
     _own(home / "bob.key", 0o600)
     _own(login_yaml, 0o600)
-    servers: dict[str, Server] = {}
+    servers: dict[str, ServerProcess] = {}
     mount: Mount | None = None
     with walkable(base):
         try:
@@ -143,7 +145,7 @@ def make_site(tmp_path_factory: pytest.TempPathFactory, others: str | None = Non
                 os.chmod(export / "tmp" / "open.txt", 0o644)
                 cfg = sbase / "server.yaml"
                 cfg.write_text(_server_yaml(name, export, keys, sbase / "state"))
-                s = Server(name, export, cfg, sbase / "ports", sbase / "server.log")
+                s = ServerProcess(cfg, sbase, name=name, export=export)
                 servers[name] = s
                 s.start()
             mbase = base / "mount"
@@ -191,7 +193,7 @@ def denied(r: subprocess.CompletedProcess[str]) -> bool:
 
 def test_login_acts_as_bob_and_logout_ends_it(site: Site) -> None:
     jive = site.dir("jive")
-    server_log = site.servers["jive"].log
+    server_log = site.servers["jive"].log_path
     # Without a login nobody acts as the mount's identity (others: mount-identity, the default).
     r = site.sh(f"cat {jive}/tmp/open.txt")
     assert r.returncode == 0 and r.stdout == "FOR THE MOUNT'S IDENTITY\n", r

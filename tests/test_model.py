@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Env, Mount, write_client_config
 from fsmodel import Model
+from harness.mount import Env, Mount, write_client_config
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),

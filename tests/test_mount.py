@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, Env, MountFactory, ServerFactory, env, mounted, wait_for, write_client_config
+from harness.mount import Env, MountFactory, mounted, write_client_config
+from harness.process import PY, child_env, wait_for
+from harness.server import ServerFactory
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
@@ -337,7 +339,7 @@ def test_server_killed_and_restarted(start_server: ServerFactory, start_mount: M
         with pytest.raises(OSError):
             (a / "new.txt").write_text("x")
         assert time.monotonic() - t0 < 5
-        alpha.start()  # same port
+        alpha.restart()  # same port
 
         def back() -> bool:
             try:
@@ -440,7 +442,7 @@ def test_write_error_surfaces_at_close(start_server: ServerFactory, start_mount:
         with pytest.raises(OSError):
             f.close()  # the deferred write error is reported by close(2) (FUSE flush)
     finally:
-        srv.start()
+        srv.restart()
     assert os.path.getsize(srv.export / "tmp" / "w.bin") == 0
 
 
@@ -499,7 +501,7 @@ echo NONROOT-OK
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
             capture_output=True,
             text=True,
-            env=env(),
+            env=child_env(),
             cwd="/",
             timeout=90,
         )
@@ -523,7 +525,7 @@ def test_cli_background_mount_stale_cleanup_and_umount(
 
     def etfs(*args: str | Path) -> subprocess.CompletedProcess[str]:
         cmd = [PY, "-m", "etfs.cli", *map(str, args)]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=60)
+        return subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=60)
 
     try:
         r = etfs("mount", "-c", cfg)
@@ -576,7 +578,7 @@ def test_unusable_paths_give_one_line_not_a_traceback(tmp_path: Path, key_file: 
         ["mount", "-c", str(cfg), "-f", "--log-file", "/proc/nonexistent/mount.log"],
     ):
         r = subprocess.run(
-            [PY, "-m", "etfs.cli", *args], capture_output=True, text=True, env=env(), timeout=60
+            [PY, "-m", "etfs.cli", *args], capture_output=True, text=True, env=child_env(), timeout=60
         )
         assert r.returncode == 1, (args, r.stderr)
         assert "Traceback" not in r.stderr and r.stderr.startswith("etfs"), r.stderr
@@ -592,7 +594,11 @@ def test_umount_does_not_signal_a_reused_pid(tmp_path: Path) -> None:
     try:
         (root.parent / "daemon.json").write_text(json.dumps({"pid": other.pid, "root": str(root)}))
         r = subprocess.run(
-            [PY, "-m", "etfs.cli", "umount", str(root)], capture_output=True, text=True, env=env(), timeout=60
+            [PY, "-m", "etfs.cli", "umount", str(root)],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=60,
         )
         assert other.poll() is None, r.stderr  # still running: not signalled
     finally:

@@ -30,18 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netns import (
-    NetLab,
-    NsMount,
-    NsServer,
-    ServerEntry,
-    make_mount,
-    netns_unavailable,
-    poll,
-    python_env,
-    start_server,
-    write_key,
-)
+from harness.mount import Mount
+from harness.netlab import NetLab, ServerEntry, make_mount, netns_unavailable, start_server, write_key
+from harness.process import child_env, wait_for
+from harness.server import ServerProcess
+from harness.transfers import make_file, sha256
 
 MIB = 1 << 20
 
@@ -51,42 +44,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def make_file(path: Path, size: int, seed: int = 1) -> str:
-    """A file of ``size`` pseudo-random bytes; its sha256."""
-    block = hashlib.sha256(str(seed).encode()).digest() * (MIB // 32)
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        left, i = size, 0
-        while left > 0:
-            chunk = (i.to_bytes(8, "big") + block)[: min(left, MIB)]
-            f.write(chunk)
-            h.update(chunk)
-            left -= len(chunk)
-            i += 1
-    return h.hexdigest()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MIB):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def status(mount: NsMount) -> list[dict[str, object]]:
+def status(mount: Mount) -> list[dict[str, object]]:
     out = subprocess.run(
         [sys.executable, "-m", "etfs.cli", "status", "--json", "--mount", str(mount.root)],
         capture_output=True,
         text=True,
-        env=python_env(),
+        env=child_env(),
         timeout=30,
         check=True,
     )
     return json.loads(out.stdout)["transfers"]
 
 
-def transfers_to(mount: NsMount, destination: str) -> list[dict[str, object]]:
+def transfers_to(mount: Mount, destination: str) -> list[dict[str, object]]:
     return [t for t in status(mount) if t["destination"] == destination]
 
 
@@ -95,10 +65,11 @@ class Topology:
     lab: NetLab
     client_ns: str
     client_ifs: list[str]
-    jive: NsServer
-    onsala: NsServer
-    mount: NsMount
+    jive: ServerProcess
+    onsala: ServerProcess
+    mount: Mount
     server_link: tuple[str, str] | None
+    onsala_ns: str
 
     def src(self, name: str) -> Path:
         return self.jive.export / "tmp" / name
@@ -145,13 +116,8 @@ def build(
         ServerEntry(onsala, "10.213.2.2", "10.213.3.2" if server_link else None),
     ]
     mount = make_mount(lab, cns, base / "client", entries, key, third_party="auto", extra=pairs)
-    try:
-        mount.start()
-    except BaseException:
-        mount.stop()
-        raise
-    lab.finalizers.append(mount.stop)
-    return Topology(lab, cns, [c1, c2], jive, onsala, mount, link)
+    mount.start()  # stopped by the lab's cleanup, also when it fails to start
+    return Topology(lab, cns, [c1, c2], jive, onsala, mount, link, ons)
 
 
 def cp(src: Path, dst: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -218,7 +184,7 @@ def test_direct_server_link_goes_third_party(lab: NetLab, tmp_path: Path) -> Non
     assert client_bytes < MIB, f"the client's links carried {client_bytes} bytes for a {size}-byte file"
     # And the server link did carry the file.
     assert t.server_link is not None
-    rx, _tx = lab.counters(t.onsala.ns, t.server_link[1])
+    rx, _tx = lab.counters(t.onsala_ns, t.server_link[1])
     assert rx >= size
 
 
@@ -241,7 +207,7 @@ def test_unmount_during_large_copy(lab: NetLab, tmp_path: Path, how: str) -> Non
             recs = transfers_to(t.mount, "onsala:/tmp/huge.bin")
             return bool(recs) and int(recs[-1]["bytes_done"]) > 0  # type: ignore[call-overload]
 
-        poll(running, 30, "the transfer to make progress", interval=0.1)
+        wait_for(running, 30, "the transfer to make progress")
         assert proc.poll() is None, "the copy finished before the unmount: make it larger"
         t0 = time.monotonic()
         if how == "etfs-umount":
@@ -250,7 +216,7 @@ def test_unmount_during_large_copy(lab: NetLab, tmp_path: Path, how: str) -> Non
                 capture_output=True,
                 text=True,
                 timeout=60,
-                env=python_env(),
+                env=child_env(),
             )
             assert u.returncode == 0, u.stderr
         else:
@@ -263,7 +229,7 @@ def test_unmount_during_large_copy(lab: NetLab, tmp_path: Path, how: str) -> Non
         assert err.strip(), "cp failed silently"
         assert t.mount.proc is not None
         t.mount.proc.wait(30)
-        poll(lambda: not t.mount.leftovers(), 15, "the mounts to go away")
+        wait_for(lambda: not t.mount.leftovers(), 15, "the mounts to go away")
         assert no_full_file(dst, size)
     finally:
         if proc.poll() is None:

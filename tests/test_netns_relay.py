@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from netns import NetLab, poll, python_env
+from harness.netlab import NetLab
+from harness.process import child_env, wait_for
 from test_netns_mount import (
     MIB,
     Topology,
@@ -59,7 +60,7 @@ def test_kill9_mid_relay_then_remount_resumes_and_leaves_no_orphan(lab: NetLab, 
             recs = [r for r in transfers_to(t.mount, "onsala:/tmp/relay.bin") if r["kind"] == "relay"]
             return bool(recs) and int(str(recs[-1]["bytes_done"])) >= size // 3
 
-        poll(halfway, 60, "the relay to be a third through", interval=0.1)
+        wait_for(halfway, 60, "the relay to be a third through")
         assert t.mount.proc is not None
         t.mount.proc.kill()  # SIGKILL, by pid
         t.mount.proc.wait(10)
@@ -106,14 +107,14 @@ def test_ctrl_c_on_etfs_cp_mid_relay_keeps_the_part_for_a_resume(lab: NetLab, tm
         "jive:/tmp/int.bin",
         "onsala:/tmp/",
     ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=python_env())
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
 
         def moving() -> bool:
             recs = [r for r in transfers_to(t.mount, "onsala:/tmp/int.bin") if r["kind"] == "relay"]
             return bool(recs) and int(str(recs[-1]["bytes_done"])) >= size // 4
 
-        poll(moving, 60, "the relay to move bytes", interval=0.1)
+        wait_for(moving, 60, "the relay to move bytes")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
@@ -129,7 +130,7 @@ def test_ctrl_c_on_etfs_cp_mid_relay_keeps_the_part_for_a_resume(lab: NetLab, tm
     assert rec["state"] == "cancelled" and rec["cancel_confirmed"] is True, rec
     assert not (dst_dir / "int.bin").exists()
     assert relay_files(dst_dir, "int.bin") == [".int.bin.etfs-relay", ".int.bin.etfs-relay.id"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=python_env(), timeout=120, check=False)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert sha256(dst_dir / "int.bin") == want
     assert relay_files(dst_dir, "int.bin") == []

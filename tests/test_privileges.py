@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
-from server_helpers import RawClient, ServerProcess, Setup, standard_setup
+from harness.server import RawClient, ServerProcess, Setup, standard_setup
 
 from etfs.client.connection import RemoteError, ServerClient
 from etfs.protocol import messages as m

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, Mount, MountFactory, ServerFactory, env, wait_for
+from harness.mount import Mount, MountFactory
+from harness.process import PY, child_env, wait_for
+from harness.server import ServerFactory
 
 from etfs.procs import pid_alive
 from etfs.transfer import control
@@ -18,7 +20,12 @@ from etfs.transfer import control
 
 def etfs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PY, "-m", "etfs.cli", *args], capture_output=True, text=True, env=env(), timeout=60, check=False
+        [PY, "-m", "etfs.cli", *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
     )
 
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from transfer_helpers import MIB, Cluster, cluster, make_file, open_engine, sha256
+from harness.transfers import MIB, Cluster, make_file, open_engine, sha256
 
 from etfs.transfer.engine import ClientTransfer, TransferEngine, relay_id_name, relay_part_name
 
 pytestmark = pytest.mark.timeout(120)
 
-__all__ = ["cluster"]  # the fixture, re-exported for pytest
 
 SIZE = 24 * MIB + 4321
 

@@ -13,20 +13,11 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
-from server_helpers import (
-    REPO,
-    RawClient,
-    ServerFactory,
-    ServerProcess,
-    Setup,
-    server_factory,
-    standard_setup,
-)
+from harness.process import REPO
+from harness.server import RawClient, ServerFactory, ServerProcess, Setup, standard_setup
 
 from etfs.client.connection import RemoteError, ServerClient
 from etfs.protocol import messages as m
-
-__all__ = ["server_factory"]  # fixture re-exported for pytest
 
 
 def test_help() -> None:

@@ -15,16 +15,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
-from transfer_helpers import (
-    MIB,
-    Cluster,
-    Node,
-    cluster,
-    leftovers,
-    make_file,
-    open_engine,
-    sha256,
-)
+from harness.transfers import MIB, Cluster, Node, leftovers, make_file, open_engine, sha256
 
 from etfs.client import RemoteError
 from etfs.protocol import messages as m
@@ -32,7 +23,6 @@ from etfs.transfer.engine import ClientTransfer, TransferFailed
 
 pytestmark = pytest.mark.timeout(120)
 
-__all__ = ["cluster"]  # the fixture, re-exported for pytest
 
 SMALL_BLOCK = 256 * 1024
 

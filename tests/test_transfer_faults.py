@@ -18,20 +18,18 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
-from transfer_helpers import (
+from harness.process import wait_until
+from harness.transfers import (
     MIB,
     Cluster,
     Node,
     client_command,
     client_spec,
-    cluster,
     leftovers,
     make_file,
     open_engine,
     proxied_source,
     sha256,
-    tmpfs,
-    wait_until,
 )
 
 from etfs.protocol import messages as m
@@ -40,7 +38,6 @@ from etfs.transfer.engine import ClientTransfer, TransferFailed
 
 pytestmark = pytest.mark.timeout(120)
 
-__all__ = ["cluster", "tmpfs"]  # fixtures, re-exported for pytest
 
 BLOCK = 512 * 1024
 SIZE = 40 * MIB

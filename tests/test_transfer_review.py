@@ -7,22 +7,11 @@ import errno
 import msgspec
 import pytest
 import trio
-from transfer_helpers import (
-    MIB,
-    Cluster,
-    cluster,
-    make_file,
-    open_engine,
-    proxied_source,
-    raw_data_open,
-    sha256,
-)
+from harness.transfers import MIB, Cluster, make_file, open_engine, proxied_source, raw_data_open, sha256
 
 from etfs.client import RemoteError
 from etfs.protocol import messages as m
 from etfs.transfer.engine import TransferFailed, single_errors
-
-__all__ = ["cluster"]  # the fixture, re-exported for pytest
 
 
 @pytest.fixture

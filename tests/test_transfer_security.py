@@ -18,25 +18,22 @@ import time
 import msgspec
 import pytest
 import trio
-from transfer_helpers import (
+from harness.process import wait_until
+from harness.transfers import (
     MIB,
     Cluster,
     Recorder,
-    cluster,
     make_file,
     open_engine,
     proxied_source,
     raw_data_open,
     raw_pull,
     sha256,
-    wait_until,
 )
 
 from etfs.client import RemoteError
 from etfs.protocol import messages as m
 from etfs_server.peers import PeerPolicy, PeerRefused, parse_entry
-
-__all__ = ["cluster"]  # the fixture, re-exported for pytest
 
 MARK = b"CLIENT-CHOSEN-7f3a9c"  # must never reach a listener that did not prove itself
 

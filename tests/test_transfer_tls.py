@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from server_helpers import ServerProcess, make_key, write_server_yaml
+from harness.server import ServerProcess, make_key, write_server_yaml
 
 from etfs.client import Pool
 from etfs.config import ClientConfig, ServerEntry, TLSClientOptions

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import trio
-from server_helpers import ServerProcess, Setup, standard_setup
+from harness.server import ServerProcess, Setup, standard_setup
 
 from etfs import _sendfile_cffi as native
 from etfs.client.connection import RemoteError, ServerClient

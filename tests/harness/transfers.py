@@ -1,9 +1,10 @@
-"""Helpers for server-to-server transfer tests: real servers, a client engine, a TCP proxy, netns.
+"""Server-to-server transfer tests: a cluster of real servers, a client engine, a TCP proxy.
 
-* `Cluster` (fixture ``cluster``): two or more real ``etfs_server`` processes (each with its
-  own export, state dir and log, started through `server_helpers.ServerProcess`) and a
-  `ClientConfig` for them; `open_engine()` gives a `Pool` + `TransferEngine` in this process.
-  `Node.kill()` SIGKILLs a server by pid; `Node.restart()` starts it again on the same ports.
+* `Cluster` (fixture ``cluster`` in conftest): real ``etfs-server`` processes (each with its
+  own export, state dir and log, a `harness.server.ServerProcess`, optionally inside a
+  network namespace) and a `ClientConfig` for them; `open_engine()` gives a `Pool` +
+  `TransferEngine` in this process.  `Node.kill()` SIGKILLs a server by pid;
+  `Node.restart()` starts it again on the same ports.
 * `Proxy`: a threaded userspace TCP proxy that understands the data-connection wire format
   (`etfs.protocol.data`) in the source -> destination direction: it counts payload bytes,
   can limit their rate, corrupt one byte of the Nth block, stall, or cut a connection after
@@ -11,11 +12,8 @@
   loopback address (127.0.0.2:PORT -> 127.0.0.1:PORT) and the client config names that
   address as the source's ``peer_address`` (the engine's ``_data_host`` uses it, the port
   always comes from the capability).
-* `NetnsLab` (fixture ``netns_lab``): network namespaces and veth pairs with per-run unique
-  names, servers run with ``ip netns exec``; everything (processes by pid, namespaces) is
-  removed in a finalizer.
-* `client_main`: a copy run in a subprocess (``python tests/transfer_helpers.py JSON``), for
-  "the client process was killed" and for a client inside a namespace.
+* `client_main` / `run_client`: a copy run in a subprocess (``python -m harness.transfers
+  JSON``), for "the client process was killed" and for a client inside a namespace.
 """
 
 from __future__ import annotations
@@ -26,55 +24,35 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 import trio
-from server_helpers import REPO, ServerProcess, make_key, write_server_yaml
 
 from etfs.client import Pool
 from etfs.config import ClientConfig, ServerEntry, TransferDefaults
 from etfs.protocol import data as d
 from etfs.transfer.engine import ClientTransfer, TransferEngine
 
+from .process import REPO, child_env
+from .server import ServerProcess, write_server_yaml
+
 MIB = 1 << 20
 USER = "u"
 EXPORT = "d"
-HELPER = Path(__file__).resolve()
+TESTS = Path(__file__).resolve().parent.parent
 
 
 # --- small utilities ---------------------------------------------------------------------------------
-async def wait_until(cond: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll ``cond`` (another process's state can only be polled) until true, or fail."""
-    deadline = trio.current_time() + timeout
-    while not cond():
-        if trio.current_time() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await trio.sleep(0.02)
-
-
-async def wait_until_async(
-    cond: Callable[[], Awaitable[object]], timeout: float = 20.0, what: str = "condition"
-) -> None:
-    deadline = trio.current_time() + timeout
-    while not await cond():
-        if trio.current_time() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await trio.sleep(0.02)
-
-
 def make_file(path: Path, size: int, seed: int = 0) -> str:
     """A file of pseudo-random (incompressible, block-distinct) bytes; returns its sha256."""
     h = hashlib.sha256()
@@ -133,28 +111,18 @@ class Node:
         return self.proc.proc.pid
 
     def records(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for p in sorted((self.state_dir / "transfers").glob("*.json")):
-            rec = json.loads(p.read_text())
-            out[rec["id"]] = rec
-        return out
+        return self.proc.records()
 
     def record(self, transfer_id: str) -> dict[str, Any]:
         return self.records()[transfer_id]
 
     def kill(self) -> None:
         """SIGKILL by pid (no graceful shutdown: records stay 'running' on disk)."""
-        popen = self.proc.proc
-        assert popen is not None
-        os.kill(popen.pid, signal.SIGKILL)
-        popen.wait(10)
-        self.proc.proc = None
+        self.proc.kill()
 
     def restart(self) -> None:
         """Start again on the same control and data ports (the proxy and the client keep them)."""
-        cport, dport = self.control_port, self.data_port
-        self.proc.start("--listen", f"127.0.0.1:{cport}", "--data-listen", f"127.0.0.1:{dport}")
-        assert (self.control_port, self.data_port) == (cport, dport)
+        self.proc.restart()
 
 
 @dataclass
@@ -171,6 +139,9 @@ class Cluster:
         name: str,
         transfer: dict[str, Any] | None = None,
         pre_start: Callable[[Path], None] | None = None,
+        prefix: tuple[str, ...] = (),
+        listen: str = "127.0.0.1:0",
+        data_listen: str = "127.0.0.1:0",
         **extra: Any,
     ) -> Node:
         """Start server ``name``; ``pre_start(export)`` runs first (e.g. to mount a filesystem there)."""
@@ -190,7 +161,9 @@ class Cluster:
             name=name,
             extra=doc_extra,
         )
-        proc = ServerProcess(config, base)
+        proc = ServerProcess(
+            config, base, name=name, export=export, prefix=prefix, listen=listen, data_listen=data_listen
+        )
         node = Node(name, base, export, self.key_file, config, proc)
         self.nodes[name] = node
         proc.start()
@@ -238,18 +211,6 @@ class Cluster:
             n.proc.stop()
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """An empty `Cluster`; ``cluster.add(name)`` starts servers, all killed by pid at teardown."""
-    c = Cluster(tmp_path)
-    c.key_file = tmp_path / "u.key"
-    make_key(c.key_file)
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
 @contextlib.asynccontextmanager
 async def open_engine(config: ClientConfig) -> AsyncIterator[TransferEngine]:
     """A `Pool` + `TransferEngine` living in this trio run; connections closed on exit."""
@@ -268,28 +229,6 @@ def running_transfer(engine: TransferEngine) -> ClientTransfer | None:
         if t.state not in ("done", "failed", "skipped", "cancelled"):
             return t
     return None
-
-
-@pytest.fixture
-def tmpfs() -> Iterator[Callable[[Path, str], None]]:
-    """``tmpfs(path, "20m")`` mounts a small tmpfs on ``path``; unmounted (lazily) at teardown."""
-    mounted: list[Path] = []
-
-    def mount(path: Path, size: str) -> None:
-        r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-        mounted.append(path)
-
-    try:
-        yield mount
-    finally:
-        for p in reversed(mounted):
-            subprocess.run(["umount", "-l", str(p)], capture_output=True, check=False)
 
 
 # --- a data-port client of its own ----------------------------------------------------------------------
@@ -636,10 +575,10 @@ def proxied_source(node: Node, **kw: Any) -> Proxy:
 def client_command(spec: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
     # Run as a script, the helper would import the installed etfs (another checkout's, in a
     # git worktree) instead of this tree's: put this tree first.
-    boot = f"import runpy, sys; sys.path[:0] = [{str(REPO)!r}, {str(HELPER.parent)!r}]; " + (
-        f"sys.argv = sys.argv[1:]; runpy.run_path({str(HELPER)!r}, run_name='__main__')"
+    boot = f"import runpy, sys; sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]; " + (
+        "sys.argv = sys.argv[1:]; runpy.run_module('harness.transfers', run_name='__main__')"
     )
-    return [*prefix, sys.executable, "-c", boot, str(HELPER), json.dumps(spec)]
+    return [*prefix, sys.executable, "-c", boot, "harness.transfers", json.dumps(spec)]
 
 
 def client_spec(
@@ -671,7 +610,7 @@ def spec_config(spec: dict[str, Any]) -> ClientConfig:
             user=USER,
             key_file=Path(s["key_file"]),
             export=EXPORT,
-            peer_address=tuple(s["peer_address"]) if s["peer_address"] else None,  # type: ignore[arg-type]
+            peer_address=tuple(s["peer_address"]) if s["peer_address"] else None,
         )
         for s in spec["servers"]
     }
@@ -704,171 +643,21 @@ def client_main(argv: list[str]) -> int:
     return 0
 
 
-# --- network namespaces --------------------------------------------------------------------------------
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+def run_client(spec: dict[str, Any], prefix: tuple[str, ...] = (), timeout: float = 120) -> dict[str, Any]:
+    """A copy by a client process (behind ``prefix``, e.g. inside a namespace); its JSON result."""
+    out = subprocess.run(
+        client_command(spec, prefix),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=child_env(),
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"client failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
-
-@dataclass
-class NsServer:
-    name: str
-    ns: str
-    base: Path
-    export: Path
-    proc: subprocess.Popen[bytes] | None = None
-    control_port: int = 0
-    data_port: int = 0
-
-    @property
-    def state_dir(self) -> Path:
-        return self.base / f"state-{self.name}"
-
-    def records(self) -> dict[str, dict[str, Any]]:
-        return {
-            (r := json.loads(p.read_text()))["id"]: r
-            for p in sorted((self.state_dir / "transfers").glob("*.json"))
-        }
-
-    def log(self) -> str:
-        p = self.base / "server.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-
-class NetnsLab:
-    """Namespaces + veth pairs with names unique to this run; `cleanup()` removes all of them."""
-
-    def __init__(self, base: Path, key_file: Path) -> None:
-        self.base = base
-        self.key_file = key_file
-        self.tag = secrets.token_hex(3)
-        self.namespaces: list[str] = []
-        self.servers: list[NsServer] = []
-        self._links = 0
-
-    def ns(self, role: str) -> str:
-        name = f"etfs-{self.tag}-{role}"
-        _ip("netns", "add", name)
-        self.namespaces.append(name)
-        _ip("-n", name, "link", "set", "lo", "up")
-        return name
-
-    def link(self, ns_a: str, addr_a: str, ns_b: str, addr_b: str, prefix: int = 24) -> tuple[str, str]:
-        """A veth pair between two namespaces, addressed and up; returns the interface names."""
-        self._links += 1
-        a, b = f"v{self.tag}{self._links}a", f"v{self.tag}{self._links}b"  # <= 15 chars
-        _ip("link", "add", a, "type", "veth", "peer", "name", b)
-        _ip("link", "set", a, "netns", ns_a)
-        _ip("link", "set", b, "netns", ns_b)
-        _ip("-n", ns_a, "addr", "add", f"{addr_a}/{prefix}", "dev", a)
-        _ip("-n", ns_b, "addr", "add", f"{addr_b}/{prefix}", "dev", b)
-        _ip("-n", ns_a, "link", "set", a, "up")
-        _ip("-n", ns_b, "link", "set", b, "up")
-        return a, b
-
-    def server(
-        self, name: str, ns: str, listen: str, data_listen: str, extra: dict[str, Any] | None = None
-    ) -> NsServer:
-        base = self.base / name
-        export = base / "export"
-        export.mkdir(parents=True)
-        config = write_server_yaml(
-            base / "server.yaml",
-            exports={EXPORT: {"path": str(export), "acl": [{"who": USER, "path": "/", "rights": "all"}]}},
-            users={USER: {"key_file": str(self.key_file)}},
-            name=name,
-            extra=extra,
-        )
-        port_file = base / "ports"
-        srv = NsServer(name, ns, base, export)
-        self.servers.append(srv)
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("PYTHONWARNINGS", None)
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "etfs_server.main", "-c", str(config)]
-        cmd += ["--listen", listen, "--data-listen", data_listen, "--port-file", str(port_file)]
-        with (base / "server.log").open("ab") as logf:
-            srv.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        deadline = time.monotonic() + 15
-        while not port_file.exists():
-            if srv.proc.poll() is not None:
-                raise RuntimeError(f"server {name} in {ns} exited:\n{srv.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server {name} in {ns} did not start:\n{srv.log()}")
-            time.sleep(0.02)
-        srv.control_port, srv.data_port = map(int, port_file.read_text().split())
-        return srv
-
-    def run_client(self, ns: str, spec: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
-        """A copy by a client process inside ``ns``; its JSON result."""
-        out = subprocess.run(
-            client_command(spec, ("ip", "netns", "exec", ns)),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=REPO,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"client failed ({out.returncode}):\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-    def cleanup(self) -> None:
-        for srv in self.servers:
-            if srv.proc is not None and srv.proc.poll() is None:
-                os.kill(srv.proc.pid, signal.SIGTERM)
-                try:
-                    srv.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.kill(srv.proc.pid, signal.SIGKILL)
-                    srv.proc.wait(5)
-        for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-        self.namespaces.clear()
-
-
-def netns_available() -> str | None:
-    """None when namespaces can be created here, else the reason they cannot."""
-    name = f"etfs-probe-{secrets.token_hex(3)}"
-    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"'ip netns add' is not permitted here: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-    return None
-
-
-@pytest.fixture
-def netns_lab(tmp_path: Path) -> Iterator[NetnsLab]:
-    reason = netns_available()
-    if reason:
-        pytest.skip(reason)
-    key_file = tmp_path / "u.key"
-    make_key(key_file)
-    lab = NetnsLab(tmp_path, key_file)
-    try:
-        yield lab
-    finally:
-        lab.cleanup()
-
-
-__all__ = [
-    "EXPORT",
-    "MIB",
-    "Cluster",
-    "NetnsLab",
-    "Node",
-    "Proxy",
-    "client_command",
-    "client_spec",
-    "cluster",
-    "leftovers",
-    "make_file",
-    "netns_lab",
-    "open_engine",
-    "proxied_source",
-    "running_transfer",
-    "sha256",
-    "tmpfs",
-    "wait_until",
-    "wait_until_async",
-]
 
 if __name__ == "__main__":
     sys.exit(client_main(sys.argv[1:]))

@@ -14,8 +14,9 @@ would also unshare the mount namespace and hide it).  `NetLab.spawn` starts a pr
 that prefix and remembers its pid; `cleanup` stops those pids (SIGTERM, then SIGKILL) and
 nothing else.
 
-For etfs specifically: `start_server` runs an ``etfs-server`` inside a namespace and
-`client_config` writes a ``mountpoints.yaml`` for servers reached at namespace addresses.
+For etfs specifically: `start_server` runs an ``etfs-server`` inside a namespace,
+`client_config` writes a ``mountpoints.yaml`` for servers reached at namespace addresses and
+`make_mount` prepares an ``etfs mount`` whose daemon lives in a namespace's network.
 
 Nothing here imports pytest, so `bench/` can use it too.
 """
@@ -23,18 +24,18 @@ Nothing here imports pytest, so `bench/` can use it too.
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from .mount import Mount
+from .process import REPO, child_env, stop_pid
+from .server import ServerProcess, single_export_yaml
+
 _serial = itertools.count(1)  # names stay unique when several labs of one process overlap
 
 
@@ -47,36 +48,6 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
     return r
-
-
-def poll(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
-    """Poll ``cond`` until it is true; TimeoutError naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
-    """SIGTERM our own child by pid, SIGKILL it if it lingers; its exit status."""
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        except ProcessLookupError:
-            proc.wait(5)
-    return proc.returncode
-
-
-def python_env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH")) if p)
-    e.pop("PYTHONWARNINGS", None)
-    return e
 
 
 @dataclass
@@ -165,14 +136,14 @@ class NetLab:
         """Start ``cmd`` in the network namespace ``ns``; output to ``log``; stopped by cleanup."""
         with open(log, "ab") as logf:
             proc = subprocess.Popen(
-                [*self.prefix(ns), *cmd], stdout=logf, stderr=subprocess.STDOUT, env=python_env(), cwd=cwd
+                [*self.prefix(ns), *cmd], stdout=logf, stderr=subprocess.STDOUT, env=child_env(), cwd=cwd
             )
         self.procs.append(proc)
         return proc
 
     def run(self, ns: str, cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*self.prefix(ns), *cmd], capture_output=True, text=True, timeout=timeout, env=python_env()
+            [*self.prefix(ns), *cmd], capture_output=True, text=True, timeout=timeout, env=child_env()
         )
 
     # --- teardown -------------------------------------------------------------------------------
@@ -185,7 +156,7 @@ class NetLab:
                 pass
         for proc in reversed(self.procs):
             try:
-                stop_process(proc)
+                stop_pid(proc)
             except Exception:  # teardown continues whatever happens
                 pass
         self.procs.clear()
@@ -218,60 +189,37 @@ def netns_unavailable() -> str | None:
 
 
 # --- etfs servers and client config in namespaces --------------------------------------------------
-@dataclass
-class NsServer:
-    name: str
-    ns: str
-    base: Path
-    export: Path
-    proc: subprocess.Popen[bytes]
-    port: int
-    data_port: int
-
-    def log(self) -> str:
-        p = self.base / "server.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-
 def start_server(
     lab: NetLab, ns: str, name: str, base: Path, key_file: Path, timeout: float = 20
-) -> NsServer:
+) -> ServerProcess:
     """An ``etfs-server`` named ``name`` in ``ns``, listening on all of its addresses (free ports).
 
     Its export is ``base/export`` (with a ``tmp/`` directory); user ``tester`` has all rights.
+    The lab stops it at cleanup.
     """
     base.mkdir(parents=True, exist_ok=True)
     export = base / "export"
     (export / "tmp").mkdir(parents=True, exist_ok=True)
     os.chmod(export, 0o755)
-    cfg = base / "server.yaml"
-    cfg.write_text(
-        f"name: {name}\nlisten: 0.0.0.0:0\ndata_listen: 0.0.0.0:0\nstate_dir: {base / 'state'}\n"
-        "run_as: root\n"
-        f"users:\n  tester:\n    key_file: {key_file}\n"
-        f"exports:\n  {name}:\n    path: {export}\n    acl:\n"
-        "      - {who: tester, path: /, rights: all}\n"
+    cfg = single_export_yaml(base / "server.yaml", name, export, key_file)
+    srv = ServerProcess(
+        cfg,
+        base,
+        name=name,
+        export=export,
+        prefix=tuple(lab.prefix(ns)),
+        listen="0.0.0.0:0",
+        data_listen="0.0.0.0:0",
     )
-    port_file = base / "ports"
-    port_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "etfs_server.main", "-c", str(cfg), "--port-file", str(port_file)]
-    proc = lab.spawn(ns, cmd, base / "server.log")
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server {name} in {ns} exited:\n{(base / 'server.log').read_text()[-3000:]}")
-        return port_file.exists() and len(port_file.read_text().split()) == 2
-
-    poll(ready, timeout, f"server {name} in {ns}")
-    port, data_port = map(int, port_file.read_text().split())
-    return NsServer(name, ns, base, export, proc, port, data_port)
+    lab.finalizers.append(srv.stop)
+    return srv.start(timeout=timeout)
 
 
 @dataclass
 class ServerEntry:
     """One server as the client sees it: where to reach it, and where other servers reach it."""
 
-    server: NsServer
+    server: ServerProcess
     address: str
     peer_address: str | None = None
     mountpoint: Path | None = None
@@ -300,13 +248,13 @@ def client_config(
     for e in entries:
         lines += [
             f"  {e.server.name}:",
-            f"    address: {e.address}:{e.server.port}",
+            f"    address: {e.address}:{e.server.control_port}",
             "    user: tester",
             f"    key_file: {key_file}",
             f"    export: {e.server.name}",
         ]
         if e.peer_address:
-            lines.append(f"    peer_address: {e.peer_address}:{e.server.port}")
+            lines.append(f"    peer_address: {e.peer_address}:{e.server.control_port}")
         if e.mountpoint:
             lines.append(f"    mountpoint: {e.mountpoint}")
     path.write_text("\n".join(lines) + "\n")
@@ -314,91 +262,25 @@ def client_config(
 
 
 # --- the mount daemon in a namespace ---------------------------------------------------------------
-def mounted_paths() -> set[str]:
-    with open("/proc/self/mounts") as f:
-        return {line.split()[1] for line in f}
-
-
-def force_unmount(path: Path) -> None:
-    """Lazy-unmount ``path`` if it is mounted (FUSE first, then plain umount)."""
-    for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
-        if str(path) in mounted_paths():
-            subprocess.run(cmd, capture_output=True, check=False)
-
-
-@dataclass
-class NsMount:
-    """``etfs mount -f`` run in a namespace's network only, so its mount is visible here."""
-
-    lab: NetLab
-    ns: str
-    config: Path
-    root: Path
-    mountpoints: dict[str, Path]
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30) -> NsMount:
-        cmd = [sys.executable, "-m", "etfs.cli", "mount", "-c", str(self.config), "-f"]
-        cmd += ["--log-file", str(self.log)]
-        self.proc = self.lab.spawn(self.ns, cmd, self.log.with_suffix(".stderr"), cwd=Path("/"))
-        proc = self.proc
-        registry = self.root.parent / "daemon.json"
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mount exited {proc.returncode}:\n{self.logs()}")
-            try:
-                pid = json.loads(registry.read_text()).get("pid")
-            except (OSError, ValueError):
-                return False
-            return pid == proc.pid and all(str(p) in mounted_paths() for p in self.mountpoints.values())
-
-        poll(ready, timeout, "the mount")
-        return self
-
-    def logs(self) -> str:
-        out = []
-        for p in (self.log.with_suffix(".stderr"), self.log):
-            if p.exists():
-                out.append(p.read_text(errors="replace")[-3000:])
-        return "\n".join(out)
-
-    def leftovers(self) -> list[str]:
-        """Which of our paths are still mounted."""
-        ours = {str(self.root), *(str(p) for p in self.mountpoints.values())}
-        return sorted(ours & mounted_paths())
-
-    def stop(self) -> int | None:
-        """SIGTERM the daemon (by pid), then lazily unmount whatever is left."""
-        code = stop_process(self.proc, 20) if self.proc is not None else None
-        self.cleanup()
-        return code
-
-    def cleanup(self) -> None:
-        for mp in self.mountpoints.values():
-            force_unmount(mp)
-        force_unmount(self.root)
-
-
 def make_mount(
     lab: NetLab,
     ns: str,
     base: Path,
     entries: list[ServerEntry],
     key_file: Path,
-    third_party: str = "auto",
-    streams: int = 4,
-    extra: str = "",
-) -> NsMount:
-    """Write a client config under ``base`` (mountpoints ``base/mnt/NAME``) and return an unstarted mount."""
+    **config: Any,
+) -> Mount:
+    """An unstarted ``etfs mount`` that will run in ``ns``'s network only (its mounts stay visible
+    here); config under ``base``, mountpoints ``base/mnt/NAME``; the lab stops it at cleanup."""
     root = base / "mnt" / ".etfs"
     base.mkdir(parents=True, exist_ok=True)
     for e in entries:
         e.mountpoint = e.mountpoint or base / "mnt" / e.server.name
-    cfg = client_config(base / "mountpoints.yaml", root, entries, key_file, third_party, streams, extra)
+    cfg = client_config(base / "mountpoints.yaml", root, entries, key_file, **config)
     mps = {e.server.name: e.mountpoint for e in entries if e.mountpoint is not None}
-    return NsMount(lab, ns, cfg, root, mps, base / "mount.log")
+    mount = Mount(cfg, root, mps, base / "mount.log", preexec=lab.prefix(ns))
+    lab.finalizers.append(mount.stop)
+    return mount
 
 
 def write_key(path: Path) -> Path:

@@ -1,36 +1,40 @@
-"""Helpers to run a real `etfs-server` subprocess on loopback and talk to it.
+"""Real `etfs-server` subprocesses for tests and benchmarks, their configs and keys.
 
-`ServerProcess.start()` writes nothing itself: give it a `server.yaml` (see
-`write_server_yaml`).  It launches ``python -m etfs_server.main --listen 127.0.0.1:0
---data-listen 127.0.0.1:0 --port-file F -c server.yaml``, waits for the port file
-and captures the server's log (stderr) in a file.  `stop()` kills the process by
-pid; the `server_factory` fixture calls it in a finalizer, always.
+`ServerProcess` launches ``python -m etfs_server.main -c server.yaml --port-file F`` (with
+``--listen``/``--data-listen`` on free loopback ports unless told otherwise, optionally behind
+a command prefix that enters a network namespace), waits for the port file, captures the log
+and stops the process by pid.  `start()` writes nothing itself: give it a ``server.yaml``
+(`write_server_yaml`, or `single_export_yaml` for the usual one-user layout).
+`standard_setup` builds the multi-user layout of the ACL and traversal tests; `RawClient`
+speaks the control protocol by hand, for malformed traffic.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import yaml
 
 from etfs.client.connection import Endpoint, ServerClient
 from etfs.protocol import auth
 from etfs.protocol import messages as m
-from etfs.protocol.connection import NEED_DATA, Connection, Role, encode_frame
+from etfs.protocol.connection import NEED_DATA, Connection, Role
 
-REPO = Path(__file__).resolve().parent.parent
+from .process import PY, REPO, child_env, stop_pid, wait_for
+
 START_TIMEOUT = 15.0
+
+# A fixed, clearly fake key for the tests' common user ``tester``.
+KEY = "etfs-test-key-NOT-A-SECRET-0123456789abcdef\n"
 
 # Log lines that are never expected from a healthy server, whatever the test does.
 FATAL_LOG = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|internal error")
@@ -67,67 +71,124 @@ def write_server_yaml(
     return path
 
 
-@dataclass
+def single_export_yaml(
+    path: Path,
+    name: str,
+    export: Path,
+    key_file: Path,
+    acl: list[dict[str, Any]] | None = None,
+    user: str = "tester",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """The usual layout: export ``name`` at ``export``; ``user`` (all rights unless ``acl``).
+
+    Like root on a local disk, the user may chown and set setuid bits: the client of these
+    tests is root (tests/test_privileges.py and tests/attack check users that may not).
+    """
+    return write_server_yaml(
+        path,
+        exports={name: {"path": str(export), "acl": acl or [{"who": user, "path": "/", "rights": "all"}]}},
+        users={user: {"key_file": str(key_file), "may_chown": True, "may_setid": True}},
+        name=name,
+        extra=extra,
+    )
+
+
 class ServerProcess:
-    config: Path
-    workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
-    control_port: int = 0
-    data_port: int = 0
-    log_path: Path = field(init=False)
+    """One ``etfs-server`` of this run; `stop()` and `kill()` act on its pid only."""
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        config: Path,
+        workdir: Path | None = None,
+        *,
+        name: str | None = None,
+        export: Path | None = None,
+        prefix: tuple[str, ...] = (),
+        listen: str = "127.0.0.1:0",
+        data_listen: str = "127.0.0.1:0",
+    ) -> None:
+        self.config = config
+        self.workdir = workdir or config.parent
+        self.name = name or config.stem
+        self._export = export
+        self.prefix = prefix  # e.g. enter a network namespace (see harness.netlab)
+        self.listen, self.data_listen = listen, data_listen
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.control_port = 0
+        self.data_port = 0
         self.log_path = self.workdir / f"{self.config.stem}.log"
+        self.port_file = self.workdir / f"{self.config.stem}.ports"
 
-    def start(self, *extra_args: str) -> ServerProcess:
-        port_file = self.workdir / f"{self.config.stem}.ports"
-        port_file.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("PYTHONWARNINGS", None)
-        cmd = [
-            sys.executable,
-            "-m",
-            "etfs_server.main",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-            "-c",
-            str(self.config),
-            *extra_args,
-        ]
+    @property
+    def export(self) -> Path:
+        assert self._export is not None, f"server {self.name} was started without naming its export"
+        return self._export
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, *extra_args: str, timeout: float = START_TIMEOUT) -> ServerProcess:
+        self.port_file.unlink(missing_ok=True)
+        cmd = [*self.prefix, PY, "-m", "etfs_server.main", "-c", str(self.config)]
+        cmd += ["--listen", self.listen, "--data-listen", self.data_listen]
+        cmd += ["--port-file", str(self.port_file), *extra_args]
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not port_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"etfs-server exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"etfs-server did not write its port file:\n{self.log()}")
-            time.sleep(0.02)
-        control, data = port_file.read_text().split()
-        self.control_port, self.data_port = int(control), int(data)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=child_env())
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"etfs-server {self.name} exited with {proc.returncode}:\n{self.log()[-3000:]}"
+                )
+            return self.port_file.exists() and len(self.port_file.read_text().split()) == 2
+
+        try:
+            wait_for(ready, timeout, f"server {self.name} to write its port file")
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(
+                f"etfs-server {self.name} did not write its port file:\n{self.log()}"
+            ) from None
+        self.control_port, self.data_port = map(int, self.port_file.read_text().split())
+        return self
+
+    def restart(self) -> ServerProcess:
+        """Start again on the same control and data ports (clients and proxies keep them)."""
+        host = self.listen.rpartition(":")[0]
+        data_host = self.data_listen.rpartition(":")[0]
+        cport, dport = self.control_port, self.data_port
+        self.start("--listen", f"{host}:{cport}", "--data-listen", f"{data_host}:{dport}")
+        assert (self.control_port, self.data_port) == (cport, dport)
         return self
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        """Kill by pid (SIGTERM, then SIGKILL); idempotent."""
+        """SIGTERM by pid, then SIGKILL; idempotent."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+        if proc is not None:
+            stop_pid(proc, 5)
+
+    def kill(self) -> None:
+        """SIGKILL by pid: no graceful shutdown (transfer records stay 'running' on disk)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        except ProcessLookupError:
-            pass
+            proc.wait(10)
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """The transfer records of its state directory, by transfer id."""
+        state = yaml.safe_load(self.config.read_text()).get("state_dir")
+        out = {}
+        for p in sorted((Path(state) / "transfers").glob("*.json")):
+            rec = json.loads(p.read_text())
+            out[rec["id"]] = rec
+        return out
 
     def log(self) -> str:
         try:
@@ -178,23 +239,6 @@ class ServerProcess:
 
 
 ServerFactory = Callable[..., ServerProcess]
-
-
-@pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    """``server_factory(config_path)`` starts a server; every one is killed at teardown."""
-    started: list[ServerProcess] = []
-
-    def start(config: Path, *args: str) -> ServerProcess:
-        sp = ServerProcess(config, config.parent)
-        started.append(sp)
-        return sp.start(*args)
-
-    try:
-        yield start
-    finally:
-        for sp in started:
-            sp.stop()
 
 
 @dataclass
@@ -288,16 +332,3 @@ class RawClient:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
-
-
-__all__ = [
-    "RawClient",
-    "ServerFactory",
-    "ServerProcess",
-    "Setup",
-    "encode_frame",
-    "make_key",
-    "server_factory",
-    "standard_setup",
-    "write_server_yaml",
-]
