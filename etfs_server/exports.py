@@ -22,6 +22,27 @@ from pathlib import Path
 from etfs import _sendfile_cffi as native
 
 RESOLVE = native.RESOLVE_BENEATH | native.RESOLVE_NO_MAGICLINKS
+# openat2 takes at most PATH_MAX (4096) bytes with the NUL, and /proc/self/fd names no path
+# longer than a page: deeper paths are resolved in chunks of whole components, each chunk
+# beneath the directory the previous one reached.  Chunks after the first follow no symlinks,
+# so the real path of a deep directory is the first chunk's real path plus the rest as named.
+PATH_CHUNK = 2048
+
+
+def chunks(rel: str) -> list[str]:
+    """``rel`` (no leading slash) cut at component boundaries into pieces of <= PATH_CHUNK bytes."""
+    out: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for part in rel.split("/"):
+        n = len(part.encode()) + 1
+        if cur and size + n > PATH_CHUNK:
+            out.append("/".join(cur))
+            cur, size = [], 0
+        cur.append(part)
+        size += n
+    out.append("/".join(cur))
+    return out
 
 
 class EscapeError(PermissionError):
@@ -76,7 +97,35 @@ class ExportRoot:
 
     def open(self, path: str, flags: int, mode: int = 0o666) -> int:
         """openat2 beneath the export; ``path`` must be normalised."""
-        return self._openat(self.fd, path.lstrip("/") or ".", flags, mode, path)
+        rel = path.lstrip("/") or "."
+        if len(rel.encode()) < PATH_CHUNK:
+            return self._openat(self.fd, rel, flags, mode, path)
+        parent, _, name = rel.rpartition("/")
+        dir_fd, _real = self._open_dir(parent, path)
+        try:
+            return self._openat(dir_fd, name, flags, mode, path, native.RESOLVE_NO_SYMLINKS)
+        finally:
+            os.close(dir_fd)
+
+    def _open_dir(self, rel: str, shown: str) -> tuple[int, str]:
+        """O_PATH fd of the directory ``rel`` beneath the export, and its real export path."""
+        if not rel:
+            return os.dup(self.fd), "/"
+        pieces = chunks(rel)
+        fd = self._openat(self.fd, pieces[0], os.O_PATH | os.O_DIRECTORY, 0, shown)
+        try:
+            real = self.real_path(fd)
+            for piece in pieces[1:]:
+                nfd = self._openat(
+                    fd, piece, os.O_PATH | os.O_DIRECTORY, 0, shown, native.RESOLVE_NO_SYMLINKS
+                )
+                os.close(fd)
+                fd = nfd
+                real = real.rstrip("/") + "/" + piece
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, real
 
     def open_at(self, loc: Located, flags: int, mode: int = 0o666) -> int:
         """Open the object ``loc`` names, never following its last component.
@@ -86,7 +135,7 @@ class ExportRoot:
         """
         return self._openat(loc.dir_fd, loc.name or ".", flags | os.O_NOFOLLOW, mode, loc.path)
 
-    def _openat(self, dir_fd: int, rel: str, flags: int, mode: int, shown: str) -> int:
+    def _openat(self, dir_fd: int, rel: str, flags: int, mode: int, shown: str, resolve: int = 0) -> int:
         if not flags & os.O_CREAT:
             mode = 0  # openat2 refuses a mode without O_CREAT
         # Data opens are non-blocking at first: opening a FIFO (or a device) would otherwise
@@ -94,7 +143,7 @@ class ExportRoot:
         probe = not flags & os.O_PATH and not flags & os.O_NONBLOCK
         try:
             fd = native.openat2(
-                dir_fd, rel, flags | os.O_CLOEXEC | (os.O_NONBLOCK if probe else 0), mode, RESOLVE
+                dir_fd, rel, flags | os.O_CLOEXEC | (os.O_NONBLOCK if probe else 0), mode, RESOLVE | resolve
             )
         except OSError as exc:
             # EXDEV: resolution would leave the export (also when only the final component is
@@ -130,9 +179,8 @@ class ExportRoot:
         if not name:
             yield Located(self.fd, "", "/", asked)
             return
-        fd = self.open(parent, os.O_PATH | os.O_DIRECTORY)
+        fd, real = self._open_dir(parent.lstrip("/"), asked)
         try:
-            real = self.real_path(fd)
             yield Located(fd, name, (real.rstrip("/") + "/" + name) if real != "/" else "/" + name, asked)
         finally:
             os.close(fd)

@@ -417,8 +417,6 @@ NEEDS_ROOT = {
 # Differences README ("Consistency and POSIX semantics") documents; strict: they must still differ.
 KNOWN: dict[str, str] = {
     "mknod_char_device": "etfs servers never create device files (EPERM)",
-    "long_relative_path": "the server resolves a path in one openat2 call: export-relative paths are "
-    "limited to PATH_MAX (needs the server to walk from directory fds)",
     "owner_of_files_another_user_creates": "files belong to the server session's user, whoever created "
     "them through the mount (ownership comes with the server privilege model)",
 }

@@ -386,3 +386,40 @@ async def test_swap_race(env: Env, alice: ServerClient) -> None:
     assert not leaked, leaked
     assert swaps > 100 and counts["ok"] > 10 and counts["denied"] > 10, (swaps, counts)
     assert_outside_untouched(env)
+
+
+async def test_paths_longer_than_path_max(env: Env, alice: ServerClient) -> None:
+    """An export-relative path past PATH_MAX works like a short one (the server resolves it in
+    chunks); a symlink deep in such a path is never followed, and ``..`` stays refused."""
+    parts = [f"{i:03d}" + "d" * 197 for i in range(22)]  # 22 x 201 bytes: 4422 in all
+    path = "/tmp/deep"
+    await alice.call(m.Mkdir, path=path, mode=0o755)
+    for p in parts:
+        path += "/" + p
+        await alice.call(m.Mkdir, path=path, mode=0o755)
+    assert len(path) > 4096
+    f = path + "/f.txt"
+    o = await alice.call(m.Create, m.Opened, path=f, mode=0o644, flags=os.O_RDWR)
+    await alice.call(m.Write, int, handle=o.handle, offset=0, data=b"deep\n")
+    await alice.call(m.Close, handle=o.handle)
+    assert (await alice.call(m.Stat, m.Attr, path=f)).size == 5
+    o = await alice.call(m.Open, m.Opened, path=f, flags=RD)
+    assert await alice.call(m.Read, bytes, handle=o.handle, offset=0, size=100) == b"deep\n"
+    await alice.call(m.Close, handle=o.handle)
+    await alice.call(m.Rename, old=f, new=path + "/g.txt")
+    assert [e.name for e in (await alice.call(m.List, m.ListPage, path=path)).entries] == ["g.txt"]
+    # On disk: where the client said, walked with dir fds (the absolute path is too long to name).
+    fd = os.open(env.tmp / "deep", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for p in parts:
+            nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        assert os.listdir(fd) == ["g.txt"]
+        # A symlink planted deep inside (beyond the first chunk) pointing out is not followed.
+        os.symlink(str(env.outside), "out", dir_fd=fd)
+    finally:
+        os.close(fd)
+    await fails(alice, m.Open, path=path + "/out/sentinel.txt", flags=RD)
+    await fails(alice, m.Create, path=path + "/out/planted.txt", mode=0o644, flags=os.O_RDWR)
+    await fails(alice, m.Stat, path=path + "/../" + parts[-1] + "/g.txt")
