@@ -49,7 +49,7 @@ def pair(cluster: Cluster) -> Cluster:
 
 
 async def _offer(engine: object, path: str, host: str = "127.0.0.1") -> m.Capability:
-    cap = await engine.pool["jive"].call(m.TransferOffer, m.Capability, path=path)  # type: ignore[attr-defined]
+    cap = await engine.pool["jive"].call(m.TransferOffer(path=path))  # type: ignore[attr-defined]
     return msgspec.structs.replace(cap, data_host=host)
 
 
@@ -57,7 +57,7 @@ async def _start(engine: object, cap: m.Capability, path: str, **kw: object) -> 
     fields: dict[str, object] = {"source_name": "jive", "path": path, "transfer_id": cap.transfer_id}
     fields.update(kw)
     return await engine.pool["onsala"].call(  # type: ignore[attr-defined, no-any-return]
-        m.TransferStart, m.TransferStarted, capability=cap, **fields
+        m.TransferStart(capability=cap, **fields)
     )
 
 
@@ -65,7 +65,7 @@ async def _end(engine: object, transfer_id: str) -> m.TransferInfo:
     with trio.fail_after(30):
         while True:
             info = await engine.pool["onsala"].call(  # type: ignore[attr-defined]
-                m.TransferWait, m.TransferInfo, transfer_id=transfer_id
+                m.TransferWait(transfer_id=transfer_id)
             )
             if info.state in ("done", "failed"):
                 return info  # type: ignore[no-any-return]
@@ -120,7 +120,7 @@ async def test_capability_is_bound_while_running_and_used_up_when_failed(pair: C
             ):
                 reply = raw_pull(port, cap, **hello)
                 assert reply["t"] == "error" and why in reply["message"], (hello, reply)
-            await engine.pool["onsala"].call(m.TransferCancel, None, transfer_id=started.transfer_id)
+            await engine.pool["onsala"].call(m.TransferCancel(transfer_id=started.transfer_id))
             proxy.resume()
             info = await _end(engine, started.transfer_id)
             assert info.state == "failed" and info.code == "cancelled", info
@@ -182,13 +182,9 @@ async def test_nothing_client_chosen_reaches_a_non_etfs_listener(pair: Cluster, 
                 else:
                     # The client points the source at the listener with a ticket of its choice.
                     await engine.pool["jive"].call(
-                        m.TransferPush,
-                        None,
-                        capability=cap,
-                        ticket=MARK * 2,
-                        host="127.0.0.1",
-                        port=target.port,
-                        streams=2,
+                        m.TransferPush(
+                            capability=cap, ticket=MARK * 2, host="127.0.0.1", port=target.port, streams=2
+                        ),
                     )
                     log = pair["jive"].proc
                     await log.wait_for_log(rf"push of /f, stream 1: .*:{target.port}", timeout=15)
@@ -227,7 +223,7 @@ async def test_link_local_and_multicast_peers_are_refused_by_default(pair: Clust
             assert exc.value.errno == errno.EACCES and "transfer.peers" in str(exc.value), exc.value
             with pytest.raises(RemoteError) as exc:
                 await engine.pool["jive"].call(
-                    m.TransferPush, None, capability=cap, ticket=b"t" * 24, host=host, port=80, streams=1
+                    m.TransferPush(capability=cap, ticket=b"t" * 24, host=host, port=80, streams=1)
                 )
             assert exc.value.errno == errno.EACCES, exc.value
 

@@ -152,7 +152,7 @@ _SERVER_MAY_SEND_IN = {
 _CLIENT_MAY_SEND_IN = {
     State.HANDSHAKE: (m.Hello,),
     State.AUTH: (m.Prove,),
-    State.READY: (m.Request,),
+    State.READY: (m.Call,),
 }
 
 
@@ -214,7 +214,7 @@ class Connection:
             text = f"{type(msg).__name__} not allowed in state {self.state.value}"
             if incoming:
                 fatal = self.state is not State.READY
-                rid = msg.id if isinstance(msg, m.Request) and 0 < msg.id < 2**63 else 0
+                rid = msg.id if isinstance(msg, m.Call) and 0 < msg.id < 2**63 else 0
                 raise RemoteProtocolError(text, fatal=fatal, request_id=rid)
             raise LocalProtocolError(text)
         # Handshake progress: Hello/Challenge -> AUTH, Welcome -> READY.
