@@ -54,7 +54,7 @@ def _edge(
     """Convert every error leaving a handler into `pyfuse3.FUSEError` (the only place that does)."""
 
     @functools.wraps(fn)
-    async def handler(self: EtfsOperations, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def handler(self: EtfsOperations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         # The caller's uid picks the etfs identity of the request (`EtfsOperations._client`);
         # handlers without a request context act only through their handle's identity.
         uid = next((a.uid for a in args if isinstance(a, pyfuse3.RequestContext)), identities.NO_CALLER)

@@ -203,7 +203,8 @@ async def _drive_trio(stream: trio.SocketStream, steps: Opening) -> tuple[d.Data
                 buf += chunk
             step = steps.send(bytes(buf))
     except StopIteration as done:
-        return done.value
+        result: tuple[d.DataHello, bytes] | None = done.value
+        return result
     except trio.BrokenResourceError as exc:
         raise ConnectionResetError(errno.ECONNRESET, f"peer went away: {exc}") from None
 
@@ -220,4 +221,5 @@ def _drive_blocking(sock: socket.socket, steps: Opening, deadline: float) -> tup
             else:
                 step = steps.send(recv_exact(sock, step))
     except StopIteration as done:
-        return done.value
+        result: tuple[d.DataHello, bytes] | None = done.value
+        return result
