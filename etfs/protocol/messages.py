@@ -21,6 +21,8 @@ from .transfer import CAPABILITY_TTL, STREAMS
 # 2: requests travel in a `Call` envelope that carries the id (1: an ``id`` field in each request).
 PROTOCOL_VERSION = 2
 R = TypeVar("R")
+# Covariant: a `Stat` (a Request[Attr]) may go where a Request[object] is asked for.
+R_co = TypeVar("R_co", covariant=True)
 
 
 class Message(msgspec.Struct, frozen=True, tag_field="t", tag=str.lower):
@@ -159,8 +161,8 @@ class TransferInfo(msgspec.Struct, frozen=True):
 
 
 # --- requests --------------------------------------------------------------------------------------
-class Request(Message, Generic[R], frozen=True):
-    """A request whose reply value is an ``R``: ``class Stat(Request[Attr])`` declares that the
+class Request(Message, Generic[R_co], frozen=True):
+    """A request whose reply value is an ``R_co``: ``class Stat(Request[Attr])`` declares that the
     server answers a `Stat` with an `Attr`, so ``await client.call(Stat(path))`` is an `Attr`
     for mypy and is checked to be one at run time (`reply_type`, `check_reply`).  A request has
     no id of its own: it travels in a `Call` envelope that carries it."""
