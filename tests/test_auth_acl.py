@@ -38,7 +38,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
 async def test_good_login(auth_server: tuple[ServerProcess, Setup], nursery: trio.Nursery) -> None:
     sp, setup = auth_server
     c = sp.client(nursery, "alice", setup.keys["alice"])
-    assert await c.call(m.Ping()) is None
+    await c.call(m.Ping())  # its reply is checked to be None (m.decode_reply)
     welcome = await c.welcome()
     assert welcome.data_port == sp.data_port
     await c.aclose()
@@ -239,7 +239,7 @@ async def test_tls_client_without_ca_fails_cleanly(
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     good = sp.client(nursery, "alice", setup.keys["alice"], ssl_context=ctx)
-    assert await good.call(m.Ping()) is None
+    await good.call(m.Ping())
     await good.aclose()
 
 

@@ -260,10 +260,10 @@ def bad_frames(draw: st.DrawFn) -> tuple[str, bytes, int | None]:
         return kind, HEADER.pack(length) + draw(st.binary(max_size=50)), None
     if kind == "truncated":
         frame = encode_frame(draw(valid_messages))
-        return kind, frame[: draw(st.integers(1, len(frame) - 1))], None
+        return kind, bytes(frame[: draw(st.integers(1, len(frame) - 1))]), None
     if kind == "handshake-msg":
         msg = draw(st.sampled_from([m.Hello(1, "alice", "", b"n"), m.Prove(b"x" * 32)]))
-        return kind, encode_frame(msg), 0
+        return kind, bytes(encode_frame(msg)), 0
     rid = draw(st.integers(1, 2**40))
     if kind == "random-body":
         body = draw(st.binary(min_size=0, max_size=200))

@@ -83,7 +83,8 @@ def status(mount: NsMount) -> list[dict[str, object]]:
         timeout=30,
         check=True,
     )
-    return json.loads(out.stdout)["transfers"]
+    transfers: list[dict[str, object]] = json.loads(out.stdout)["transfers"]
+    return transfers
 
 
 def transfers_to(mount: NsMount, destination: str) -> list[dict[str, object]]:

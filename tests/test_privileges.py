@@ -19,6 +19,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import trio
@@ -30,7 +31,7 @@ from etfs.protocol import messages as m
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the privilege model needs a root server")
 
-BOB_ACL = [
+BOB_ACL: list[dict[str, Any]] = [
     {"who": "alice", "path": "/tmp", "rights": "all"},
     {"who": "bob", "path": "/tmp/bob", "rights": "all"},
     {"who": "bob", "path": "/tmp/bob2", "rights": "all"},
@@ -95,6 +96,7 @@ async def _errno(coro: object) -> int:
     try:
         await coro  # type: ignore[misc]
     except RemoteError as exc:
+        assert exc.errno is not None
         return exc.errno
     raise AssertionError("the request succeeded")
 
@@ -122,7 +124,8 @@ async def test_chown_needs_may_chown(priv_server: tuple[ServerProcess, Setup], n
     _sp, setup = priv_server
     bob = await _client(priv_server, nursery, "bob")
     await _touch(bob, "/tmp/bob/mine", 0o644)
-    for fields in ({"uid": 4242, "mode": 0o6755}, {"uid": 4242}, {"gid": 4242}):
+    changes: list[dict[str, Any]] = [{"uid": 4242, "mode": 0o6755}, {"uid": 4242}, {"gid": 4242}]
+    for fields in changes:
         assert await _errno(bob.call(m.SetAttr(path="/tmp/bob/mine", **fields))) == errno.EPERM
     s = os.stat(setup.export / "tmp/bob/mine")
     assert (s.st_uid, s.st_gid, stat.S_IMODE(s.st_mode)) == (0, 0, 0o644)
@@ -317,7 +320,7 @@ async def test_handles_per_user_are_bounded(
         try:
             handles.append((await bob.call(m.Open(path="/tmp/bob/h", flags=os.O_RDONLY))).handle)
         except RemoteError as exc:
-            code = exc.errno
+            code = exc.errno or 0
             break
     assert code == errno.EMFILE and len(handles) == 50
     # alice is not affected

@@ -189,7 +189,7 @@ async def test_oversized_frame_closes_only_that_connection(
         assert await raw.receive() is None
     finally:
         await raw.aclose()
-    assert await other.call(m.Ping()) is None  # the same old connection of another client
+    await other.call(m.Ping())  # the same old connection of another client
     assert sp.alive()
 
 
@@ -204,7 +204,7 @@ async def test_abrupt_disconnects_do_not_hurt(
         await raw.send_raw(b"\0\0")  # half a header, then gone
         await raw.aclose()
     c = sp.client(nursery, "alice", setup.keys["alice"])
-    assert await c.call(m.Ping()) is None
+    await c.call(m.Ping())
     await c.aclose()
 
 
@@ -282,7 +282,8 @@ async def test_out_of_range_setattr_values(srv: tuple[ServerProcess, Setup], nur
     c = sp.client(nursery, "alice", setup.keys["alice"])
     o = await c.call(m.Create(path="/tmp/range2.txt", mode=0o644, flags=os.O_RDWR))
     await c.call(m.Close(handle=o.handle))
-    for fields in ({"uid": 2**64 - 1}, {"gid": 2**40}):
+    changes: list[dict[str, Any]] = [{"uid": 2**64 - 1}, {"gid": 2**40}]
+    for fields in changes:
         with pytest.raises(RemoteError) as ei:
             await c.call(m.SetAttr(path="/tmp/range2.txt", **fields))
         assert ei.value.errno in (errno.EINVAL, errno.EOVERFLOW), (fields, ei.value)

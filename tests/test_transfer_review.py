@@ -18,7 +18,7 @@ from transfer_helpers import (
     sha256,
 )
 
-from etfs.client import RemoteError
+from etfs.client import Pool, RemoteError
 from etfs.protocol import messages as m
 from etfs.transfer.engine import TransferFailed, single_errors
 
@@ -32,8 +32,8 @@ def pair(cluster: Cluster) -> Cluster:
     return cluster
 
 
-async def _offer(engine_pool: object, path: str) -> m.Capability:
-    cap = await engine_pool["jive"].call(m.TransferOffer(path=path))  # type: ignore[index]
+async def _offer(engine_pool: Pool, path: str) -> m.Capability:
+    cap = await engine_pool["jive"].call(m.TransferOffer(path=path))
     return msgspec.structs.replace(cap, data_host="127.0.0.1")
 
 
@@ -142,7 +142,7 @@ async def test_silent_source_fails_the_transfer_in_bounded_time(cluster: Cluster
         async with open_engine(
             cluster.client_config(block_size=MIB, streams=2, third_party="always")
         ) as engine:
-            failures: list[BaseException] = []
+            failures: list[OSError] = []
 
             async def run() -> None:
                 try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import re
 import time
+from typing import Any
 
 import msgspec
 import pytest
@@ -34,6 +35,7 @@ from transfer_helpers import (
 
 from etfs.client import RemoteError
 from etfs.protocol import messages as m
+from etfs.transfer.engine import TransferEngine
 from etfs_server.peers import PeerPolicy, PeerRefused, parse_entry
 
 __all__ = ["cluster"]  # the fixture, re-exported for pytest
@@ -48,27 +50,23 @@ def pair(cluster: Cluster) -> Cluster:
     return cluster
 
 
-async def _offer(engine: object, path: str, host: str = "127.0.0.1") -> m.Capability:
-    cap = await engine.pool["jive"].call(m.TransferOffer(path=path))  # type: ignore[attr-defined]
+async def _offer(engine: TransferEngine, path: str, host: str = "127.0.0.1") -> m.Capability:
+    cap = await engine.pool["jive"].call(m.TransferOffer(path=path))
     return msgspec.structs.replace(cap, data_host=host)
 
 
-async def _start(engine: object, cap: m.Capability, path: str, **kw: object) -> m.TransferStarted:
-    fields: dict[str, object] = {"source_name": "jive", "path": path, "transfer_id": cap.transfer_id}
+async def _start(engine: TransferEngine, cap: m.Capability, path: str, **kw: Any) -> m.TransferStarted:
+    fields: dict[str, Any] = {"source_name": "jive", "path": path, "transfer_id": cap.transfer_id}
     fields.update(kw)
-    return await engine.pool["onsala"].call(  # type: ignore[attr-defined, no-any-return]
-        m.TransferStart(capability=cap, **fields)
-    )
+    return await engine.pool["onsala"].call(m.TransferStart(capability=cap, **fields))
 
 
-async def _end(engine: object, transfer_id: str) -> m.TransferInfo:
+async def _end(engine: TransferEngine, transfer_id: str) -> m.TransferInfo:
     with trio.fail_after(30):
         while True:
-            info = await engine.pool["onsala"].call(  # type: ignore[attr-defined]
-                m.TransferWait(transfer_id=transfer_id)
-            )
+            info = await engine.pool["onsala"].call(m.TransferWait(transfer_id=transfer_id))
             if info.state in ("done", "failed"):
-                return info  # type: ignore[no-any-return]
+                return info
 
 
 # --- a capability means one transfer ----------------------------------------------------------------------

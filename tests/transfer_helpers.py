@@ -671,7 +671,7 @@ def spec_config(spec: dict[str, Any]) -> ClientConfig:
             user=USER,
             key_file=Path(s["key_file"]),
             export=EXPORT,
-            peer_address=tuple(s["peer_address"]) if s["peer_address"] else None,  # type: ignore[arg-type]
+            peer_address=tuple(s["peer_address"]) if s["peer_address"] else None,
         )
         for s in spec["servers"]
     }

@@ -90,7 +90,7 @@ class FrameReader:
         self.max_frame = max_frame
         self.eof = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if not data:
             self.eof = True
         self._buf += data
@@ -167,7 +167,7 @@ class Connection:
         self._decoder = _client_decoder if role is Role.SERVER else _server_decoder
 
     # --- incoming --------------------------------------------------------------------------------
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the peer; ``b""`` means the peer closed."""
         if self.state is State.CLOSED and data:
             raise RemoteProtocolError("data after close")

@@ -123,7 +123,7 @@ class Reply:
 
 
 def encode_frame(msg: Msg) -> bytes:
-    body = msgpack.packb(msg, use_bin_type=True)
+    body: bytes = msgpack.packb(msg, use_bin_type=True)
     return HEADER.pack(len(body)) + body
 
 
