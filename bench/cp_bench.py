@@ -116,7 +116,8 @@ class Bench:
             check=True,
         )
         recs = [t for t in json.loads(out.stdout)["transfers"] if t["destination"] == destination]
-        return recs[-1]
+        rec: dict[str, object] = recs[-1]
+        return rec
 
 
 def setup(lab: NetLab, base: Path, streams: int) -> Bench:

@@ -214,12 +214,12 @@ def loopback(args: argparse.Namespace, work: Path, key_file: Path) -> dict[str, 
             k = run % len(configs)
             order = configs[k:] + configs[:k]
             secs = trio.run(timed_copies, cfg, [job(c) for c in order], dst.export)
-            for c, s in zip(order, secs, strict=True):
-                results[c].append(size / s / MB)
+            for c, sec in zip(order, secs, strict=True):
+                results[c].append(size / sec / MB)
             for rc in raw_cfgs:
-                s = raw.run_once(raw.Config(*rc), src_path, raw_dst, size, args.block_mib * MIB)
+                took = raw.run_once(raw.Config(*rc), src_path, raw_dst, size, args.block_mib * MIB)
                 os.unlink(raw_dst)
-                raw_results[rc].append(size / s / MB)
+                raw_results[rc].append(size / took / MB)
             print(f"run {run + 1}/{args.runs} done", flush=True)
         hwm = {s.name: s.hwm_kib() for s in servers}
     finally:

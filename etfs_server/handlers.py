@@ -153,7 +153,7 @@ class Session:
             self.load.drop_handle()
         self.handles.clear()
 
-    def dispatch(self, req: m.Request) -> Any:
+    def dispatch(self, req: m.Request[Any]) -> Any:
         handler = OPERATIONS.get(type(req))
         if handler is None:
             raise OSError(errno.EOPNOTSUPP, f"operation {type(req).__name__} is not supported here")
@@ -521,7 +521,7 @@ class Session:
 
 
 # The server answers exactly these requests of a session (transfers are `TransferService`'s).
-OPERATIONS: dict[type[m.Request], Callable[[Session, Any], Any]] = {
+OPERATIONS: dict[type[m.Request[Any]], Callable[[Session, Any], Any]] = {
     m.Ping: Session.op_ping,
     m.Stat: Session.op_stat,
     m.List: Session.op_list,

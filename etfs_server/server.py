@@ -40,15 +40,14 @@ log = logging.getLogger(__name__)
 _INLINE = frozenset({m.Ping, m.Stat, m.Readlink, m.GetXattr, m.ListXattr, m.Mkdir, m.Symlink, m.Link})
 
 
-def runs_inline(req: m.Request) -> bool:
+def runs_inline(req: m.Request[Any]) -> bool:
     """Whether a request is cheap enough to answer without a worker thread (see `_INLINE`)."""
-    t = type(req)
-    if t in _INLINE:
+    if type(req) in _INLINE:
         return True
-    if t is m.Open or t is m.Create:
-        return not req.flags & os.O_TRUNC  # type: ignore[attr-defined]
-    if t is m.SetAttr:
-        return req.size is None  # type: ignore[attr-defined]
+    if isinstance(req, (m.Open, m.Create)):
+        return not req.flags & os.O_TRUNC
+    if isinstance(req, m.SetAttr):
+        return req.size is None
     return False
 
 
@@ -245,12 +244,12 @@ class EtfsServer:
                         continue
                     if msg is None:
                         break
-                    assert isinstance(msg, m.Request)
-                    if runs_inline(msg):
+                    assert isinstance(msg, m.Call)  # the connection enforces the order
+                    if runs_inline(msg.req):
                         await self._answer_inline(ms, session, msg)
                         continue
                     await limit.acquire()
-                    units = _payload_units(msg)
+                    units = _payload_units(msg.req)
                     taken = (await budget.take(units), await user_budget.take(units)) if units else (0, 0)
                     nursery.start_soon(self._answer, ms, session, msg, limit, (budget, user_budget), taken)
             except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -260,11 +259,11 @@ class EtfsServer:
         if failure is not None:
             raise failure
 
-    async def _answer_inline(self, ms: MessageStream, session: Session, req: m.Request) -> None:
+    async def _answer_inline(self, ms: MessageStream, session: Session, call: m.Call) -> None:
         try:
-            reply: m.Ok | m.Err = m.Ok(req.id, session.dispatch(req))
+            reply: m.Ok | m.Err = m.Ok(call.id, m.check_reply(call.req, session.dispatch(call.req)))
         except Exception as exc:
-            reply = error_reply(req.id, exc)
+            reply = error_reply(call.id, exc)
         try:
             await ms.send(reply)
         except LocalProtocolError:
@@ -274,11 +273,12 @@ class EtfsServer:
         self,
         ms: MessageStream,
         session: Session,
-        req: m.Request,
+        call: m.Call,
         limit: trio.Semaphore,
         budgets: tuple[Budget, Budget],
         taken: tuple[int, int],
     ) -> None:
+        req = call.req
         try:
             try:
                 value: Any
@@ -288,9 +288,10 @@ class EtfsServer:
                     # Fair: one user's requests hold at most threads_per_user of the workers.
                     async with session.load.limiter():
                         value = await trio.to_thread.run_sync(session.dispatch, req, limiter=self.threads)
-                reply: m.Ok | m.Err = m.Ok(req.id, value)
+                # A reply that is not what the request declares is our bug: EIO, logged.
+                reply: m.Ok | m.Err = m.Ok(call.id, m.check_reply(req, value))
             except Exception as exc:
-                reply = error_reply(req.id, exc)
+                reply = error_reply(call.id, exc)
             try:
                 await ms.send(reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
@@ -305,7 +306,7 @@ class EtfsServer:
 _UNIT = 1024 * 1024
 
 
-def _payload_units(req: m.Request) -> int:
+def _payload_units(req: m.Request[Any]) -> int:
     """MiB of payload a request holds in the server: its Write data or its Read reply."""
     if isinstance(req, m.Write):
         size = len(req.data)

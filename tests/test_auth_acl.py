@@ -38,7 +38,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
 async def test_good_login(auth_server: tuple[ServerProcess, Setup], nursery: trio.Nursery) -> None:
     sp, setup = auth_server
     c = sp.client(nursery, "alice", setup.keys["alice"])
-    assert await c.call(m.Ping) is None
+    await c.call(m.Ping())  # its reply is checked to be None (m.decode_reply)
     welcome = await c.welcome()
     assert welcome.data_port == sp.data_port
     await c.aclose()
@@ -48,7 +48,7 @@ async def test_unknown_user(auth_server: tuple[ServerProcess, Setup], nursery: t
     sp, setup = auth_server
     c = sp.client(nursery, "mallory", setup.keys["alice"])
     with pytest.raises(RemoteError) as ei:
-        await c.call(m.Ping)
+        await c.call(m.Ping())
     assert ei.value.errno == errno.EACCES
     await sp.wait_for_log(r"authentication failed for user 'mallory' \(unknown user\)")
 
@@ -57,7 +57,7 @@ async def test_wrong_key(auth_server: tuple[ServerProcess, Setup], nursery: trio
     sp, setup = auth_server
     c = sp.client(nursery, "alice", setup.keys["bob"])
     with pytest.raises(RemoteError) as ei:
-        await c.call(m.Ping)
+        await c.call(m.Ping())
     assert ei.value.errno == errno.EACCES
     await sp.wait_for_log(r"authentication failed for user 'alice' \(wrong key\)")
 
@@ -66,7 +66,7 @@ async def test_unknown_export(auth_server: tuple[ServerProcess, Setup], nursery:
     sp, setup = auth_server
     c = sp.client(nursery, "alice", setup.keys["alice"], export="nope")
     with pytest.raises(RemoteError) as ei:
-        await c.call(m.Ping)
+        await c.call(m.Ping())
     assert ei.value.errno == errno.ENOENT
 
 
@@ -114,7 +114,11 @@ async def test_request_before_auth_gets_error_and_nothing_else(
     sp, _ = auth_server
     raw = await RawClient.connect(sp.control_port)
     try:
-        await raw.send_body(msgspec.msgpack.encode({"t": "stat", "id": 1, "path": "/private/secret.txt"}))
+        await raw.send_body(
+            msgspec.msgpack.encode(
+                {"t": "call", "id": 1, "req": {"t": "stat", "path": "/private/secret.txt"}}
+            )
+        )
         reply = await raw.receive()
         assert isinstance(reply, m.Err) and reply.errno == errno.EPROTO and reply.id == 0
         assert await raw.receive() is None
@@ -164,7 +168,7 @@ async def test_client_detects_server_with_wrong_key(nursery: trio.Nursery) -> No
     ep = Endpoint("fake", (("127.0.0.1", port),), "alice", b"r" * 32, connect_timeout=5)
     c = ServerClient(ep, nursery)
     with pytest.raises(RemoteError) as ei:
-        await c.call(m.Ping)
+        await c.call(m.Ping())
     assert ei.value.errno == errno.EACCES
     assert "could not prove" in str(ei.value)
     await listeners[0].aclose()
@@ -211,10 +215,10 @@ async def test_tls_works(tls_server: tuple[ServerProcess, Setup, trustme.CA], nu
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     c = sp.client(nursery, "alice", setup.keys["alice"], ssl_context=ctx)
-    opened = await c.call(m.Create, m.Opened, path="/tmp/tls.txt", mode=0o644, flags=os.O_RDWR)
-    assert await c.call(m.Write, int, handle=opened.handle, offset=0, data=b"over tls") == 8
-    assert await c.call(m.Read, bytes, handle=opened.handle, offset=0, size=100) == b"over tls"
-    await c.call(m.Close, handle=opened.handle)
+    opened = await c.call(m.Create(path="/tmp/tls.txt", mode=0o644, flags=os.O_RDWR))
+    assert await c.call(m.Write(handle=opened.handle, offset=0, data=b"over tls")) == 8
+    assert await c.call(m.Read(handle=opened.handle, offset=0, size=100)) == b"over tls"
+    await c.call(m.Close(handle=opened.handle))
     assert (setup.export / "tmp" / "tls.txt").read_bytes() == b"over tls"
     await c.aclose()
 
@@ -225,17 +229,17 @@ async def test_tls_client_without_ca_fails_cleanly(
     sp, setup, ca = tls_server
     c = sp.client(nursery, "alice", setup.keys["alice"], ssl_context=ssl.create_default_context())
     with pytest.raises(ConnectionLost) as ei:
-        await c.call(m.Ping)
+        await c.call(m.Ping())
     assert "CERTIFICATE_VERIFY_FAILED" in str(ei.value) or "certificate" in str(ei.value).lower()
     # A plaintext client against the TLS port fails cleanly, too.
     plain = sp.client(nursery, "alice", setup.keys["alice"], connect_timeout=3)
     with pytest.raises(ConnectionLost):
-        await plain.call(m.Ping)
+        await plain.call(m.Ping())
     # ...and the server is still fine for a proper client.
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     good = sp.client(nursery, "alice", setup.keys["alice"], ssl_context=ctx)
-    assert await good.call(m.Ping) is None
+    await good.call(m.Ping())
     await good.aclose()
 
 
@@ -277,7 +281,7 @@ def acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serve
 async def expect_denied(
     sp: ServerProcess,
     c: ServerClient,
-    req: type[m.Request],
+    req: type[m.Request[Any]],
     user: str,
     logged_path: str,
     right: str,
@@ -286,7 +290,7 @@ async def expect_denied(
 ) -> None:
     """The request fails with EACCES and the server logs a denial naming user, path and right."""
     with pytest.raises(RemoteError) as ei:
-        await c.call(req, **fields)
+        await c.call(req(**fields))
     assert ei.value.errno == errno.EACCES, ei.value
     line = await sp.wait_for_log(rf"WARNING .*denied: user={user} path={logged_path} right={right}$")
     assert user in line and logged_path in line and right in line
@@ -295,7 +299,7 @@ async def expect_denied(
 async def transfer_service_ready(c: ServerClient) -> str | None:
     """None when the server's transfer service answers TransferOffer; else why not."""
     try:
-        await c.call(m.TransferOffer, m.Capability, path="/tmp/bob-write/f.txt")
+        await c.call(m.TransferOffer(path="/tmp/bob-write/f.txt"))
     except RemoteError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EIO):
             return f"the server's transfer service is not ready: {exc}"
@@ -320,8 +324,8 @@ async def test_denial_for_each_right(
         # a capability lets its bearer read the file: transfer-out alone is not enough
         await expect_denied(sp, c, m.TransferOffer, "bob", f"{d}/f.txt", right, path=f"{d}/f.txt")
         # but writing is allowed
-        o = await c.call(m.Open, m.Opened, path=f"{d}/f.txt", flags=os.O_WRONLY)
-        await c.call(m.Close, handle=o.handle)
+        o = await c.call(m.Open(path=f"{d}/f.txt", flags=os.O_WRONLY))
+        await c.call(m.Close(handle=o.handle))
     elif right == "write":
         await expect_denied(
             sp, c, m.Create, "bob", f"{d}/new", right, path=f"{d}/new", mode=0o644, flags=os.O_RDWR
@@ -330,11 +334,11 @@ async def test_denial_for_each_right(
         await expect_denied(sp, c, m.Open, "bob", f"{d}/f.txt", right, path=f"{d}/f.txt", flags=os.O_RDWR)
         await expect_denied(sp, c, m.SetAttr, "bob", f"{d}/f.txt", right, path=f"{d}/f.txt", mode=0o600)
         assert not (setup.export / "tmp" / f"bob-{right}" / "new").exists()
-        o = await c.call(m.Open, m.Opened, path=f"{d}/f.txt", flags=os.O_RDONLY)
-        await c.call(m.Close, handle=o.handle)
+        o = await c.call(m.Open(path=f"{d}/f.txt", flags=os.O_RDONLY))
+        await c.call(m.Close(handle=o.handle))
     elif right == "list":
         await expect_denied(sp, c, m.List, "bob", d, right, path=d)
-        assert (await c.call(m.Stat, m.Attr, path=f"{d}/f.txt")).size > 0  # has read on it
+        assert (await c.call(m.Stat(path=f"{d}/f.txt"))).size > 0  # has read on it
     elif right == "delete":
         await expect_denied(sp, c, m.Unlink, "bob", f"{d}/f.txt", right, path=f"{d}/f.txt")
         await expect_denied(sp, c, m.Rename, "bob", f"{d}/f.txt", right, old=f"{d}/f.txt", new=f"{d}/g.txt")
@@ -342,7 +346,7 @@ async def test_denial_for_each_right(
     elif right == "transfer-out":
         await expect_denied(sp, c, m.TransferOffer, "bob", f"{d}/f.txt", right, path=f"{d}/f.txt")
     elif right == "transfer-in":
-        cap = await c.call(m.TransferOffer, m.Capability, path="/tmp/bob-write/f.txt")
+        cap = await c.call(m.TransferOffer(path="/tmp/bob-write/f.txt"))
         await expect_denied(
             sp,
             c,
@@ -381,9 +385,9 @@ async def test_default_deny(acl_server: tuple[ServerProcess, Setup], nursery: tr
 async def test_group_rules(acl_server: tuple[ServerProcess, Setup], nursery: trio.Nursery) -> None:
     sp, setup = acl_server
     alice = sp.client(nursery, "alice", setup.keys["alice"])  # @staff: read+list on /private
-    o = await alice.call(m.Open, m.Opened, path="/private/secret.txt", flags=os.O_RDONLY)
-    assert await alice.call(m.Read, bytes, handle=o.handle, offset=0, size=100) == b"export-private\n"
-    page = await alice.call(m.List, m.ListPage, path="/private")
+    o = await alice.call(m.Open(path="/private/secret.txt", flags=os.O_RDONLY))
+    assert await alice.call(m.Read(handle=o.handle, offset=0, size=100)) == b"export-private\n"
+    page = await alice.call(m.List(path="/private"))
     assert [e.name for e in page.entries] == ["secret.txt"]
     await expect_denied(
         sp,
@@ -396,7 +400,7 @@ async def test_group_rules(acl_server: tuple[ServerProcess, Setup], nursery: tri
         flags=os.O_WRONLY,
     )
     carol = sp.client(nursery, "carol", setup.keys["carol"])  # @ops: read+list on /tmp/ops
-    page = await carol.call(m.List, m.ListPage, path="/tmp/ops")
+    page = await carol.call(m.List(path="/tmp/ops"))
     assert [e.name for e in page.entries] == ["f.txt"]
     await expect_denied(sp, carol, m.Unlink, "carol", "/tmp/ops/f.txt", "delete", path="/tmp/ops/f.txt")
     await expect_denied(
@@ -415,7 +419,7 @@ async def test_stat_of_acl_root_reachable(
     """A user who may not list / can still stat the directories granted to them (and / itself)."""
     sp, setup = acl_server
     c = sp.client(nursery, "carol", setup.keys["carol"])
-    assert (await c.call(m.Stat, m.Attr, path="/")).mode
-    assert (await c.call(m.Stat, m.Attr, path="/tmp")).mode
-    assert (await c.call(m.Stat, m.Attr, path="/tmp/ops")).mode
+    assert (await c.call(m.Stat(path="/"))).mode
+    assert (await c.call(m.Stat(path="/tmp"))).mode
+    assert (await c.call(m.Stat(path="/tmp/ops"))).mode
     await c.aclose()

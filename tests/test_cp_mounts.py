@@ -256,7 +256,7 @@ def test_failed_transfer_gives_eio_and_resume_on_rerun(etfs_env: Env) -> None:
 
         def progressed() -> bool:
             ts = transfers_to(e, "onsala:/tmp/resumable")
-            return bool(ts) and 0 < int(ts[-1]["bytes_done"]) and ts[-1]["state"] == "running"
+            return bool(ts) and 0 < int(str(ts[-1]["bytes_done"])) and ts[-1]["state"] == "running"
 
         assert jive.proc is not None
         with throttled(jive.proc):  # the source runs 10% of the time: the copy cannot finish first

@@ -408,9 +408,9 @@ def test_write_error_is_reported_to_its_writer_not_a_reader(area: tuple[Path, Pa
         finally:
             os.close(r)
     finally:
-        with pytest.raises(OSError) as exc:
+        with pytest.raises(OSError) as closing:
             os.close(w)
-    assert exc.value.errno == errno.EFBIG
+    assert closing.value.errno == errno.EFBIG
 
 
 def test_unlinked_open_file_never_touches_a_new_file_of_that_name(area: tuple[Path, Path, Path]) -> None:

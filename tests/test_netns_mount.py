@@ -53,7 +53,8 @@ def status(mount: Mount) -> list[dict[str, object]]:
         timeout=30,
         check=True,
     )
-    return json.loads(out.stdout)["transfers"]
+    transfers: list[dict[str, object]] = json.loads(out.stdout)["transfers"]
+    return transfers
 
 
 def transfers_to(mount: Mount, destination: str) -> list[dict[str, object]]:

@@ -17,16 +17,15 @@ from pathlib import Path
 
 from harness.netlab import NetLab
 from harness.process import child_env, wait_for
+from harness.transfers import make_file, sha256
 from test_netns_mount import (
     MIB,
     Topology,
     build,
     cp,
     lab,
-    make_file,
     no_full_file,
     pytestmark,
-    sha256,
     transfers_to,
 )
 

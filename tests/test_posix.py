@@ -10,6 +10,7 @@ marked xfail(strict) with the reason README's consistency section gives.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import socket
@@ -44,6 +45,10 @@ def outcome(fn: Callable[[], object]) -> object:
         return "ok" if r is None else r
     except OSError as exc:
         return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def _open_close(p: Path, flags: int, mode: int = 0o777) -> None:
+    os.close(os.open(p, flags, mode))
 
 
 def with_umask(mask: int, fn: Callable[[], object]) -> object:
@@ -87,7 +92,7 @@ def mkdir_modes(d: Path) -> object:
     for mask in (0, 0o022, 0o077):
         for mode in (0o775, 0o700, 0o1777, 0o2755):
             p = d / f"d{mask:o}-{mode:o}"
-            with_umask(mask, lambda p=p, mode=mode: os.mkdir(p, mode))
+            with_umask(mask, functools.partial(os.mkdir, p, mode))
             out.append(oct(os.stat(p).st_mode))
     return out
 
@@ -108,7 +113,7 @@ def chmod_modes(d: Path) -> object:
 def create_excl_errnos(d: Path) -> object:
     objs = kinds(d)
     return {
-        n: outcome(lambda p=p: os.close(os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)))
+        n: outcome(functools.partial(_open_close, p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         for n, p in objs.items()
     }
 
@@ -116,7 +121,7 @@ def create_excl_errnos(d: Path) -> object:
 @check
 def mkdir_errnos(d: Path) -> object:
     objs = kinds(d)
-    out = {n: outcome(lambda p=p: os.mkdir(p)) for n, p in objs.items()}
+    out = {n: outcome(functools.partial(os.mkdir, p)) for n, p in objs.items()}
     out["under-file"] = outcome(lambda: os.mkdir(d / "file" / "x"))
     out["missing-parent"] = outcome(lambda: os.mkdir(d / "no" / "x"))
     return out
@@ -130,7 +135,7 @@ def rename_errnos(d: Path) -> object:
             sub = d / f"{src}-{dst}"
             sub.mkdir()
             objs = kinds(sub)
-            out[f"{src}->{dst}"] = outcome(lambda a=objs[src], b=objs[dst]: os.rename(a, b))
+            out[f"{src}->{dst}"] = outcome(functools.partial(os.rename, objs[src], objs[dst]))
     sub = d / "into-self"
     sub.mkdir()
     objs = kinds(sub)
@@ -144,11 +149,11 @@ def remove_errnos(d: Path) -> object:
     objs = kinds(d)
     out = {}
     for n, p in objs.items():
-        out[f"rmdir {n}"] = outcome(lambda p=p: os.rmdir(p))
+        out[f"rmdir {n}"] = outcome(functools.partial(os.rmdir, p))
     again = d / "again"
     again.mkdir()
     for n, p in kinds(again).items():
-        out[f"unlink {n}"] = outcome(lambda p=p: os.unlink(p))
+        out[f"unlink {n}"] = outcome(functools.partial(os.unlink, p))
     out["rmdir missing"] = outcome(lambda: os.rmdir(d / "missing"))
     return out
 
@@ -163,7 +168,7 @@ def open_errnos(d: Path) -> object:
             ("rdonly", os.O_RDONLY),
             ("dir", os.O_RDONLY | os.O_DIRECTORY),
         ):
-            out[f"{n} {name}"] = outcome(lambda p=p, f=flags: os.close(os.open(p, f)))
+            out[f"{n} {name}"] = outcome(functools.partial(_open_close, p, flags))
     out["file/x"] = outcome(lambda: os.open(d / "file" / "x", os.O_RDONLY))
     out["link to dir"] = outcome(lambda: os.link(objs["dir"], d / "hl"))
     return out
@@ -313,7 +318,7 @@ def timestamps(d: Path) -> object:
     f.write_bytes(b"x")
     sub = d / "sub"
     sub.mkdir()
-    out = {}
+    out: dict[str, object] = {}
 
     def moved(what: str, op: Callable[[], object], *paths: Path) -> None:
         before = [_times(p) for p in paths]

@@ -10,7 +10,8 @@ import pytest
 import trio
 from harness.transfers import MIB, Cluster, make_file, open_engine, sha256
 
-from etfs.transfer.engine import ClientTransfer, TransferEngine, relay_id_name, relay_part_name
+from etfs.protocol.transfer import relay_id_name, relay_part_name
+from etfs.transfer.engine import ClientTransfer, TransferEngine
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -259,24 +259,20 @@ async def _start_with(engine_cfg: Cluster, cap: m.Capability, dst_path: str) -> 
         dst = engine.pool["onsala"]
         # A capability names its transfer: the order carries its id.
         started = await dst.call(
-            m.TransferStart,
-            m.TransferStarted,
-            capability=cap,
-            source_name="jive",
-            path=dst_path,
-            streams=2,
-            transfer_id=cap.transfer_id,
+            m.TransferStart(
+                capability=cap, source_name="jive", path=dst_path, streams=2, transfer_id=cap.transfer_id
+            ),
         )
         with trio.fail_after(30):
             while True:
-                info = await dst.call(m.TransferWait, m.TransferInfo, transfer_id=started.transfer_id)
+                info = await dst.call(m.TransferWait(transfer_id=started.transfer_id))
                 if info.state in ("done", "failed"):
                     return info
 
 
 async def _offer(cluster: Cluster, server: str, path: str, ttl: float = 300.0) -> m.Capability:
     async with open_engine(cluster.client_config()) as engine:
-        cap = await engine.pool[server].call(m.TransferOffer, m.Capability, path=path, ttl=ttl)
+        cap = await engine.pool[server].call(m.TransferOffer(path=path, ttl=ttl))
         host = "127.0.0.1"
         return msgspec.structs.replace(cap, data_host=cap.data_host or host)
 
@@ -324,5 +320,5 @@ async def test_offer_refuses_directory(pair: Cluster) -> None:
     (pair["jive"].export / "dir").mkdir()
     async with open_engine(pair.client_config()) as engine:
         with pytest.raises(RemoteError) as exc:
-            await engine.pool["jive"].call(m.TransferOffer, m.Capability, path="/dir")
+            await engine.pool["jive"].call(m.TransferOffer(path="/dir"))
         assert exc.value.errno == errno.EISDIR

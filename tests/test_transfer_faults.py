@@ -355,18 +355,17 @@ async def test_source_changed_after_capability(pair: Cluster) -> None:
     src = pair["jive"].export / "f"
     make_file(src, 4 * MIB)
     async with open_engine(pair.client_config()) as engine:
-        cap = await engine.pool["jive"].call(m.TransferOffer, m.Capability, path="/f")
+        cap = await engine.pool["jive"].call(m.TransferOffer(path="/f"))
         cap = msgspec.structs.replace(cap, data_host=cap.data_host or "127.0.0.1")
         with src.open("ab") as f:
             f.write(b"appended after the capability was issued")
         dstc = engine.pool["onsala"]
-        started = await dstc.call(
-            m.TransferStart, m.TransferStarted, capability=cap, source_name="jive", path="/g", streams=2
-        )
+        started = await dstc.call(m.TransferStart(capability=cap, source_name="jive", path="/g", streams=2))
         with trio.fail_after(20):
-            while (
-                info := await dstc.call(m.TransferWait, m.TransferInfo, transfer_id=started.transfer_id)
-            ).state not in ("done", "failed"):
+            while (info := await dstc.call(m.TransferWait(transfer_id=started.transfer_id))).state not in (
+                "done",
+                "failed",
+            ):
                 pass
     assert info.state == "failed" and info.errno == errno.ESTALE, info
     assert not (pair["onsala"].export / "g").exists()

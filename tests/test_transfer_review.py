@@ -9,7 +9,7 @@ import pytest
 import trio
 from harness.transfers import MIB, Cluster, make_file, open_engine, proxied_source, raw_data_open, sha256
 
-from etfs.client import RemoteError
+from etfs.client import Pool, RemoteError
 from etfs.protocol import messages as m
 from etfs.transfer.engine import TransferFailed, single_errors
 
@@ -21,8 +21,8 @@ def pair(cluster: Cluster) -> Cluster:
     return cluster
 
 
-async def _offer(engine_pool: object, path: str) -> m.Capability:
-    cap = await engine_pool["jive"].call(m.TransferOffer, m.Capability, path=path)  # type: ignore[index]
+async def _offer(engine_pool: Pool, path: str) -> m.Capability:
+    cap = await engine_pool["jive"].call(m.TransferOffer(path=path))
     return msgspec.structs.replace(cap, data_host="127.0.0.1")
 
 
@@ -47,7 +47,7 @@ async def test_two_transfers_into_one_file_are_serialized(pair: Cluster) -> None
                 try:
                     with pytest.raises(RemoteError) as exc:
                         await engine.pool["onsala"].call(
-                            m.TransferStart, m.TransferStarted, capability=cap, source_name="jive", path="/x"
+                            m.TransferStart(capability=cap, source_name="jive", path="/x")
                         )
                     assert exc.value.errno == errno.EBUSY
                 finally:
@@ -63,12 +63,7 @@ async def test_transfer_ids_cannot_name_files(pair: Cluster) -> None:
         for bad in ("../escaped", "../../escaped", "../../../escaped", "a/b", "x" * 65, "."):
             with pytest.raises(RemoteError) as exc:
                 await engine.pool["onsala"].call(
-                    m.TransferStart,
-                    m.TransferStarted,
-                    capability=cap,
-                    source_name="jive",
-                    path="/g",
-                    transfer_id=bad,
+                    m.TransferStart(capability=cap, source_name="jive", path="/g", transfer_id=bad),
                 )
             assert exc.value.errno == errno.EINVAL
     # Had an id been used as a file name, escaped* would now lie somewhere under the cluster.
@@ -81,7 +76,7 @@ async def test_other_users_transfers_are_invisible(pair: Cluster) -> None:
         t = await engine.copy("jive", "/f", "onsala", "/g")
         dst = engine.pool["onsala"]
         # Same user: visible.
-        info = await dst.call(m.TransferWait, m.TransferInfo, transfer_id=t.server_transfer_id, timeout=0)
+        info = await dst.call(m.TransferWait(transfer_id=t.server_transfer_id, timeout=0))
         assert info.state == "done"
     # The record's owner is stored; a different owner name is "no such transfer".
     rec = pair["onsala"].record(t.server_transfer_id)
@@ -94,13 +89,7 @@ async def test_surplus_push_connections_do_not_hurt_the_server(pair: Cluster) ->
     async with open_engine(pair.client_config(block_size=MIB, streams=1, direction="push")) as engine:
         cap = await _offer(engine.pool, "/f")
         started = await engine.pool["onsala"].call(
-            m.TransferStart,
-            m.TransferStarted,
-            capability=cap,
-            source_name="jive",
-            path="/g",
-            direction="push",
-            streams=1,
+            m.TransferStart(capability=cap, source_name="jive", path="/g", direction="push", streams=1),
         )
         socks = []
         try:
@@ -114,7 +103,7 @@ async def test_surplus_push_connections_do_not_hurt_the_server(pair: Cluster) ->
                 s = raw_data_open(pair["onsala"].data_port, started.ticket, hello)
                 assert s is not None, "the destination does not know its own ticket"
                 socks.append(s)
-            await engine.pool["onsala"].call(m.TransferCancel, None, transfer_id=started.transfer_id)
+            await engine.pool["onsala"].call(m.TransferCancel(transfer_id=started.transfer_id))
         finally:
             for s in socks:
                 s.close()
@@ -142,7 +131,7 @@ async def test_silent_source_fails_the_transfer_in_bounded_time(cluster: Cluster
         async with open_engine(
             cluster.client_config(block_size=MIB, streams=2, third_party="always")
         ) as engine:
-            failures: list[BaseException] = []
+            failures: list[OSError] = []
 
             async def run() -> None:
                 try:

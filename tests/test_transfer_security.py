@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import re
 import time
+from typing import Any
 
 import msgspec
 import pytest
@@ -33,6 +34,7 @@ from harness.transfers import (
 
 from etfs.client import RemoteError
 from etfs.protocol import messages as m
+from etfs.transfer.engine import TransferEngine
 from etfs_server.peers import PeerPolicy, PeerRefused, parse_entry
 
 MARK = b"CLIENT-CHOSEN-7f3a9c"  # must never reach a listener that did not prove itself
@@ -45,27 +47,23 @@ def pair(cluster: Cluster) -> Cluster:
     return cluster
 
 
-async def _offer(engine: object, path: str, host: str = "127.0.0.1") -> m.Capability:
-    cap = await engine.pool["jive"].call(m.TransferOffer, m.Capability, path=path)  # type: ignore[attr-defined]
+async def _offer(engine: TransferEngine, path: str, host: str = "127.0.0.1") -> m.Capability:
+    cap = await engine.pool["jive"].call(m.TransferOffer(path=path))
     return msgspec.structs.replace(cap, data_host=host)
 
 
-async def _start(engine: object, cap: m.Capability, path: str, **kw: object) -> m.TransferStarted:
-    fields: dict[str, object] = {"source_name": "jive", "path": path, "transfer_id": cap.transfer_id}
+async def _start(engine: TransferEngine, cap: m.Capability, path: str, **kw: Any) -> m.TransferStarted:
+    fields: dict[str, Any] = {"source_name": "jive", "path": path, "transfer_id": cap.transfer_id}
     fields.update(kw)
-    return await engine.pool["onsala"].call(  # type: ignore[attr-defined, no-any-return]
-        m.TransferStart, m.TransferStarted, capability=cap, **fields
-    )
+    return await engine.pool["onsala"].call(m.TransferStart(capability=cap, **fields))
 
 
-async def _end(engine: object, transfer_id: str) -> m.TransferInfo:
+async def _end(engine: TransferEngine, transfer_id: str) -> m.TransferInfo:
     with trio.fail_after(30):
         while True:
-            info = await engine.pool["onsala"].call(  # type: ignore[attr-defined]
-                m.TransferWait, m.TransferInfo, transfer_id=transfer_id
-            )
+            info = await engine.pool["onsala"].call(m.TransferWait(transfer_id=transfer_id))
             if info.state in ("done", "failed"):
-                return info  # type: ignore[no-any-return]
+                return info
 
 
 # --- a capability means one transfer ----------------------------------------------------------------------
@@ -117,7 +115,7 @@ async def test_capability_is_bound_while_running_and_used_up_when_failed(pair: C
             ):
                 reply = raw_pull(port, cap, **hello)
                 assert reply["t"] == "error" and why in reply["message"], (hello, reply)
-            await engine.pool["onsala"].call(m.TransferCancel, None, transfer_id=started.transfer_id)
+            await engine.pool["onsala"].call(m.TransferCancel(transfer_id=started.transfer_id))
             proxy.resume()
             info = await _end(engine, started.transfer_id)
             assert info.state == "failed" and info.code == "cancelled", info
@@ -179,13 +177,9 @@ async def test_nothing_client_chosen_reaches_a_non_etfs_listener(pair: Cluster, 
                 else:
                     # The client points the source at the listener with a ticket of its choice.
                     await engine.pool["jive"].call(
-                        m.TransferPush,
-                        None,
-                        capability=cap,
-                        ticket=MARK * 2,
-                        host="127.0.0.1",
-                        port=target.port,
-                        streams=2,
+                        m.TransferPush(
+                            capability=cap, ticket=MARK * 2, host="127.0.0.1", port=target.port, streams=2
+                        ),
                     )
                     log = pair["jive"].proc
                     await log.wait_for_log(rf"push of /f, stream 1: .*:{target.port}", timeout=15)
@@ -224,7 +218,7 @@ async def test_link_local_and_multicast_peers_are_refused_by_default(pair: Clust
             assert exc.value.errno == errno.EACCES and "transfer.peers" in str(exc.value), exc.value
             with pytest.raises(RemoteError) as exc:
                 await engine.pool["jive"].call(
-                    m.TransferPush, None, capability=cap, ticket=b"t" * 24, host=host, port=80, streams=1
+                    m.TransferPush(capability=cap, ticket=b"t" * 24, host=host, port=80, streams=1)
                 )
             assert exc.value.errno == errno.EACCES, exc.value
 

@@ -106,11 +106,11 @@ async def alice(env: Env, nursery: trio.Nursery) -> Any:
 
 
 async def fails(
-    c: ServerClient, req: type[m.Request], allowed: set[int] = ESCAPE_ERRNOS, **fields: Any
+    c: ServerClient, req: type[m.Request[Any]], allowed: set[int] = ESCAPE_ERRNOS, **fields: Any
 ) -> int:
     """The request must fail with one of ``allowed``; returns the errno."""
     try:
-        value: Any = await c.call(req, **fields)
+        value: Any = await c.call(req(**fields))
     except RemoteError as exc:
         assert exc.errno in allowed, f"{req.__name__}{fields}: {exc}"
         return exc.errno or 0
@@ -120,7 +120,7 @@ async def fails(
 # Each case: (description, request type, fields).  All are issued by alice, who has every right
 # on /tmp, so only confinement stops them.
 RD = os.O_RDONLY
-CASES: list[tuple[str, type[m.Request], dict[str, Any]]] = [
+CASES: list[tuple[str, type[m.Request[Any]], dict[str, Any]]] = [
     ("dotdot leading", m.Open, {"path": "/../outside/sentinel.txt", "flags": RD}),
     ("dotdot after tmp", m.Open, {"path": "/tmp/../../outside/sentinel.txt", "flags": RD}),
     ("dotdot into private (ACL)", m.Open, {"path": "/tmp/../private/secret.txt", "flags": RD}),
@@ -204,7 +204,7 @@ EXTRA_ERRNOS = {
 
 @pytest.mark.parametrize(("what", "req", "fields"), CASES, ids=[c[0] for c in CASES])
 async def test_escape_attempt(
-    env: Env, alice: ServerClient, what: str, req: type[m.Request], fields: dict[str, Any]
+    env: Env, alice: ServerClient, what: str, req: type[m.Request[Any]], fields: dict[str, Any]
 ) -> None:
     os.setxattr(env.outside / "sentinel.txt", "user.secret", b"do-not-leak")
     await fails(alice, req, ESCAPE_ERRNOS | EXTRA_ERRNOS.get(what, set()), **fields)
@@ -216,28 +216,29 @@ async def test_escape_attempt(
 async def test_symlink_ops_on_link_itself_do_not_reach_target(env: Env, alice: ServerClient) -> None:
     """Operations that act on a symlink itself are fine, but must never act on its outside target."""
     # readlink just returns the stored text
-    assert await alice.call(m.Readlink, str, path="/tmp/abs") == str(env.outside / "sentinel.txt")
+    assert await alice.call(m.Readlink(path="/tmp/abs")) == str(env.outside / "sentinel.txt")
     # lstat: the link, not the sentinel
-    attr = await alice.call(m.Stat, m.Attr, path="/tmp/abs")
+    attr = await alice.call(m.Stat(path="/tmp/abs"))
     assert attr.ino != (env.outside / "sentinel.txt").stat().st_ino
     # chmod / utime / truncate / setxattr through the final symlink: fail or touch only the link
-    for fields in ({"mode": 0o777}, {"mtime_ns": 5, "atime_ns": 5}, {"size": 0}):
+    changes: list[dict[str, Any]] = [{"mode": 0o777}, {"mtime_ns": 5, "atime_ns": 5}, {"size": 0}]
+    for fields in changes:
         try:
-            await alice.call(m.SetAttr, path="/tmp/abs", **fields)
+            await alice.call(m.SetAttr(path="/tmp/abs", **fields))
         except RemoteError as exc:
             assert exc.errno in (errno.EACCES, errno.ELOOP, errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL), exc
     for name in ("user.x",):
         try:
-            await alice.call(m.SetXattr, path="/tmp/abs", name=name, value=b"1")
+            await alice.call(m.SetXattr(path="/tmp/abs", name=name, value=b"1"))
         except RemoteError as exc:
             assert exc.errno in (errno.EACCES, errno.EPERM, errno.EOPNOTSUPP), exc
     try:
-        value = await alice.call(m.GetXattr, bytes, path="/tmp/abs", name="user.secret")
+        value = await alice.call(m.GetXattr(path="/tmp/abs", name="user.secret"))
         pytest.fail(f"read the outside file's xattr through a symlink: {value!r}")
     except RemoteError as exc:
         assert exc.errno in (errno.EACCES, errno.ENODATA, errno.EPERM, errno.EOPNOTSUPP), exc
     try:
-        names = await alice.call(m.ListXattr, list, path="/tmp/abs")
+        names = await alice.call(m.ListXattr(path="/tmp/abs"))
         assert "user.secret" not in names
     except RemoteError as exc:
         assert exc.errno in (errno.EACCES, errno.EPERM, errno.EOPNOTSUPP), exc
@@ -245,30 +246,30 @@ async def test_symlink_ops_on_link_itself_do_not_reach_target(env: Env, alice: S
     assert s.st_mode & 0o777 != 0o777 and s.st_mtime_ns != 5 and s.st_size == len(SENTINEL)
     # hard-linking the symlink makes another symlink, never a second name for the sentinel
     try:
-        await alice.call(m.Link, old="/tmp/abs", new="/tmp/abs-hardlink")
+        await alice.call(m.Link(old="/tmp/abs", new="/tmp/abs-hardlink"))
     except RemoteError as exc:
         assert exc.errno in (errno.EACCES, errno.EPERM), exc
     else:
         assert (env.tmp / "abs-hardlink").is_symlink()
-        await alice.call(m.Unlink, path="/tmp/abs-hardlink")
+        await alice.call(m.Unlink(path="/tmp/abs-hardlink"))
     assert (env.outside / "sentinel.txt").stat().st_nlink == 1
     # renaming the symlink moves the link, not the target
-    await alice.call(m.Rename, old="/tmp/abs", new="/tmp/abs2")
-    await alice.call(m.Rename, old="/tmp/abs2", new="/tmp/abs")
+    await alice.call(m.Rename(old="/tmp/abs", new="/tmp/abs2"))
+    await alice.call(m.Rename(old="/tmp/abs2", new="/tmp/abs"))
     assert (env.tmp / "abs").is_symlink()
 
 
 async def test_client_made_symlinks_are_confined(env: Env, alice: ServerClient) -> None:
     """Symlinks created over the protocol are stored as data and never followed out."""
-    await alice.call(m.Symlink, path="/tmp/mine", target=str(env.outside))
-    await alice.call(m.Symlink, path="/tmp/mine-rel", target="../../outside/canary")
-    await alice.call(m.Symlink, path="/tmp/mine-dangle", target=str(env.outside / "canary" / "x"))
+    await alice.call(m.Symlink(path="/tmp/mine", target=str(env.outside)))
+    await alice.call(m.Symlink(path="/tmp/mine-rel", target="../../outside/canary"))
+    await alice.call(m.Symlink(path="/tmp/mine-dangle", target=str(env.outside / "canary" / "x")))
     await fails(alice, m.Open, path="/tmp/mine/sentinel.txt", flags=RD)
     await fails(alice, m.Create, path="/tmp/mine-rel/x", mode=0o644, flags=os.O_RDWR)
     await fails(alice, m.Create, path="/tmp/mine-dangle", mode=0o644, flags=os.O_RDWR)
     await fails(alice, m.Mkdir, path="/tmp/mine-rel/d", mode=0o755)
     for name in ("mine", "mine-rel", "mine-dangle"):
-        await alice.call(m.Unlink, path=f"/tmp/{name}")
+        await alice.call(m.Unlink(path=f"/tmp/{name}"))
 
 
 async def test_symlink_cannot_widen_acl(env: Env, nursery: trio.Nursery) -> None:
@@ -284,16 +285,16 @@ async def test_symlink_cannot_widen_acl(env: Env, nursery: trio.Nursery) -> None
     await fails(bob, m.Rename, old="/tmp/bob/sneaky/secret.txt", new="/tmp/bob/got.txt")
     await fails(bob, m.TransferOffer, path="/tmp/bob/sneaky/secret.txt")
     # he can make his own symlink to it, too: still nothing
-    await bob.call(m.Symlink, path="/tmp/bob/mine", target="../../private")
+    await bob.call(m.Symlink(path="/tmp/bob/mine", target="../../private"))
     await fails(bob, m.Open, path="/tmp/bob/mine/secret.txt", flags=RD)
-    await bob.call(m.Unlink, path="/tmp/bob/mine")
+    await bob.call(m.Unlink(path="/tmp/bob/mine"))
     assert (env.setup.export / "private" / "secret.txt").read_text() == "export-private\n"
     assert sorted(p.name for p in (env.setup.export / "private").iterdir()) == ["secret.txt"]
     # a symlink within his own grant still works
-    await bob.call(m.Mkdir, path="/tmp/bob/real", mode=0o755)
-    await bob.call(m.Symlink, path="/tmp/bob/alias", target="real")
-    o = await bob.call(m.Create, m.Opened, path="/tmp/bob/alias/f.txt", mode=0o644, flags=os.O_RDWR)
-    await bob.call(m.Close, handle=o.handle)
+    await bob.call(m.Mkdir(path="/tmp/bob/real", mode=0o755))
+    await bob.call(m.Symlink(path="/tmp/bob/alias", target="real"))
+    o = await bob.call(m.Create(path="/tmp/bob/alias/f.txt", mode=0o644, flags=os.O_RDWR))
+    await bob.call(m.Close(handle=o.handle))
     assert (env.tmp / "bob" / "real" / "f.txt").exists()
     await bob.aclose()
 
@@ -340,35 +341,33 @@ async def test_swap_race(env: Env, alice: ServerClient) -> None:
             i += 1
 
             async def read() -> None:
-                o = await alice.call(m.Open, m.Opened, path="/tmp/race/d/sentinel.txt", flags=RD)
+                o = await alice.call(m.Open(path="/tmp/race/d/sentinel.txt", flags=RD))
                 try:
-                    data = await alice.call(m.Read, bytes, handle=o.handle, offset=0, size=100)
+                    data = await alice.call(m.Read(handle=o.handle, offset=0, size=100))
                 finally:
-                    await alice.call(m.Close, handle=o.handle)
+                    await alice.call(m.Close(handle=o.handle))
                 if data != b"inside-race\n":
                     leaked.append(f"read {data!r}")
 
             async def stat() -> None:
-                a = await alice.call(m.Stat, m.Attr, path="/tmp/race/d/sentinel.txt")
+                a = await alice.call(m.Stat(path="/tmp/race/d/sentinel.txt"))
                 if a.ino == (env.outside / "sentinel.txt").stat().st_ino:
                     leaked.append("stat reached the outside sentinel")
 
             async def create(i: int = i) -> None:
-                o = await alice.call(
-                    m.Create, m.Opened, path=f"/tmp/race/d/new-{w}-{i}", mode=0o644, flags=os.O_RDWR
-                )
-                await alice.call(m.Close, handle=o.handle)
+                o = await alice.call(m.Create(path=f"/tmp/race/d/new-{w}-{i}", mode=0o644, flags=os.O_RDWR))
+                await alice.call(m.Close(handle=o.handle))
 
             async def mkdir(i: int = i) -> None:
-                await alice.call(m.Mkdir, path=f"/tmp/race/d/dir-{w}-{i}", mode=0o755)
+                await alice.call(m.Mkdir(path=f"/tmp/race/d/dir-{w}-{i}", mode=0o755))
 
             async def listing() -> None:
-                page = await alice.call(m.List, m.ListPage, path="/tmp/race/d")
+                page = await alice.call(m.List(path="/tmp/race/d"))
                 if any(e.name == "canary" for e in page.entries):
                     leaked.append("listed the outside directory")
 
             async def checksum() -> None:
-                await alice.call(m.Checksum, str, path="/tmp/race/d/sentinel.txt")
+                await alice.call(m.Checksum(path="/tmp/race/d/sentinel.txt"))
 
             for fn in (read, stat, create, mkdir, listing, checksum):
                 await attempt(fn)
@@ -393,21 +392,21 @@ async def test_paths_longer_than_path_max(env: Env, alice: ServerClient) -> None
     chunks); a symlink deep in such a path is never followed, and ``..`` stays refused."""
     parts = [f"{i:03d}" + "d" * 197 for i in range(22)]  # 22 x 201 bytes: 4422 in all
     path = "/tmp/deep"
-    await alice.call(m.Mkdir, path=path, mode=0o755)
+    await alice.call(m.Mkdir(path=path, mode=0o755))
     for p in parts:
         path += "/" + p
-        await alice.call(m.Mkdir, path=path, mode=0o755)
+        await alice.call(m.Mkdir(path=path, mode=0o755))
     assert len(path) > 4096
     f = path + "/f.txt"
-    o = await alice.call(m.Create, m.Opened, path=f, mode=0o644, flags=os.O_RDWR)
-    await alice.call(m.Write, int, handle=o.handle, offset=0, data=b"deep\n")
-    await alice.call(m.Close, handle=o.handle)
-    assert (await alice.call(m.Stat, m.Attr, path=f)).size == 5
-    o = await alice.call(m.Open, m.Opened, path=f, flags=RD)
-    assert await alice.call(m.Read, bytes, handle=o.handle, offset=0, size=100) == b"deep\n"
-    await alice.call(m.Close, handle=o.handle)
-    await alice.call(m.Rename, old=f, new=path + "/g.txt")
-    assert [e.name for e in (await alice.call(m.List, m.ListPage, path=path)).entries] == ["g.txt"]
+    o = await alice.call(m.Create(path=f, mode=0o644, flags=os.O_RDWR))
+    await alice.call(m.Write(handle=o.handle, offset=0, data=b"deep\n"))
+    await alice.call(m.Close(handle=o.handle))
+    assert (await alice.call(m.Stat(path=f))).size == 5
+    o = await alice.call(m.Open(path=f, flags=RD))
+    assert await alice.call(m.Read(handle=o.handle, offset=0, size=100)) == b"deep\n"
+    await alice.call(m.Close(handle=o.handle))
+    await alice.call(m.Rename(old=f, new=path + "/g.txt"))
+    assert [e.name for e in (await alice.call(m.List(path=path))).entries] == ["g.txt"]
     # On disk: where the client said, walked with dir fds (the absolute path is too long to name).
     fd = os.open(env.tmp / "deep", os.O_RDONLY | os.O_DIRECTORY)
     try:

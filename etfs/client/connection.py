@@ -25,7 +25,7 @@ import itertools
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 import trio
@@ -36,7 +36,7 @@ from etfs.protocol.connection import ProtocolError, Role
 from etfs.protocol.trio_stream import MessageStream
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+R = TypeVar("R")
 
 
 class RemoteError(OSError):
@@ -255,17 +255,18 @@ class ServerClient:
         live.pending.clear()
         self._nursery.start_soon(_close_quietly, live.ms)
 
-    async def call(self, req_type: type[m.Request], result: type[T] | None = None, /, **fields: Any) -> T:
-        """Send one request and return its decoded value; raises `RemoteError` or `ConnectionLost`."""
-        if req_type in _NAME_CREATORS:
+    async def call(self, req: m.Request[R]) -> R:
+        """Send one request and return its reply's value, of the type the request declares
+        (``await client.call(m.Stat(path))`` is an `m.Attr`); raises `RemoteError` or
+        `ConnectionLost`."""
+        if type(req) in _NAME_CREATORS:
             self.namespace_epoch += 1
-        return await self.call_own(req_type, result, **fields)
+        return await self.call_own(req)
 
-    async def call_own(self, req_type: type[m.Request], result: type[T] | None = None, /, **fields: Any) -> T:
+    async def call_own(self, req: m.Request[R]) -> R:
         """`call` for a caller that keeps track of the names it creates itself (the filesystem)."""
         live = await self.connection()
         rid = next(self._ids)
-        req = req_type(id=rid, **fields)
         event = trio.Event()
         box: list[m.Ok | m.Err] = []
         live.pending[rid] = (event, box)
@@ -279,14 +280,14 @@ class ServerClient:
         try:
             # The send counts too: a hung server stops reading, and a large request then blocks.
             with trio.fail_at(deadline):
-                await live.ms.send(req)
+                await live.ms.send(m.Call(rid, req))
                 await event.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._drop(live, f"send failed: {exc}")
             raise ConnectionLost(errno.ECONNRESET, f"connection to {self.name} lost") from None
         except trio.TooSlowError:
             live.pending.pop(rid, None)
-            self._hung(live, req_type.__name__, trio.current_time() - (live.silent_since or now))
+            self._hung(live, type(req).__name__, trio.current_time() - (live.silent_since or now))
             raise ConnectionLost(
                 errno.ETIMEDOUT, f"server {self.name} did not answer in time (request_timeout {timeout:g} s)"
             ) from None
@@ -294,7 +295,7 @@ class ServerClient:
             # Cancelled.  If that cut a request in half, the connection cannot carry another:
             # drop it now, so that the next call reconnects instead of failing.
             if live.ms.broken:
-                self._drop(live, f"{req_type.__name__} was cancelled while being sent")
+                self._drop(live, f"{type(req).__name__} was cancelled while being sent")
             raise
         finally:
             live.pending.pop(rid, None)
@@ -303,10 +304,8 @@ class ServerClient:
         reply = box[0]
         if isinstance(reply, m.Err):
             raise RemoteError(reply.errno, reply.message)
-        if result is None:
-            return reply.value
         try:
-            return msgspec.convert(reply.value, result)
+            return m.decode_reply(req, reply.value)
         except msgspec.ValidationError as exc:
             raise RemoteError(errno.EPROTO, f"{self.name}: malformed reply: {exc}") from None
 

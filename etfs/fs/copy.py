@@ -100,8 +100,8 @@ class CopyDispatcher:
                 # The transfer reads the server's files: this client's writes go first.
                 await self.ops.sync_inode(src.inode)
                 await self.ops.sync_inode(dst.inode)
-                attr = await src.client.call(m.Stat, m.Attr, path=src.path)
-                dst_attr = await dst.client.call(m.Stat, m.Attr, path=dst.path)
+                attr = await src.client.call(m.Stat(path=src.path))
+                dst_attr = await dst.client.call(m.Stat(path=dst.path))
             except OSError as exc:
                 req.reply_error(reply_errno(exc))
                 return

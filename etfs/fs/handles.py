@@ -25,8 +25,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar, cast
 
 import trio
 
@@ -140,7 +141,7 @@ class OpenFile:
     async def _open_again(self, generation: int) -> None:
         try:
             opened = await self._client.call(
-                m.Open, m.Opened, path=self.path, flags=self.flags & _REOPEN_MASK & ~os.O_APPEND
+                m.Open(path=self.path, flags=self.flags & _REOPEN_MASK & ~os.O_APPEND)
             )
         except OSError as exc:
             log.warning("%s:%s: reopen failed: %s", self.server, self.path, exc)
@@ -158,20 +159,24 @@ class OpenFile:
             self.drop_readahead()
             if old_generation == live.generation:
                 try:
-                    await self._client.call(m.Close, None, handle=old)
+                    await self._client.call(m.Close(handle=old))
                 except OSError as exc:
                     log.debug("%s:%s: close of the replaced handle: %s", self.server, self.path, exc)
 
-    async def call(self, req: type[m.Request], result: type[T] | None, **fields: Any) -> T:
-        """A request on this file's server handle (``handle=`` is filled in), retried once on reset."""
+    async def call(self, request_on: Callable[[int], m.Request[T]]) -> T:
+        """A request on this file's server handle (``request_on`` makes it for the current
+        handle: ``f.call(lambda h: m.FStat(handle=h))``), retried once on reset."""
         for attempt in (1, 2):
             handle = await self._current_handle()
+            req = request_on(handle)
             try:
-                return await self._client.call(req, result, handle=handle, **fields)
+                return await self._client.call(req)
             except ConnectionLost as exc:
                 if exc.errno != errno.ECONNRESET or attempt == 2:
                     raise
-                log.info("%s:%s: connection reset during %s; retrying", self.server, self.path, req.__name__)
+                log.info(
+                    "%s:%s: connection reset during %s; retrying", self.server, self.path, type(req).__name__
+                )
         raise AssertionError("unreachable")
 
     # --- reading ----------------------------------------------------------------------------------
@@ -193,7 +198,9 @@ class OpenFile:
 
     async def _fetch_task(self, blk: _Block) -> None:
         try:
-            blk.data = await self.call(m.Read, bytes, offset=blk.index * READ_BLOCK, size=READ_BLOCK)
+            blk.data = await self.call(
+                lambda h: m.Read(handle=h, offset=blk.index * READ_BLOCK, size=READ_BLOCK)
+            )
         except OSError as exc:
             blk.error = exc
         finally:
@@ -205,7 +212,7 @@ class OpenFile:
         if not self._sequential(off):
             self.drop_readahead()
             self._last_end = off + size
-            return await self.call(m.Read, bytes, offset=off, size=size)
+            return await self.call(lambda h: m.Read(handle=h, offset=off, size=size))
         out = bytearray()
         pos, end = off, off + size
         while pos < end:
@@ -311,7 +318,9 @@ class OpenFile:
             for ev in earlier:
                 await ev.wait()
             async with self._slots:
-                await self.call(m.Write, int, offset=off, data=data)
+                # msgspec sends a bytearray as the same msgpack bin as bytes: no copy to make one.
+                payload = cast(bytes, data)
+                await self.call(lambda h: m.Write(handle=h, offset=off, data=payload))
         except OSError as exc:
             log.warning(
                 "%s:%s: write of %d bytes at %d failed: %s", self.server, self.path, len(data), off, exc
@@ -346,7 +355,7 @@ class OpenFile:
 
     async def fsync(self, datasync: bool) -> None:
         await self.flush()
-        await self.call(m.Fsync, None, datasync=datasync)
+        await self.call(lambda h: m.Fsync(handle=h, datasync=datasync))
 
     async def close(self) -> None:
         """Flush and close the server handle; the flush error (if any) is raised after closing."""
@@ -363,7 +372,7 @@ class OpenFile:
         # Only close a handle of the live connection: an old generation's handle died with it.
         if live is not None and not live.closed and live.generation == self._generation:
             try:
-                await self._client.call(m.Close, None, handle=self._handle)
+                await self._client.call(m.Close(handle=self._handle))
             except OSError as exc:
                 log.debug("%s:%s: close failed: %s", self.server, self.path, exc)
         if error is not None:

@@ -54,7 +54,7 @@ def _edge(
     """Convert every error leaving a handler into `pyfuse3.FUSEError` (the only place that does)."""
 
     @functools.wraps(fn)
-    async def handler(self: EtfsOperations, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def handler(self: EtfsOperations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         # The caller's uid picks the etfs identity of the request (`EtfsOperations._client`);
         # handlers without a request context act only through their handle's identity.
         uid = next((a.uid for a in args if isinstance(a, pyfuse3.RequestContext)), identities.NO_CALLER)
@@ -184,15 +184,15 @@ class EtfsOperations(pyfuse3.Operations):
             return self.pool[server].namespace_epoch
         return self.identities.epoch(server)
 
-    async def _call(self, server: str, req: type[m.Request], result: type[T] | None, **fields: Any) -> T:
+    async def _call(self, server: str, req: m.Request[T]) -> T:
         client = self._client(server)
         # call_own: the names this filesystem creates are tracked by `_creating`.
         try:
-            return await client.call_own(req, result, **fields)
+            return await client.call_own(req)
         except ConnectionLost as exc:
-            if exc.errno != errno.ECONNRESET or req not in _IDEMPOTENT:
+            if exc.errno != errno.ECONNRESET or type(req) not in _IDEMPOTENT:
                 raise
-        return await client.call_own(req, result, **fields)
+        return await client.call_own(req)
 
     def _node(self, inode: int) -> Node:
         node = self.table.get(inode)
@@ -272,7 +272,7 @@ class EtfsOperations(pyfuse3.Operations):
             # Unlinked but still open: its path now names something else; ask by handle.
             for fh in node.open_files:
                 if (f := self._files.get(fh)) is not None:
-                    attr = await f.call(m.FStat, m.Attr)
+                    attr = await f.call(lambda h: m.FStat(handle=h))
                     self.table.set_attr(node, attr, 0, asked)
                     return attr
             if node.attr is not None:
@@ -283,27 +283,26 @@ class EtfsOperations(pyfuse3.Operations):
             attr_or_none: m.Attr | None = None
             with trio.move_on_after(self.config.connect_timeout):
                 try:
-                    attr_or_none = await self._call(node.server, m.Stat, m.Attr, path=node.path)
+                    attr_or_none = await self._call(node.server, m.Stat(path=node.path))
                 except ConnectionLost:
                     pass
             if attr_or_none is None:
                 return node.attr or self._dir_attr()
             attr = attr_or_none
         else:
-            attr = await self._by_path(node, m.Stat, m.Attr, lambda a: a)
+            attr = await self._by_path(node, m.Stat, lambda a: a)
         self.table.set_attr(node, attr, self.config.cache.attr_ttl, asked)
         return attr
 
     async def _by_path(
         self,
         node: Node,
-        req: type[m.Request],
-        result: type[T],
+        request_at: Callable[[str], m.Request[T]],
         file_of: Callable[[T], m.Attr] | None,
         undo: Callable[[T], Coroutine[Any, Any, None]] | None = None,
-        **fields: Any,
     ) -> T:
-        """A request by ``node``'s path (Stat, Open), on the node's own file.
+        """A request by ``node``'s path (Stat, Open; ``request_at`` makes it for one path), on
+        the node's own file.
 
         A multiply linked file is one node for all its names here, and any of them may have
         been unlinked or replaced by another client since (this table never hears of it):
@@ -317,7 +316,7 @@ class EtfsOperations(pyfuse3.Operations):
             several = node.linked and len(node.links) > 1
             known = node.attr.ino if node.attr is not None else None
             try:
-                value = await self._call(node.server, req, result, path=path, **fields)
+                value = await self._call(node.server, request_at(path))
             except OSError as exc:
                 if exc.errno != errno.ENOENT or not several or path not in node.links:
                     raise
@@ -387,7 +386,7 @@ class EtfsOperations(pyfuse3.Operations):
                 return negative
         asked = stamp()
         try:
-            attr = await self._call(server, m.Stat, m.Attr, path=path)
+            attr = await self._call(server, m.Stat(path=path))
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -453,9 +452,9 @@ class EtfsOperations(pyfuse3.Operations):
         node.touch()
         asked = stamp()
         if by_handle is not None:
-            new = await by_handle.call(m.FTruncate, m.Attr, size=attr.st_size)
+            new = await by_handle.call(lambda h: m.FTruncate(handle=h, size=attr.st_size))
         else:
-            new = await self._call(node.server, m.SetAttr, m.Attr, path=node.path, **req)
+            new = await self._call(node.server, m.SetAttr(path=node.path, **req))
         return self._remember(node, new, asked)
 
     def _writable_handle(self, node: Node, fh: int | None) -> OpenFile | None:
@@ -499,7 +498,7 @@ class EtfsOperations(pyfuse3.Operations):
                 asked = stamp()
                 with identities.acting_as(h.caller):
                     page = await self._call(
-                        node.server, m.List, m.ListPage, path=node.path, after=h.after, limit=LIST_PAGE
+                        node.server, m.List(path=node.path, after=h.after, limit=LIST_PAGE)
                     )
                 h.entries.extend(page.entries)
                 h.asked.extend([asked] * len(page.entries))
@@ -532,7 +531,7 @@ class EtfsOperations(pyfuse3.Operations):
         server, path = self._creating(parent, name)
         epoch = self._epoch(server)
         asked = stamp()
-        attr = await self._call(server, m.Mkdir, m.Attr, path=path, mode=mode & 0o7777)
+        attr = await self._call(server, m.Mkdir(path=path, mode=mode & 0o7777))
         self._parent_changed(parent)
         entry = self._new_entry(server, path, attr, asked)
         self.table.know_empty(self._node(entry.st_ino), self.config.cache.negative_ttl, epoch)
@@ -542,7 +541,7 @@ class EtfsOperations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         server, path = self._child(parent, name)
-        await self._call(server, m.Rmdir, None, path=path)
+        await self._call(server, m.Rmdir(path=path))
         self.table.detach(server, path)
         self._parent_changed(parent)
 
@@ -556,8 +555,8 @@ class EtfsOperations(pyfuse3.Operations):
             # attributes it had at this moment (with its writes on the server first).
             await self._flush_inode(node)
             asked = stamp()
-            self.table.set_attr(node, await self._call(server, m.Stat, m.Attr, path=path), 0, asked)
-        await self._call(server, m.Unlink, None, path=path)
+            self.table.set_attr(node, await self._call(server, m.Stat(path=path)), 0, asked)
+        await self._call(server, m.Unlink(path=path))
         self.table.detach(server, path)
         self._parent_changed(parent)
         if node is not None:
@@ -585,7 +584,7 @@ class EtfsOperations(pyfuse3.Operations):
         if exchange := bool(flags & pyfuse3.RENAME_EXCHANGE):
             self._creating(old_parent, name_old)
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
-        await self._call(server, m.Rename, None, old=old, new=new, noreplace=noreplace, exchange=exchange)
+        await self._call(server, m.Rename(old=old, new=new, noreplace=noreplace, exchange=exchange))
         moved, replaced = self.table.find(server, old), None if exchange else self.table.find(server, new)
         if exchange:
             self.table.exchange(server, old, new)
@@ -605,14 +604,14 @@ class EtfsOperations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         server, path = self._creating(parent, name)
         asked = stamp()
-        attr = await self._call(server, m.Symlink, m.Attr, path=path, target=os.fsdecode(target))
+        attr = await self._call(server, m.Symlink(path=path, target=os.fsdecode(target)))
         self._parent_changed(parent)
         return self._new_entry(server, path, attr, asked)
 
     @_edge
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._remote(inode)
-        target = await self._call(node.server, m.Readlink, str, path=node.path)
+        target = await self._call(node.server, m.Readlink(path=node.path))
         return os.fsencode(target)
 
     @_edge
@@ -626,7 +625,7 @@ class EtfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EXDEV)
         node.touch()  # its nlink and ctime change
         asked = stamp()
-        attr = await self._call(server, m.Link, m.Attr, old=node.path, new=path)
+        attr = await self._call(server, m.Link(old=node.path, new=path))
         self._parent_changed(parent)
         # One inode for all names of the file (see inodes): the kernel shares its pages.
         self.table.add_name(node, path)
@@ -654,7 +653,7 @@ class EtfsOperations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         server, path = self._creating(parent, name)
         asked = stamp()
-        attr = await self._call(server, m.Mknod, m.Attr, path=path, mode=mode, rdev=rdev)
+        attr = await self._call(server, m.Mknod(path=path, mode=mode, rdev=rdev))
         self._parent_changed(parent)
         return self._new_entry(server, path, attr, asked)
 
@@ -688,12 +687,10 @@ class EtfsOperations(pyfuse3.Operations):
         before = node.attr
         opened = await self._by_path(
             node,
-            m.Open,
-            m.Opened,
+            functools.partial(m.Open, flags=self._server_flags(flags)),
             # An O_TRUNC open has truncated whatever it reached: never a second file.
             None if flags & os.O_TRUNC else lambda o: o.attr,
             functools.partial(self._close_handle, node.server),
-            flags=self._server_flags(flags),
         )
         info = self._register(node, flags, opened, asked)
         if before is not None and _changed_elsewhere(before, opened.attr):
@@ -715,7 +712,7 @@ class EtfsOperations(pyfuse3.Operations):
             existing.touch()
         asked = stamp()
         opened = await self._call(
-            server, m.Create, m.Opened, path=path, mode=mode & 0o7777, flags=self._server_flags(flags)
+            server, m.Create(path=path, mode=mode & 0o7777, flags=self._server_flags(flags))
         )
         self._parent_changed(parent)
         entry = self._new_entry(server, path, opened.attr, asked)
@@ -764,7 +761,7 @@ class EtfsOperations(pyfuse3.Operations):
     async def _close_handle(self, server: str, opened: m.Opened) -> None:
         """Close a server handle nothing uses (an open that reached the wrong file)."""
         try:
-            await self._call(server, m.Close, None, handle=opened.handle)
+            await self._call(server, m.Close(handle=opened.handle))
         except OSError as exc:
             log.debug("%s: close of an unused handle: %s", server, exc)
 
@@ -791,7 +788,7 @@ class EtfsOperations(pyfuse3.Operations):
             nonlocal namemax
             try:
                 with trio.fail_after(self.config.connect_timeout):
-                    s = await self._call(server, m.StatFs, m.FsStats)
+                    s = await self._call(server, m.StatFs())
             except (OSError, trio.TooSlowError) as exc:
                 log.debug("statfs of %s: %s", server, exc)
                 return
@@ -830,9 +827,9 @@ class EtfsOperations(pyfuse3.Operations):
             return node.path.encode()
         if key == "user.etfs.checksum":
             await self._flush_inode(node)
-            digest = await self._call(node.server, m.Checksum, str, path=node.path)
+            digest = await self._call(node.server, m.Checksum(path=node.path))
             return f"xxh3-128:{digest}".encode()
-        return await self._call(node.server, m.GetXattr, bytes, path=node.path, name=key)
+        return await self._call(node.server, m.GetXattr(path=node.path, name=key))
 
     @_edge
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
@@ -841,7 +838,7 @@ class EtfsOperations(pyfuse3.Operations):
         node = self._remote(inode)
         # The computed user.etfs.* are readable but not listed: `mv` and `cp -a` copy every
         # listed attribute (and the checksum would read the whole file).
-        names = await self._call(node.server, m.ListXattr, list[str], path=node.path)
+        names = await self._call(node.server, m.ListXattr(path=node.path))
         return [n.encode() for n in names if n not in ETFS_XATTRS]
 
     @_edge
@@ -853,7 +850,7 @@ class EtfsOperations(pyfuse3.Operations):
         if not key.startswith("user."):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         node.touch()  # ctime
-        await self._call(node.server, m.SetXattr, None, path=node.path, name=key, value=value)
+        await self._call(node.server, m.SetXattr(path=node.path, name=key, value=value))
 
     @_edge
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -864,4 +861,4 @@ class EtfsOperations(pyfuse3.Operations):
         if not key.startswith("user."):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         node.touch()
-        await self._call(node.server, m.RemoveXattr, None, path=node.path, name=key)
+        await self._call(node.server, m.RemoveXattr(path=node.path, name=key))

@@ -90,7 +90,7 @@ class FrameReader:
         self.max_frame = max_frame
         self.eof = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if not data:
             self.eof = True
         self._buf += data
@@ -152,7 +152,7 @@ _SERVER_MAY_SEND_IN = {
 _CLIENT_MAY_SEND_IN = {
     State.HANDSHAKE: (m.Hello,),
     State.AUTH: (m.Prove,),
-    State.READY: (m.Request,),
+    State.READY: (m.Call,),
 }
 
 
@@ -167,7 +167,7 @@ class Connection:
         self._decoder = _client_decoder if role is Role.SERVER else _server_decoder
 
     # --- incoming --------------------------------------------------------------------------------
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes read from the peer; ``b""`` means the peer closed."""
         if self.state is State.CLOSED and data:
             raise RemoteProtocolError("data after close")
@@ -214,7 +214,7 @@ class Connection:
             text = f"{type(msg).__name__} not allowed in state {self.state.value}"
             if incoming:
                 fatal = self.state is not State.READY
-                rid = msg.id if isinstance(msg, m.Request) and 0 < msg.id < 2**63 else 0
+                rid = msg.id if isinstance(msg, m.Call) and 0 < msg.id < 2**63 else 0
                 raise RemoteProtocolError(text, fatal=fatal, request_id=rid)
             raise LocalProtocolError(text)
         # Handshake progress: Hello/Challenge -> AUTH, Welcome -> READY.

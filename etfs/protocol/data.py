@@ -14,16 +14,22 @@ until the listener has proven it is an etfs data port that knows the transfer's 
    received with recv+write or splice) and a `TRAILER`: xxh3-64 of the block (0 when not
    asked for) and a status (`STATUS_STALE` when the file changed while the block was sent).
 
-Nothing here does I/O: `acceptor` is the listener's side as a generator its driver feeds.
+Nothing here does I/O: `Listener`, `Connector`, `ReplyReader`, `BlockSource` and `BlockSink`
+are state machines (bytes in, events out, like `etfs.protocol.connection`) that read exactly
+the bytes of each small message, so block payloads stay in the socket for sendfile/splice;
+the blocking and trio drivers in ``etfs_server/transfer`` only move bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import secrets
 import struct
-from collections.abc import Callable, Generator
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 
@@ -54,6 +60,10 @@ MAX_HELLO = 65536
 
 class DataProtocolError(ValueError):
     """The peer does not speak the data protocol (or not with the right secret)."""
+
+
+class DataLocalError(RuntimeError):
+    """We were about to break the data protocol (a bug in the driver on our side)."""
 
 
 class DataHello(msgspec.Struct, frozen=True, tag_field="t", tag="hello"):
@@ -107,57 +117,286 @@ def _mac(secret: bytes, role: bytes, kid: bytes, nc: bytes, nl: bytes) -> bytes:
     return hmac.new(secret, b"etfs-data\0" + role + kid + nc + nl, hashlib.sha256).digest()
 
 
-def opener(secret: bytes) -> tuple[bytes, bytes]:
-    """(the connector's first bytes, its nonce): nothing in them was chosen by a client."""
-    nonce = secrets.token_bytes(16)
-    return OPEN.pack(MAGIC, key_id(secret), nonce), nonce
+# --- the sans-IO machines ---------------------------------------------------------------------------
+class NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
 
 
-def check_greeting(secret: bytes, nonce: bytes, raw: bytes) -> bytes:
-    """The connector's check of the listener's greeting; returns the proof to put in the hello.
+NEED_DATA = NeedData()
 
-    Raises DataProtocolError unless the listener proved it knows ``secret``; LookupError
-    when it is an etfs data port that does not know the key.
+
+@dataclass(frozen=True)
+class Opened:
+    """Listener: the connector proved it knows the secret and said hello."""
+
+    hello: DataHello
+    key_id: bytes
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Listener: the connector named a key this port does not know (told so; close now)."""
+
+
+@dataclass(frozen=True)
+class Greeted:
+    """Connector: the listener proved it knows the secret; the hello is in `data_to_send`."""
+
+
+@dataclass(frozen=True)
+class BlockRequest:
+    """Source: send ``length`` bytes at ``offset`` (and their digest if ``digest``)."""
+
+    offset: int
+    length: int
+    digest: bool
+
+
+@dataclass(frozen=True)
+class Done:
+    """Source: no more requests; ``end``: the destination has every block of the transfer."""
+
+    end: bool
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    """Destination: the source's answer to the oldest request.  With status 0 and a length,
+    that many payload bytes follow, which the driver moves itself (splice, recv+write) and
+    then reports with `BlockSink.payload_received`; a `Trailer` follows them."""
+
+    offset: int
+    length: int
+    status: int
+
+
+@dataclass(frozen=True)
+class Trailer:
+    digest: int
+    status: int
+
+
+DataEvent = Opened | Refused | Greeted | DataReady | DataError | BlockRequest | Done | BlockHeader | Trailer
+
+
+class DataMachine:
+    """Bytes in, events out, reading exactly the bytes of the item at hand and never more.
+
+    A data connection carries raw block payloads between its small messages; they must stay
+    in the socket for sendfile/splice, so the driver asks `wanted` and receives at most that
+    many bytes (0: nothing to read now).  ``b""`` means the peer closed.  Responses the
+    protocol makes to what came in wait in `data_to_send`.
     """
-    magic, status, nl, mac = GREETING.unpack(raw)
-    if magic != MAGIC:
-        raise DataProtocolError("not an etfs data port")
-    kid = key_id(secret)
-    if status == GREET_UNKNOWN:
-        raise LookupError("the data port does not know this capability or ticket")
-    if status != GREET_OK or not hmac.compare_digest(mac, _mac(secret, b"listener", kid, nonce, nl)):
-        raise DataProtocolError("the data port did not prove it knows the secret")
-    return _mac(secret, b"connector", kid, nonce, nl)
+
+    def __init__(self) -> None:
+        self._want = 0
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._events: deque[DataEvent] = deque()
+        self._on_item: Callable[[bytes], None] | None = None
+
+    def _expect(self, size: int, on_item: Callable[[bytes], None]) -> None:
+        assert size > 0
+        self._want, self._on_item = size, on_item
+
+    @property
+    def wanted(self) -> int:
+        return self._want - len(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            raise ConnectionResetError(errno.ECONNRESET, "peer closed the data connection")
+        if len(data) > self.wanted:
+            raise DataLocalError(f"{len(data)} bytes fed where {self.wanted} were asked for")
+        self._buf += data
+        if len(self._buf) == self._want:
+            item, on_item = bytes(self._buf), self._on_item
+            self._buf.clear()
+            self._want, self._on_item = 0, None
+            assert on_item is not None
+            on_item(item)
+
+    def next_event(self) -> DataEvent | NeedData:
+        return self._events.popleft() if self._events else NEED_DATA
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
 
 
-# What a listener's driver does next: read this many bytes (int) or send these (bytes).
-Step = int | bytes
+class Listener(DataMachine):
+    """The listener's side of the opening: `Opened` (or `Refused`); DataProtocolError for
+    anything that is not an etfs connector knowing the secret ``lookup`` finds by key id."""
+
+    def __init__(self, lookup: Callable[[bytes], bytes | None]) -> None:
+        super().__init__()
+        self._lookup = lookup
+        self._expect(OPEN.size, self._on_open)
+
+    def _on_open(self, raw: bytes) -> None:
+        magic, self._kid, self._nc = OPEN.unpack(raw)
+        if magic != MAGIC:
+            raise DataProtocolError("not an etfs data connection")
+        secret = self._lookup(self._kid)
+        if secret is None:
+            self._out += GREETING.pack(MAGIC, GREET_UNKNOWN, bytes(16), bytes(32))
+            self._events.append(Refused())
+            return
+        self._secret = secret
+        self._nl = secrets.token_bytes(16)
+        self._out += GREETING.pack(
+            MAGIC, GREET_OK, self._nl, _mac(secret, b"listener", self._kid, self._nc, self._nl)
+        )
+        self._expect(LENGTH.size, self._on_length)
+
+    def _on_length(self, raw: bytes) -> None:
+        (length,) = LENGTH.unpack(raw)
+        if not 0 < length <= MAX_HELLO:
+            raise DataProtocolError(f"data-connection hello of {length} bytes")
+        self._expect(length, self._on_hello)
+
+    def _on_hello(self, body: bytes) -> None:
+        try:
+            hello = decode_hello(body)
+        except (msgspec.MsgspecError, ValueError) as exc:
+            raise DataProtocolError(f"malformed data-connection hello: {exc}") from None
+        if not hmac.compare_digest(
+            hello.proof, _mac(self._secret, b"connector", self._kid, self._nc, self._nl)
+        ):
+            raise DataProtocolError("the connector did not prove it knows the secret")
+        self._events.append(Opened(hello, self._kid))
 
 
-def acceptor(
-    lookup: Callable[[bytes], bytes | None],
-) -> Generator[Step, bytes, tuple[DataHello, bytes] | None]:
-    """The listener's side of the opening, sans I/O: yields steps, ends with (hello, key id).
+class Connector(DataMachine):
+    """The connector's side of the opening.  `data_to_send` starts with the opener (magic, key
+    id, nonce: nothing a client chose); the hello, with our proof, follows only once the
+    listener proved it knows ``secret`` (`Greeted`).  LookupError: an etfs data port that does
+    not know the key; DataProtocolError: anything else."""
 
-    Ends with None after refusing an unknown key; raises DataProtocolError on anything else
-    that is not a proper etfs connector with the secret.
-    """
-    magic, kid, nc = OPEN.unpack((yield OPEN.size))
-    if magic != MAGIC:
-        raise DataProtocolError("not an etfs data connection")
-    secret = lookup(kid)
-    if secret is None:
-        yield GREETING.pack(MAGIC, GREET_UNKNOWN, bytes(16), bytes(32))
-        return None
-    nl = secrets.token_bytes(16)
-    yield GREETING.pack(MAGIC, GREET_OK, nl, _mac(secret, b"listener", kid, nc, nl))
-    (length,) = LENGTH.unpack((yield LENGTH.size))
-    if length > MAX_HELLO:
-        raise DataProtocolError("oversized data-connection hello")
-    hello = decode_hello((yield length))
-    if not hmac.compare_digest(hello.proof, _mac(secret, b"connector", kid, nc, nl)):
-        raise DataProtocolError("the connector did not prove it knows the secret")
-    return hello, kid
+    def __init__(self, secret: bytes, hello: DataHello) -> None:
+        super().__init__()
+        self._secret, self._hello = secret, hello
+        self._nonce = secrets.token_bytes(16)
+        self._out += OPEN.pack(MAGIC, key_id(secret), self._nonce)
+        self._expect(GREETING.size, self._on_greeting)
+
+    def _on_greeting(self, raw: bytes) -> None:
+        magic, status, nl, mac = GREETING.unpack(raw)
+        if magic != MAGIC:
+            raise DataProtocolError("not an etfs data port")
+        kid = key_id(self._secret)
+        if status == GREET_UNKNOWN:
+            raise LookupError("the data port does not know this capability or ticket")
+        if status != GREET_OK or not hmac.compare_digest(
+            mac, _mac(self._secret, b"listener", kid, self._nonce, nl)
+        ):
+            raise DataProtocolError("the data port did not prove it knows the secret")
+        proof = _mac(self._secret, b"connector", kid, self._nonce, nl)
+        self._out += encode(msgspec.structs.replace(self._hello, proof=proof))
+        self._events.append(Greeted())
+
+
+class ReplyReader(DataMachine):
+    """The destination's read of the source's answer to a hello: `DataReady` or `DataError`."""
+
+    def __init__(self, limit: int = MAX_HELLO) -> None:
+        super().__init__()
+        self._limit = limit
+        self._expect(LENGTH.size, self._on_length)
+
+    def _on_length(self, raw: bytes) -> None:
+        (length,) = LENGTH.unpack(raw)
+        if not 0 < length <= self._limit:
+            raise DataProtocolError(f"data-connection reply of {length} bytes")
+        self._expect(length, self._on_reply)
+
+    def _on_reply(self, body: bytes) -> None:
+        try:
+            self._events.append(decode_reply(body))
+        except (msgspec.MsgspecError, ValueError) as exc:
+            raise DataProtocolError(f"malformed data-connection reply: {exc}") from None
+
+
+class BlockSource(DataMachine):
+    """The source's side of the block exchange: `BlockRequest`s in until `Done`; `header`, the
+    payload (the driver's, by sendfile or read+send) and `trailer` out for each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trailer_due = False
+        self._expect(REQUEST.size, self._on_request)
+
+    def _on_request(self, raw: bytes) -> None:
+        offset, length, flags = REQUEST.unpack(raw)
+        if flags & FLAG_DONE:
+            self._events.append(Done(bool(flags & FLAG_END)))
+            return
+        self._events.append(BlockRequest(offset, length, bool(flags & FLAG_DIGEST)))
+
+    def header(self, offset: int, length: int, status: int = 0) -> bytes:
+        """The block header to send; with status 0 the payload and a `trailer` follow."""
+        if self._trailer_due:
+            raise DataLocalError("a block header before the previous block's trailer")
+        self._trailer_due = status == 0
+        if not self._trailer_due:
+            self._next_request()
+        return BLOCK.pack(offset, length if status == 0 else 0, status)
+
+    def trailer(self, digest: int, status: int = 0) -> bytes:
+        if not self._trailer_due:
+            raise DataLocalError("a block trailer without a block")
+        self._trailer_due = False
+        self._next_request()
+        return TRAILER.pack(digest, status)
+
+    def _next_request(self) -> None:
+        self._expect(REQUEST.size, self._on_request)
+
+
+class BlockSink(DataMachine):
+    """The destination's side of the block exchange: `request`s out (pipelined), a
+    `BlockHeader` in for the oldest, its payload (moved by the driver, then
+    `payload_received`), a `Trailer`; `finish` ends the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._inflight: deque[tuple[int, int]] = deque()
+        self._in_payload = False
+
+    def request(self, offset: int, length: int, digest: bool) -> bytes:
+        self._inflight.append((offset, length))
+        self._maybe_expect_header()
+        return REQUEST.pack(offset, length, FLAG_DIGEST if digest else 0)
+
+    def finish(self, end: bool) -> bytes:
+        """No more requests; ``end``: this transfer has every block (the source may forget it)."""
+        return REQUEST.pack(0, 0, FLAG_DONE | (FLAG_END if end else 0))
+
+    def _maybe_expect_header(self) -> None:
+        if self._inflight and not self._in_payload and not self.wanted:
+            self._expect(BLOCK.size, self._on_header)
+
+    def _on_header(self, raw: bytes) -> None:
+        offset, length, status = BLOCK.unpack(raw)
+        self._events.append(BlockHeader(offset, length, status))
+        if status == 0 and (offset, length) == self._inflight[0]:
+            self._in_payload = True  # the driver moves the payload, then payload_received()
+        else:
+            self._inflight.popleft()  # refused (or not what was asked): no payload, no trailer
+            self._maybe_expect_header()
+
+    def payload_received(self) -> None:
+        if not self._in_payload:
+            raise DataLocalError("no block payload was expected")
+        self._in_payload = False
+        self._expect(TRAILER.size, self._on_trailer)
+
+    def _on_trailer(self, raw: bytes) -> None:
+        self._inflight.popleft()
+        self._events.append(Trailer(*TRAILER.unpack(raw)))
+        self._maybe_expect_header()
 
 
 def timeval(seconds: float) -> bytes:

@@ -1,20 +1,28 @@
 """The messages of the etfs control protocol, as frozen, tagged msgspec Structs.
 
 Every message on a control connection is one of the types below, encoded as a
-msgpack map with a ``t`` tag naming its type.  Requests carry an ``id`` chosen by
-the client; the server answers each with exactly one `Ok` or `Err` carrying the
-same id, in any order, so requests pipeline.  Nothing here does I/O.
+msgpack map with a ``t`` tag naming its type.  A request travels in a `Call` envelope
+with an ``id`` chosen by the client; the server answers each with exactly one `Ok` or
+`Err` carrying the same id, in any order, so requests pipeline.  Each request type
+names the type of its reply's value (``class Stat(Request[Attr])``).  Nothing here
+does I/O.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import typing
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from .transfer import CAPABILITY_TTL, STREAMS
 
-PROTOCOL_VERSION = 1
+# 2: requests travel in a `Call` envelope that carries the id (1: an ``id`` field in each request).
+PROTOCOL_VERSION = 2
+R = TypeVar("R")
+# Covariant: a `Stat` (a Request[Attr]) may go where a Request[object] is asked for.
+R_co = TypeVar("R_co", covariant=True)
 
 
 class Message(msgspec.Struct, frozen=True, tag_field="t", tag=str.lower):
@@ -153,19 +161,22 @@ class TransferInfo(msgspec.Struct, frozen=True):
 
 
 # --- requests --------------------------------------------------------------------------------------
-class Request(Message, frozen=True):
-    id: int
+class Request(Message, Generic[R_co], frozen=True):
+    """A request whose reply value is an ``R_co``: ``class Stat(Request[Attr])`` declares that the
+    server answers a `Stat` with an `Attr`, so ``await client.call(Stat(path))`` is an `Attr`
+    for mypy and is checked to be one at run time (`reply_type`, `check_reply`).  A request has
+    no id of its own: it travels in a `Call` envelope that carries it."""
 
 
-class Ping(Request, frozen=True):
+class Ping(Request[None], frozen=True):
     pass
 
 
-class Stat(Request, frozen=True):
+class Stat(Request[Attr], frozen=True):
     path: str
 
 
-class List(Request, frozen=True):
+class List(Request[ListPage], frozen=True):
     """One page of a directory listing with attributes: entries after ``after`` (by name order)."""
 
     path: str
@@ -173,65 +184,65 @@ class List(Request, frozen=True):
     limit: int = 1000
 
 
-class Open(Request, frozen=True):
+class Open(Request[Opened], frozen=True):
     path: str
     flags: int
 
 
-class Create(Request, frozen=True):
+class Create(Request[Opened], frozen=True):
     path: str
     mode: int
     flags: int
 
 
-class Read(Request, frozen=True):
+class Read(Request[bytes], frozen=True):
     handle: int
     offset: int
     size: int
 
 
-class Write(Request, frozen=True):
+class Write(Request[int], frozen=True):
     handle: int
     offset: int
     data: bytes
 
 
-class Close(Request, frozen=True):
+class Close(Request[None], frozen=True):
     handle: int
 
 
-class FStat(Request, frozen=True):
+class FStat(Request[Attr], frozen=True):
     """Attributes of an open file by handle (an unlinked file has no path to stat)."""
 
     handle: int
 
 
-class Fsync(Request, frozen=True):
+class Fsync(Request[None], frozen=True):
     handle: int
     datasync: bool = False
 
 
-class Mkdir(Request, frozen=True):
+class Mkdir(Request[Attr], frozen=True):
     path: str
     mode: int
 
 
-class Rmdir(Request, frozen=True):
+class Rmdir(Request[None], frozen=True):
     path: str
 
 
-class Unlink(Request, frozen=True):
+class Unlink(Request[None], frozen=True):
     path: str
 
 
-class Rename(Request, frozen=True):
+class Rename(Request[None], frozen=True):
     old: str
     new: str
     noreplace: bool = False
     exchange: bool = False
 
 
-class SetAttr(Request, frozen=True):
+class SetAttr(Request[Attr], frozen=True):
     path: str
     mode: int | None = None
     uid: int | None = None
@@ -243,7 +254,7 @@ class SetAttr(Request, frozen=True):
     mtime_now: bool = False
 
 
-class FTruncate(Request, frozen=True):
+class FTruncate(Request[Attr], frozen=True):
     """ftruncate of an open file by handle (an unlinked file has no path); the handle must be
     open for writing."""
 
@@ -251,7 +262,7 @@ class FTruncate(Request, frozen=True):
     size: int
 
 
-class Mknod(Request, frozen=True):
+class Mknod(Request[Attr], frozen=True):
     """Create a FIFO or a socket (``mode`` has the file type); the server never opens it (the
     client's kernel handles them locally)."""
 
@@ -260,25 +271,25 @@ class Mknod(Request, frozen=True):
     rdev: int = 0
 
 
-class Symlink(Request, frozen=True):
+class Symlink(Request[Attr], frozen=True):
     path: str
     target: str
 
 
-class Readlink(Request, frozen=True):
+class Readlink(Request[str], frozen=True):
     path: str
 
 
-class Link(Request, frozen=True):
+class Link(Request[Attr], frozen=True):
     old: str
     new: str
 
 
-class StatFs(Request, frozen=True):
+class StatFs(Request[FsStats], frozen=True):
     pass
 
 
-class Checksum(Request, frozen=True):
+class Checksum(Request[str], frozen=True):
     """xxh3-128 of ``length`` bytes at ``offset`` (-1: to the end)."""
 
     path: str
@@ -286,35 +297,46 @@ class Checksum(Request, frozen=True):
     length: int = -1
 
 
-class GetXattr(Request, frozen=True):
+class GetXattr(Request[bytes], frozen=True):
     path: str
     name: str
 
 
-class ListXattr(Request, frozen=True):
+class ListXattr(Request[list[str]], frozen=True):
     path: str
 
 
-class SetXattr(Request, frozen=True):
+class SetXattr(Request[None], frozen=True):
     path: str
     name: str
     value: bytes
 
 
-class RemoveXattr(Request, frozen=True):
+class RemoveXattr(Request[None], frozen=True):
     path: str
     name: str
 
 
 # --- transfer control (see etfs_server/transfer) ---------------------------------------------------
-class TransferOffer(Request, frozen=True):
+class TransferOffer(Request[Capability], frozen=True):
     """To the source: issue a capability for reading ``path`` in one transfer."""
 
     path: str
     ttl: float = CAPABILITY_TTL
 
 
-class TransferStart(Request, frozen=True):
+class TransferStarted(msgspec.Struct, frozen=True):
+    transfer_id: str
+    ticket: bytes
+    data_host: str
+    data_port: int
+    skipped: bool
+    resumed_bytes: int
+    data_tls: bool = False  # the destination's data port speaks TLS (push)
+    streams: int = -1  # data connections the destination will use (-1: not said, older server)
+
+
+class TransferStart(Request[TransferStarted], frozen=True):
     """To the destination: receive the capability's file into ``path``.
 
     ``direction`` is ``pull`` (the destination connects to the source's data port)
@@ -334,18 +356,7 @@ class TransferStart(Request, frozen=True):
     preserve_times: bool = False
 
 
-class TransferStarted(msgspec.Struct, frozen=True):
-    transfer_id: str
-    ticket: bytes
-    data_host: str
-    data_port: int
-    skipped: bool
-    resumed_bytes: int
-    data_tls: bool = False  # the destination's data port speaks TLS (push)
-    streams: int = -1  # data connections the destination will use (-1: not said, older server)
-
-
-class TransferPush(Request, frozen=True):
+class TransferPush(Request[None], frozen=True):
     """To the source: connect ``streams`` data connections to the destination and serve blocks."""
 
     capability: Capability
@@ -356,23 +367,23 @@ class TransferPush(Request, frozen=True):
     tls: bool = False
 
 
-class TransferWait(Request, frozen=True):
+class TransferWait(Request[TransferInfo], frozen=True):
     """To the destination: answer when the transfer ended, or after ``timeout`` seconds."""
 
     transfer_id: str
     timeout: float = 1.0
 
 
-class TransferCancel(Request, frozen=True):
+class TransferCancel(Request[TransferInfo], frozen=True):
     transfer_id: str
     reason: str = "cancelled"
 
 
-class TransferList(Request, frozen=True):
+class TransferList(Request[list[TransferInfo]], frozen=True):
     pass
 
 
-class LocalCopy(Request, frozen=True):
+class LocalCopy(Request[TransferInfo], frozen=True):
     """Copy a file within this export on the server (same-server `cp`)."""
 
     src: str
@@ -381,41 +392,94 @@ class LocalCopy(Request, frozen=True):
     preserve_times: bool = False  # stamp the source's mtime (always for skip-existing)
 
 
-ClientMessage = (
-    Hello
-    | Prove
-    | Ping
-    | Stat
-    | List
-    | Open
-    | Create
-    | Read
-    | Write
-    | Close
-    | FStat
-    | Fsync
-    | Mkdir
-    | Rmdir
-    | Unlink
-    | Rename
-    | SetAttr
-    | FTruncate
-    | Mknod
-    | Symlink
-    | Readlink
-    | Link
-    | StatFs
-    | Checksum
-    | GetXattr
-    | ListXattr
-    | SetXattr
-    | RemoveXattr
-    | TransferOffer
-    | TransferStart
-    | TransferPush
-    | TransferWait
-    | TransferCancel
-    | TransferList
-    | LocalCopy
-)
+# What a `Call` may carry: msgspec decodes by this union's tags; to mypy it is any request (a
+# function taking a `Request[R]` may wrap it without losing R).
+if typing.TYPE_CHECKING:
+    AnyRequest: typing.TypeAlias = Request[Any]
+else:
+    AnyRequest = (
+        Ping
+        | Stat
+        | List
+        | Open
+        | Create
+        | Read
+        | Write
+        | Close
+        | FStat
+        | Fsync
+        | Mkdir
+        | Rmdir
+        | Unlink
+        | Rename
+        | SetAttr
+        | FTruncate
+        | Mknod
+        | Symlink
+        | Readlink
+        | Link
+        | StatFs
+        | Checksum
+        | GetXattr
+        | ListXattr
+        | SetXattr
+        | RemoveXattr
+        | TransferOffer
+        | TransferStart
+        | TransferPush
+        | TransferWait
+        | TransferCancel
+        | TransferList
+        | LocalCopy
+    )
+
+
+class Call(Message, frozen=True):
+    """Client -> server: the envelope of one request; the reply carries the same ``id``."""
+
+    id: int
+    req: AnyRequest
+
+
+ClientMessage = Hello | Prove | Call
 ServerMessage = Challenge | Welcome | Ok | Err
+
+
+@functools.cache
+def reply_type(req_type: type[Request[Any]]) -> Any:
+    """The type of the reply value a request type declares (``Stat`` -> ``Attr``)."""
+    for klass in req_type.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            if typing.get_origin(base) is Request:
+                (arg,) = typing.get_args(base)
+                return type(None) if arg is None else arg
+    raise TypeError(f"{req_type.__name__} declares no reply type")
+
+
+def decode_reply(req: Request[R], value: Any) -> R:
+    """A reply's value as the type ``req`` declares; `msgspec.ValidationError` if it is not one."""
+    result: R = msgspec.convert(value, reply_type(type(req)))
+    return result
+
+
+def check_reply(req: Request[R], value: Any) -> R:
+    """``value`` itself if it is what ``req`` declares as its reply, else TypeError.
+
+    Cheap (isinstance, no copy): the server runs it on every reply it sends."""
+    if not _conforms(value, reply_type(type(req))):
+        raise TypeError(
+            f"reply to {type(req).__name__} is a {type(value).__name__}, "
+            f"not the declared {reply_type(type(req))}"
+        )
+    result: R = value
+    return result
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if tp is int:  # bool is an int to Python, not on the wire
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)

@@ -364,7 +364,7 @@ class ControlServer:
             try:
                 if name not in engine.pool.clients:
                     raise OSError(errno.EACCES, f"uid {uid} did not log in to {name}")
-                infos = await engine.pool[name].call(m.TransferList, list[m.TransferInfo])
+                infos = await engine.pool[name].call(m.TransferList())
             except OSError as exc:
                 await _send(stream, {"event": "error", "errno": exc.errno or errno.EIO, "message": str(exc)})
                 return

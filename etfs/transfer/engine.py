@@ -266,12 +266,9 @@ class TransferEngine:
     # --- kinds of copy ----------------------------------------------------------------------------
     async def _local(self, t: ClientTransfer, spec: CopySpec) -> None:
         info = await self.pool[spec.src_server].call(
-            m.LocalCopy,
-            m.TransferInfo,
-            src=spec.src_path,
-            dst=spec.dst_path,
-            mode=spec.mode,
-            preserve_times=spec.preserve_times,
+            m.LocalCopy(
+                src=spec.src_path, dst=spec.dst_path, mode=spec.mode, preserve_times=spec.preserve_times
+            ),
         )
         t.server_transfer_id = info.id
         t.bytes_total = t.bytes_done = info.bytes_done
@@ -324,18 +321,18 @@ class TransferEngine:
         Each server digests its own copy, so the check moves no file data over the network.
         """
         try:
-            dattr = await dst.call(m.Stat, m.Attr, path=dst_path)
+            dattr = await dst.call(m.Stat(path=dst_path))
         except RemoteError as exc:
             if exc.errno == errno.ENOENT:
                 return "overwrite"
             raise
-        sattr = await src.call(m.Stat, m.Attr, path=src_path)
+        sattr = await src.call(m.Stat(path=src_path))
         if (sattr.size, sattr.mtime_ns) != (dattr.size, dattr.mtime_ns):
             return "overwrite"
         digests: dict[str, str] = {}
 
         async def digest(name: str, client: ServerClient, path: str) -> None:
-            digests[name] = await client.call(m.Checksum, str, path=path)
+            digests[name] = await client.call(m.Checksum(path=path))
 
         with single_errors():
             async with trio.open_nursery() as nursery:
@@ -352,7 +349,7 @@ class TransferEngine:
         mode: str,
     ) -> None:
         opts = spec.opts
-        cap = await src.call(m.TransferOffer, m.Capability, path=spec.src_path)
+        cap = await src.call(m.TransferOffer(path=spec.src_path))
         t.bytes_total = cap.size
         host = self._data_host(src.name, src, cap.data_host, await src.peer())
         cap = msgspec.structs.replace(cap, data_host=host)
@@ -361,18 +358,18 @@ class TransferEngine:
         t.server_transfer_id = cap.transfer_id
         try:
             started = await dst.call(
-                m.TransferStart,
-                m.TransferStarted,
-                capability=cap,
-                source_name=src.name,
-                path=spec.dst_path,
-                mode=mode,
-                streams=opts.streams,
-                direction=opts.direction,
-                verify=opts.verify,
-                block_size=opts.block_size,
-                preserve_times=spec.preserve_times,
-                transfer_id=cap.transfer_id,
+                m.TransferStart(
+                    capability=cap,
+                    source_name=src.name,
+                    path=spec.dst_path,
+                    mode=mode,
+                    streams=opts.streams,
+                    direction=opts.direction,
+                    verify=opts.verify,
+                    block_size=opts.block_size,
+                    preserve_times=spec.preserve_times,
+                    transfer_id=cap.transfer_id,
+                ),
             )
             if started.skipped:
                 t.bytes_done = cap.size
@@ -381,19 +378,17 @@ class TransferEngine:
             if opts.direction == "push":
                 dhost = self._data_host(dst.name, dst, started.data_host, await dst.peer())
                 await src.call(
-                    m.TransferPush,
-                    None,
-                    capability=cap,
-                    ticket=started.ticket,
-                    host=dhost,
-                    port=started.data_port,
-                    streams=started.streams if started.streams >= 0 else opts.streams,
-                    tls=started.data_tls,
+                    m.TransferPush(
+                        capability=cap,
+                        ticket=started.ticket,
+                        host=dhost,
+                        port=started.data_port,
+                        streams=started.streams if started.streams >= 0 else opts.streams,
+                        tls=started.data_tls,
+                    ),
                 )
             while True:
-                info = await dst.call(
-                    m.TransferWait, m.TransferInfo, transfer_id=started.transfer_id, timeout=1.0
-                )
+                info = await dst.call(m.TransferWait(transfer_id=started.transfer_id, timeout=1.0))
                 t.state = info.state if info.state not in TERMINAL else t.state
                 t.bytes_done, t.bytes_resent, t.streams, t.digest = (
                     info.bytes_done,
@@ -417,10 +412,7 @@ class TransferEngine:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
                     final = await dst.call(
-                        m.TransferCancel,
-                        m.TransferInfo,
-                        transfer_id=cap.transfer_id,
-                        reason="cancelled by the client",
+                        m.TransferCancel(transfer_id=cap.transfer_id, reason="cancelled by the client"),
                     )
                 except OSError as err:
                     problem = err.strerror or str(err)
@@ -463,7 +455,7 @@ class TransferEngine:
             return
         if mode == CopyMode.NEW:
             try:
-                await dst.call(m.Stat, m.Attr, path=dst_path)
+                await dst.call(m.Stat(path=dst_path))
             except RemoteError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
@@ -482,7 +474,7 @@ class TransferEngine:
         self, t: ClientTransfer, spec: CopySpec, src: ServerClient, dst: ServerClient
     ) -> None:
         src_path, dst_path, mode, opts = spec.src_path, spec.dst_path, spec.mode, spec.opts
-        sfile = await src.call(m.Open, m.Opened, path=src_path, flags=os.O_RDONLY)
+        sfile = await src.call(m.Open(path=src_path, flags=os.O_RDONLY))
         size = sfile.attr.size
         t.bytes_total = size
         part, id_path = relay_part_name(dst_path), relay_id_name(dst_path)
@@ -502,13 +494,11 @@ class TransferEngine:
         try:
             start = 0 if mode == "new" else await self._relay_resumable(src, dst, spec, size, identity)
             if start:
-                dfile = await dst.call(m.Open, m.Opened, path=part, flags=os.O_WRONLY)
+                dfile = await dst.call(m.Open(path=part, flags=os.O_WRONLY))
                 log.info("relay %s: resuming %s with %d of %d bytes already there", t.id, part, start, size)
             else:
                 await _unlink_quietly(dst, id_path)
-                dfile = await dst.call(
-                    m.Create, m.Opened, path=part, mode=0o600, flags=os.O_WRONLY | os.O_TRUNC
-                )
+                dfile = await dst.call(m.Create(path=part, mode=0o600, flags=os.O_WRONLY | os.O_TRUNC))
                 await _write_small(dst, id_path, identity)
             t.bytes_done = start
             results: dict[int, bytes] = {}
@@ -521,7 +511,7 @@ class TransferEngine:
                     async with ready:
                         while off >= next_write[0] + RELAY_INFLIGHT * RELAY_BLOCK:
                             await ready.wait()
-                    data = await src.call(m.Read, bytes, handle=sfile.handle, offset=off, size=RELAY_BLOCK)
+                    data = await src.call(m.Read(handle=sfile.handle, offset=off, size=RELAY_BLOCK))
                     if len(data) != min(RELAY_BLOCK, size - off):
                         raise _SourceChanged(errno.ESTALE, f"source {src_path} changed size during the copy")
                     async with ready:
@@ -538,7 +528,7 @@ class TransferEngine:
                         ready.notify_all()
                     if opts.verify:
                         digest.update(data)
-                    await dst.call(m.Write, int, handle=dfile.handle, offset=off, data=data)
+                    await dst.call(m.Write(handle=dfile.handle, offset=off, data=data))
                     t.bytes_done += len(data)
                     t.bytes_via_client += len(data)
                     self._notify()
@@ -549,7 +539,7 @@ class TransferEngine:
                         nursery.start_soon(writer)
                         for k in range(RELAY_INFLIGHT):
                             nursery.start_soon(reader, offsets[k::RELAY_INFLIGHT])
-                now = await src.call(m.Stat, m.Attr, path=src_path)
+                now = await src.call(m.Stat(path=src_path))
                 if (now.size, now.ino, now.mtime_ns, now.ctime_ns) != (
                     size,
                     sfile.attr.ino,
@@ -560,24 +550,24 @@ class TransferEngine:
             except _SourceChanged as exc:
                 keep = False
                 raise TransferFailed(exc.errno or errno.ESTALE, exc.strerror or "source changed") from None
-            await dst.call(m.Fsync, None, handle=dfile.handle)
+            await dst.call(m.Fsync(handle=dfile.handle))
             if opts.verify:
-                theirs = await dst.call(m.Checksum, str, path=part, offset=start)
+                theirs = await dst.call(m.Checksum(path=part, offset=start))
                 if theirs != digest.hexdigest():
                     keep = False
                     raise TransferFailed(errno.EIO, "verification failed: the destination's digest differs")
-                t.digest = "xxh3-128:" + (theirs if not start else await dst.call(m.Checksum, str, path=part))
+                t.digest = "xxh3-128:" + (theirs if not start else await dst.call(m.Checksum(path=part)))
             if spec.preserve_times or mode == CopyMode.SKIP_EXISTING:
                 mtime = sfile.attr.mtime_ns
-                await dst.call(m.SetAttr, m.Attr, path=part, atime_ns=mtime, mtime_ns=mtime)
-            await dst.call(m.Rename, None, old=part, new=dst_path, noreplace=noreplace(mode))
+                await dst.call(m.SetAttr(path=part, atime_ns=mtime, mtime_ns=mtime))
+            await dst.call(m.Rename(old=part, new=dst_path, noreplace=noreplace(mode)))
             ok = True
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 handles = [(src, sfile.handle)] + ([(dst, dfile.handle)] if dfile is not None else [])
                 for client, h in handles:
                     try:
-                        await client.call(m.Close, None, handle=h)
+                        await client.call(m.Close(handle=h))
                     except OSError:
                         pass
                 if ok or not keep:
@@ -597,7 +587,7 @@ class TransferEngine:
         part, id_path = relay_part_name(spec.dst_path), relay_id_name(spec.dst_path)
         try:
             old = await _read_small(dst, id_path)
-            have = (await dst.call(m.Stat, m.Attr, path=part)).size
+            have = (await dst.call(m.Stat(path=part))).size
         except RemoteError as exc:
             if exc.errno == errno.ENOENT:
                 return 0
@@ -607,8 +597,8 @@ class TransferEngine:
             return 0
         start = min(have, size) // RELAY_BLOCK * RELAY_BLOCK
         if start and spec.opts.verify:
-            mine = await src.call(m.Checksum, str, path=spec.src_path, offset=0, length=start)
-            theirs = await dst.call(m.Checksum, str, path=part, offset=0, length=start)
+            mine = await src.call(m.Checksum(path=spec.src_path, offset=0, length=start))
+            theirs = await dst.call(m.Checksum(path=part, offset=0, length=start))
             if mine != theirs:
                 log.warning("relay into %s: the part file differs from the source; starting over", part)
                 return 0
@@ -632,24 +622,24 @@ class _SourceChanged(OSError):
 
 async def _unlink_quietly(client: ServerClient, path: str) -> None:
     try:
-        await client.call(m.Unlink, None, path=path)
+        await client.call(m.Unlink(path=path))
     except OSError:
         pass
 
 
 async def _read_small(client: ServerClient, path: str, limit: int = 65536) -> bytes:
-    f = await client.call(m.Open, m.Opened, path=path, flags=os.O_RDONLY)
+    f = await client.call(m.Open(path=path, flags=os.O_RDONLY))
     try:
-        return await client.call(m.Read, bytes, handle=f.handle, offset=0, size=limit)
+        return await client.call(m.Read(handle=f.handle, offset=0, size=limit))
     finally:
         with trio.CancelScope(shield=True):
-            await client.call(m.Close, None, handle=f.handle)
+            await client.call(m.Close(handle=f.handle))
 
 
 async def _write_small(client: ServerClient, path: str, data: bytes) -> None:
-    f = await client.call(m.Create, m.Opened, path=path, mode=0o600, flags=os.O_WRONLY | os.O_TRUNC)
+    f = await client.call(m.Create(path=path, mode=0o600, flags=os.O_WRONLY | os.O_TRUNC))
     try:
-        await client.call(m.Write, int, handle=f.handle, offset=0, data=data)
+        await client.call(m.Write(handle=f.handle, offset=0, data=data))
     finally:
         with trio.CancelScope(shield=True):
-            await client.call(m.Close, None, handle=f.handle)
+            await client.call(m.Close(handle=f.handle))

@@ -1,5 +1,6 @@
-"""Blocking I/O on data connections, run in worker threads: exact sends and receives bounded by
-``transfer.data_timeout``, the small framed messages, and hashing file ranges.
+"""Blocking I/O on data connections, run in worker threads: sends and receives bounded by
+``transfer.data_timeout``, feeding the sans-IO machines of `etfs.protocol.data`, and hashing
+file ranges.
 
 The C loops (sendfile, read+send, recv+write, splice) need blocking file descriptors, so
 every wait is bounded with SO_RCVTIMEO/SO_SNDTIMEO instead of non-blocking sockets.
@@ -12,9 +13,8 @@ import logging
 import os
 import socket
 import ssl
+import time
 from typing import Any
-
-import msgspec
 
 from etfs.protocol import data as d
 from etfs.protocol.transfer import FailureCode
@@ -30,7 +30,6 @@ CONNECT_TIMEOUT = 5.0
 # pieces of this size, through one buffer per stream that is reused for every block: no
 # buffer or bytes object sized to a block (4-16 MiB, times the streams) is ever made.
 CHUNK = 1 << 20
-MAX_FRAME = 65536  # hellos, greetings and replies on a data connection are small
 
 
 def silent_peer() -> TimeoutError:
@@ -45,17 +44,32 @@ def send(sock: socket.socket, data: bytes | memoryview) -> None:
         raise silent_peer() from None
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
+def receive_event(sock: socket.socket, conn: d.DataMachine, deadline: float | None = None) -> d.DataEvent:
+    """Feed ``conn`` from the socket until it has an event, receiving only the bytes it asks
+    for (a block payload behind them stays in the socket for splice/recv+write); what it has
+    to send goes out before each wait (not after the event: the caller decides when).
+
+    A peer that breaks the protocol is an EPROTO `TransferError`; LookupError (an etfs data
+    port that does not know the key) passes through.
+    """
+    while True:
+        event = conn.next_event()
+        if not isinstance(event, d.NeedData):
+            return event
+        if deadline is not None and time.monotonic() > deadline:
+            raise TransferError(errno.ETIMEDOUT, "the data connection's peer is too slow to open it")
+        if out := conn.data_to_send():
+            send(sock, out)
+        if not conn.wanted:
+            raise d.DataLocalError(f"{type(conn).__name__} waits for an event but asks for no bytes")
         try:
-            chunk = sock.recv(n - len(buf))
+            chunk = sock.recv(conn.wanted)
         except BlockingIOError:
             raise silent_peer() from None
-        if not chunk:
-            raise ConnectionResetError(errno.ECONNRESET, "peer closed the data connection")
-        buf += chunk
-    return bytes(buf)
+        try:
+            conn.receive_data(chunk)
+        except d.DataProtocolError as exc:
+            raise TransferError(errno.EPROTO, str(exc)) from None
 
 
 def recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -69,13 +83,6 @@ def recv_into(sock: socket.socket, view: memoryview) -> None:
         if not n:
             raise ConnectionResetError(errno.ECONNRESET, "peer closed the data connection")
         got += n
-
-
-def recv_frame(sock: socket.socket, limit: int = MAX_FRAME) -> bytes:
-    (length,) = d.LENGTH.unpack(recv_exact(sock, d.LENGTH.size))
-    if length > limit:
-        raise TransferError(errno.EPROTO, "oversized data-connection frame")
-    return recv_exact(sock, length)
 
 
 def hash_range(fd: int, offset: int, length: int, view: memoryview, hasher: Any) -> int | None:
@@ -160,17 +167,18 @@ class DataLinks:
             set_timeouts(sock, CONNECT_TIMEOUT)
             if tls:
                 sock = self.tls_client.wrap_socket(sock)
-            first, nonce = d.opener(secret)
-            send(sock, first)
-            proof = d.check_greeting(secret, nonce, recv_exact(sock, d.GREETING.size))
+            conn = d.Connector(secret, hello)
+            send(sock, conn.data_to_send())  # the opener: nothing a client chose
+            event = receive_event(sock, conn)
+            assert isinstance(event, d.Greeted)
             set_timeouts(sock, self.config.data_timeout)
-            send(sock, d.encode(msgspec.structs.replace(hello, proof=proof)))
+            send(sock, conn.data_to_send())  # the hello, with our proof
         except LookupError:
             sock.close()
             raise TransferError(
                 errno.EACCES, "capability refused: not known at its data port", FailureCode.CAPABILITY_REFUSED
             ) from None
-        except (OSError, d.DataProtocolError) as exc:
+        except OSError as exc:  # a protocol error too (receive_event: EPROTO)
             sock.close()
             log.info("data connection to %s:%d: no etfs greeting: %s", host, port, exc)
             raise no_data_port(host, port) from None

@@ -40,7 +40,7 @@ from etfs.protocol.transfer import (
 )
 
 from ..identity import Account, as_account
-from .datapath import CHUNK, CONNECT_TIMEOUT, hash_range, pwrite_all, recv_exact, recv_frame, recv_into, send
+from .datapath import CHUNK, CONNECT_TIMEOUT, hash_range, pwrite_all, receive_event, recv_into, send
 from .errors import TransferError, failure_code
 from .records import Record, RestartRecord
 from .workdir import WorkDir
@@ -370,7 +370,8 @@ class DestinationTransfer:
     # --- one data connection (blocking, in a worker thread) ----------------------------------------
     def expect_ready(self, sock: socket.socket) -> None:
         """The source's answer to a data hello (it comes first in both directions)."""
-        reply = d.decode_reply(recv_frame(sock))
+        reply = receive_event(sock, d.ReplyReader())
+        assert isinstance(reply, (d.DataReady, d.DataError))
         if isinstance(reply, d.DataError):
             raise TransferError(reply.errno, f"source refused: {reply.message}", parse_code(reply.code))
         if reply.size != self.cap.size:
@@ -388,7 +389,7 @@ class DestinationTransfer:
         view = memoryview(buf)
         hasher = xxhash.xxh3_64()
         pipe = native.Pipe() if self.settings.receiver == "splice" else None
-        flags = d.FLAG_DIGEST if self.verify else 0
+        conn = d.BlockSink()
         inflight: list[int] = []
         try:
             while True:
@@ -397,13 +398,15 @@ class DestinationTransfer:
                     if index is None:
                         break
                     offset, length = self.block_range(index)
-                    send(sock, d.REQUEST.pack(offset, length, flags))
+                    send(sock, conn.request(offset, length, digest=self.verify))
                     inflight.append(index)
                 if not inflight:
                     break
                 index = inflight[0]  # stays in flight (put back on error) until it is done
                 offset, length = self.block_range(index)
-                got_off, got_len, status = d.BLOCK.unpack(recv_exact(sock, d.BLOCK.size))
+                header = receive_event(sock, conn)
+                assert isinstance(header, d.BlockHeader)
+                got_off, got_len, status = header.offset, header.length, header.status
                 if status == d.STATUS_STALE:
                     raise self.source_changed()
                 if status or got_off != offset or got_len != length:
@@ -426,7 +429,10 @@ class DestinationTransfer:
                     native.splice_recv(sock.fileno(), self.part_fd, offset, length, pipe)
                 else:
                     native.recv_write(sock.fileno(), self.part_fd, offset, length, buf)
-                theirs, after = d.TRAILER.unpack(recv_exact(sock, d.TRAILER.size))
+                conn.payload_received()
+                trailer = receive_event(sock, conn)
+                assert isinstance(trailer, d.Trailer)
+                theirs, after = trailer.digest, trailer.status
                 if after == d.STATUS_STALE:
                     raise self.source_changed()
                 if self.verify:
@@ -464,8 +470,7 @@ class DestinationTransfer:
                 self.block_done(index, ours)
                 queue.done()
             # FLAG_END: every block is here, the source may forget the capability.
-            end = d.FLAG_END if not self.stale and not self.missing() else 0
-            send(sock, d.REQUEST.pack(0, 0, d.FLAG_DONE | end))
+            send(sock, conn.finish(end=not self.stale and not self.missing()))
         finally:
             if pipe is not None:
                 pipe.close()

@@ -1,4 +1,4 @@
-"""The data port: each connection proves itself (`etfs.protocol.data.acceptor`), then is served
+"""The data port: each connection proves itself (`etfs.protocol.data.Listener`), then is served
 as a pull (this server is the source) or handed to its push transfer (this server is the
 destination).
 
@@ -15,7 +15,7 @@ import hmac
 import logging
 import socket
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -24,7 +24,7 @@ import trio
 from etfs.protocol import data as d
 
 from .capabilities import UsedUp
-from .datapath import DataLinks, recv_exact, send, set_timeouts
+from .datapath import DataLinks, receive_event, send, set_timeouts
 from .destination import DestinationTransfer
 from .errors import TransferError, failure_code
 from .source import SourceRole
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 5.0  # a data connection must prove itself and say hello this fast, in total
 MAX_UNAUTHENTICATED = 64
-Opening = Generator[d.Step, bytes, tuple[d.DataHello, bytes] | None]
 
 
 class DataListener:
@@ -110,13 +109,13 @@ class DataListener:
                     raw.setblocking(True)
                     self._pending[key] = lambda: _abort(scope, raw)
                     return await trio.to_thread.run_sync(self._accept_tls, raw, limiter=self.hello_threads)
-                result = await _drive_trio(stream, d.acceptor(self._secret))
-                if result is None:
+                opened = await _drive_trio(stream, d.Listener(self._secret))
+                if opened is None:
                     return None
                 sock = socket.socket(fileno=plain.detach())
                 sock.setblocking(True)
                 set_timeouts(sock, self.data_timeout)
-                return sock, *result
+                return sock, opened.hello, opened.key_id
             finally:
                 self._pending.pop(key, None)
         log.info("data connection: no hello within %.0f s (or evicted)", HELLO_TIMEOUT)
@@ -133,15 +132,15 @@ class DataListener:
             plain.close()
             raise
         try:
-            result = _drive_blocking(sock, d.acceptor(self._secret), deadline)
+            opened = _drive_blocking(sock, d.Listener(self._secret), deadline)
         except BaseException:
             sock.close()
             raise
-        if result is None:
+        if opened is None:
             sock.close()
             return None
         set_timeouts(sock, self.data_timeout)
-        return sock, *result
+        return sock, opened.hello, opened.key_id
 
     def _dispatch(self, sock: socket.socket, hello: d.DataHello, kid: bytes) -> bool:
         """Serve a pull, or hand a push connection to its transfer (then True: do not close it)."""
@@ -187,37 +186,24 @@ def _abort(scope: trio.CancelScope, sock: Any) -> None:
         pass
 
 
-async def _drive_trio(stream: trio.SocketStream, steps: Opening) -> tuple[d.DataHello, bytes] | None:
+async def _drive_trio(stream: trio.SocketStream, conn: d.Listener) -> d.Opened | None:
+    """Feed the opening from a trio stream: only the bytes it asks for, its answers sent back."""
     try:
-        step = next(steps)
         while True:
-            if isinstance(step, bytes):
-                await stream.send_all(step)
-                step = steps.send(b"")
-                continue
-            buf = bytearray()
-            while len(buf) < step:
-                chunk = await stream.receive_some(step - len(buf))
-                if not chunk:
-                    raise ConnectionResetError(errno.ECONNRESET, "peer closed before its hello")
-                buf += chunk
-            step = steps.send(bytes(buf))
-    except StopIteration as done:
-        return done.value
+            if out := conn.data_to_send():
+                await stream.send_all(out)
+            event = conn.next_event()
+            if isinstance(event, d.Opened):
+                return event
+            if isinstance(event, d.Refused):
+                return None
+            conn.receive_data(bytes(await stream.receive_some(conn.wanted)))
     except trio.BrokenResourceError as exc:
         raise ConnectionResetError(errno.ECONNRESET, f"peer went away: {exc}") from None
 
 
-def _drive_blocking(sock: socket.socket, steps: Opening, deadline: float) -> tuple[d.DataHello, bytes] | None:
-    try:
-        step = next(steps)
-        while True:
-            if time.monotonic() > deadline:
-                raise TransferError(errno.ETIMEDOUT, "no data-connection hello in time")
-            if isinstance(step, bytes):
-                send(sock, step)
-                step = steps.send(b"")
-            else:
-                step = steps.send(recv_exact(sock, step))
-    except StopIteration as done:
-        return done.value
+def _drive_blocking(sock: socket.socket, conn: d.Listener, deadline: float) -> d.Opened | None:
+    """`_drive_trio` on a blocking (TLS) socket in a worker thread, within ``deadline``."""
+    event = receive_event(sock, conn, deadline)
+    send(sock, conn.data_to_send())  # a refusal's greeting
+    return event if isinstance(event, d.Opened) else None

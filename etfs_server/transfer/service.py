@@ -93,10 +93,10 @@ class TransferService:
     async def handle_data_connection(self, stream: trio.SocketStream) -> None:
         await self.listener.handle(stream)
 
-    def handles(self, req: m.Request) -> bool:
+    def handles(self, req: m.Request[Any]) -> bool:
         return type(req) in self._handlers
 
-    async def dispatch(self, session: Session, req: m.Request) -> Any:
+    async def dispatch(self, session: Session, req: m.Request[Any]) -> Any:
         return await self._handlers[type(req)](self, session, req)
 
     def _export_name(self, session: Session) -> str:
@@ -310,7 +310,7 @@ class TransferService:
         return rec.info()
 
     # The server dispatches transfer requests through this table.
-    _handlers: dict[type[m.Request], Callable[[TransferService, Session, Any], Awaitable[Any]]] = {
+    _handlers: dict[type[m.Request[Any]], Callable[[TransferService, Session, Any], Awaitable[Any]]] = {
         m.TransferOffer: op_offer,
         m.TransferStart: op_start,
         m.TransferPush: op_push,

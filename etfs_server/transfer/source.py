@@ -29,7 +29,7 @@ from ..exports import ExportRoot
 from ..handlers import Session
 from ..identity import as_account
 from .capabilities import CapabilityBody, CapabilityTable, Issued, Signer, file_identity
-from .datapath import CHUNK, DataLinks, hash_range, recv_exact, send
+from .datapath import CHUNK, DataLinks, hash_range, receive_event, send
 from .errors import TransferError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def serve_blocks(
     view = memoryview(buf)
     hasher = xxhash.xxh3_64()
     sent = 0
+    conn = d.BlockSource()
 
     def changed() -> bool:
         now = os.fstat(fd)
@@ -61,20 +62,20 @@ def serve_blocks(
 
     while True:
         try:
-            raw = recv_exact(sock, d.REQUEST.size)
+            event = receive_event(sock, conn)
         except ConnectionResetError:
             return sent, False  # the destination closed: it has what it wanted, or gave up
-        offset, length, flags = d.REQUEST.unpack(raw)
-        if flags & d.FLAG_DONE:
-            return sent, bool(flags & d.FLAG_END)
+        if isinstance(event, d.Done):
+            return sent, event.end
+        assert isinstance(event, d.BlockRequest)
+        offset, length, digest = event.offset, event.length, event.digest
         if changed():
-            send(sock, d.BLOCK.pack(offset, 0, d.STATUS_STALE))
+            send(sock, conn.header(offset, 0, d.STATUS_STALE))
             continue
         if offset > size or length > block_limit or offset + length > size:
-            send(sock, d.BLOCK.pack(offset, 0, d.STATUS_RANGE))
+            send(sock, conn.header(offset, 0, d.STATUS_RANGE))
             continue
-        send(sock, d.BLOCK.pack(offset, length, 0))
-        digest = bool(flags & d.FLAG_DIGEST)
+        send(sock, conn.header(offset, length))
         digest_value: int | None = 0
         if isinstance(sock, ssl.SSLSocket) or (sender != "sendfile" and digest):
             # Piece by piece, hashing each piece while it is in the buffer.  TLS: the bytes
@@ -105,7 +106,7 @@ def serve_blocks(
             raise TransferError(errno.EIO, f"source file shrank while sending (got {n} of {length} bytes)")
         # Checked again once the block is out: a write (even with its mtime put back) while
         # the block was read shows in ctime, and the destination must not keep the block.
-        send(sock, d.TRAILER.pack(digest_value, d.STATUS_STALE if changed() else 0))
+        send(sock, conn.trailer(digest_value, d.STATUS_STALE if changed() else 0))
         sent += n
 
 

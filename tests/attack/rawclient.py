@@ -10,14 +10,15 @@ Control connection
     ``"stat"``, ``"transferoffer"``, ``"localcopy"`` ...); the other keys are the message's
     fields.  Byte strings are msgpack ``bin``, text is ``str``.
 
-    Login: client ``hello {version: 1, user, export, nonce: 32 random bytes}``; server
+    Login: client ``hello {version: 2, user, export, nonce: 32 random bytes}``; server
     ``challenge {version, nonce, server}``; client ``prove {mac}`` with
     ``mac = HMAC-SHA256(key, "etfs-client" \\0 server_nonce \\0 client_nonce \\0 user \\0 export)``;
     server ``welcome {mac, data_port, peer_host}`` whose ``mac`` is the same HMAC with the
     label ``"etfs-server"`` and the two nonces swapped (client nonce first).  Any ``err``
     during the handshake ends the connection.  The key is the key file's stripped content.
 
-    Requests carry a client-chosen ``id`` (> 0); the server answers each with
+    Each request travels in an envelope ``call {id, req}`` with a client-chosen ``id`` (> 0)
+    and the request map (its own ``t``, no id) as ``req``; the server answers each with
     ``ok {id, value}`` or ``err {id, errno, message}``, in any order (requests pipeline).
     ``err`` with ``id`` 0 is a fatal connection error.  Reply values: ``Attr`` is an array
     ``[ino, mode, nlink, uid, gid, size, blocks, atime_ns, mtime_ns, ctime_ns]``, ``Entry``
@@ -45,7 +46,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I")
 DATA_REQUEST = struct.Struct(">QQI")
 DATA_BLOCK = struct.Struct(">QQI")
@@ -122,7 +123,7 @@ class Reply:
 
 
 def encode_frame(msg: Msg) -> bytes:
-    body = msgpack.packb(msg, use_bin_type=True)
+    body: bytes = msgpack.packb(msg, use_bin_type=True)
     return HEADER.pack(len(body)) + body
 
 
@@ -246,7 +247,7 @@ class RawClient:
         """Send one request (``kind`` is the wire tag, e.g. ``"open"``); returns its id."""
         rid = self._next_id
         self._next_id += 1
-        self.send({"t": kind, "id": rid, **fields})
+        self.send({"t": "call", "id": rid, "req": {"t": kind, **fields}})
         return rid
 
     def recv_reply(self) -> Reply:
