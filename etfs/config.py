@@ -20,6 +20,11 @@ import yaml
 from etfs.protocol.auth import AuthKeyError, load_key
 from etfs.protocol.transfer import BLOCK_SIZE, DATA_DIRECTIONS, STREAMS, CopyMode
 
+# Seconds; the defaults of mountpoints.yaml's connect_timeout and request_timeout, and of a
+# connection made without a config.
+CONNECT_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 30.0
+
 _MISSING: Any = object()
 
 
@@ -338,8 +343,8 @@ class ClientConfig:
     cache: CacheOptions = field(default_factory=CacheOptions)
     transfer: TransferDefaults = field(default_factory=TransferDefaults)
     pairs: tuple[PairOverride, ...] = ()
-    connect_timeout: float = 5.0
-    request_timeout: float = 30.0
+    connect_timeout: float = CONNECT_TIMEOUT
+    request_timeout: float = REQUEST_TIMEOUT
     # On a shared (root) mount: what a local uid without an `etfs login` identity gets.
     others: str = "mount-identity"
 
@@ -454,8 +459,8 @@ def load_client_config(path: str | Path) -> ClientConfig:
         cache=cache,
         transfer=transfer,
         pairs=tuple(pairs),
-        connect_timeout=positive_seconds(top, "connect_timeout", 5.0),
-        request_timeout=positive_seconds(top, "request_timeout", 30.0),
+        connect_timeout=positive_seconds(top, "connect_timeout", CONNECT_TIMEOUT),
+        request_timeout=positive_seconds(top, "request_timeout", REQUEST_TIMEOUT),
         others=top.choice("others", OTHERS, "mount-identity"),
     )
     top.done()

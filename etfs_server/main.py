@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from etfs.common import excgroups
 from etfs.config import DEFAULT_PORT, ConfigError, parse_address
 
 from .acl import ACL, ALL_RIGHTS, Rule
@@ -150,13 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BaseExceptionGroup as group:
         # trio wraps a failure to bind (address not ours, port in use) in exception groups.
-        matched, rest = group.split(OSError)
-        if matched is None or rest is not None:
+        if not excgroups.only(group, OSError):
             raise
-        first: BaseException = matched
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        print(f"etfs-server: cannot listen: {first}", file=sys.stderr)
+        print(f"etfs-server: cannot listen: {excgroups.first(group, OSError)}", file=sys.stderr)
         return 1
     return 0
 

@@ -30,6 +30,7 @@ from typing import TypeVar
 import msgspec
 import trio
 
+from etfs.config import CONNECT_TIMEOUT, REQUEST_TIMEOUT
 from etfs.protocol import auth
 from etfs.protocol import messages as m
 from etfs.protocol.connection import ProtocolError, Role
@@ -58,8 +59,8 @@ class Endpoint:
     export: str = ""
     ssl_context: ssl.SSLContext | None = None
     server_hostname: str | None = None
-    connect_timeout: float = 5.0
-    request_timeout: float = 60.0
+    connect_timeout: float = CONNECT_TIMEOUT
+    request_timeout: float = REQUEST_TIMEOUT
 
 
 class _Live:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from etfs.common import excgroups
 from etfs.procs import pid_alive
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
@@ -218,9 +219,7 @@ def parse_copy_request(req: dict[str, Any]) -> CopyRequest:
 
 def _only_broken_connection(exc: BaseException) -> bool:
     """True if ``exc`` is (a group made only of) errors meaning the client went away."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only_broken_connection(e) for e in exc.exceptions)
-    return isinstance(
+    return excgroups.only(
         exc, (trio.BrokenResourceError, trio.ClosedResourceError, BrokenPipeError, ConnectionResetError)
     )
 

@@ -31,6 +31,7 @@ import trio
 import xxhash
 
 from etfs.client import ConnectionLost, Pool, RemoteError, ServerClient
+from etfs.common import excgroups
 from etfs.config import ClientConfig, TransferDefaults
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import (
@@ -115,20 +116,15 @@ def single_errors() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        found, _ = group.split(lambda e: isinstance(e, OSError))
-        if found is None:
+        err = excgroups.first(group, OSError)
+        if err is None:
             raise
-        first: BaseException = found
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
+        raise err from None
 
 
 def is_cancellation(exc: BaseException) -> bool:
     """`trio.Cancelled`, or a group of nothing else (what a cancelled nursery raises)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(trio.Cancelled)[1] is None
-    return isinstance(exc, trio.Cancelled)
+    return excgroups.only(exc, trio.Cancelled)
 
 
 class TransferEngine:

@@ -1,0 +1,34 @@
+"""Looking inside the exception groups trio's nurseries raise.
+
+A failure in a nursery comes out wrapped (possibly several levels deep); callers usually want
+to know whether a group holds only one kind of error, or the first error of a kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions in ``exc`` that are not groups, depth first (``exc`` itself if not a group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc
+
+
+def only(exc: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]) -> bool:
+    """True if every exception in ``exc`` is one of ``kinds``."""
+    return all(isinstance(leaf, kinds) for leaf in leaves(exc))
+
+
+def first(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``exc``, or None."""
+    for leaf in leaves(exc):
+        if isinstance(leaf, kind):
+            return leaf
+    return None
