@@ -21,6 +21,7 @@ from etfs.protocol.transfer import FailureCode
 
 from ..config import ServerConfig
 from ..peers import PeerRefused, connect
+from ..tcptuning import tune
 from .errors import TransferError
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ class DataLinks:
             )
             self.tls_client.verify_mode = ssl.CERT_NONE
 
+    def tune(self, sock: socket.socket) -> None:
+        """Congestion control and socket buffers of a data connection (server.yaml `transfer:`)."""
+        tune(sock, self.config.congestion_control, self.config.socket_buffer)
+
     def check_peer(self, host: str) -> None:
         try:
             self.config.peers.check_host(host)
@@ -158,6 +163,7 @@ class DataLinks:
         try:
             sock.settimeout(None)
             set_timeouts(sock, CONNECT_TIMEOUT)
+            self.tune(sock)
             if tls:
                 sock = self.tls_client.wrap_socket(sock)
             first, nonce = d.opener(secret)

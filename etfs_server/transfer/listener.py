@@ -116,6 +116,7 @@ class DataListener:
                 sock = socket.socket(fileno=plain.detach())
                 sock.setblocking(True)
                 set_timeouts(sock, self.data_timeout)
+                self.links.tune(sock)
                 return sock, *result
             finally:
                 self._pending.pop(key, None)
@@ -126,6 +127,7 @@ class DataListener:
         """TLS handshake and the opening in a worker thread, within HELLO_TIMEOUT in total."""
         deadline = time.monotonic() + HELLO_TIMEOUT
         set_timeouts(plain, HELLO_TIMEOUT / 4)
+        self.links.tune(plain)
         assert self.links.tls_server is not None
         try:
             sock = self.links.tls_server.wrap_socket(plain, server_side=True)
