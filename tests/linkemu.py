@@ -110,14 +110,17 @@ class EmulatedLink:
             "--seed", str(s.seed), "--mtu", str(s.mtu), "--stats", str(self.stats_file),
         ]  # fmt: skip
         # Started from the root namespace: it enters each namespace itself to make its devices.
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        errors = workdir / f"linkemu-{n}.log"
+        with errors.open("wb") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
         self.lab.procs.append(proc)
         self.proc = proc
         assert proc.stdout is not None
-        line = proc.stdout.readline()  # "ready" once both devices exist, EOF if it failed
+        with proc.stdout:
+            line = proc.stdout.readline()  # "ready" once both devices exist, EOF if it failed
         if line.strip() != b"ready":
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"linkemu did not start: {err.strip() or line!r}")
+            proc.wait(5)
+            raise RuntimeError(f"linkemu did not start: {errors.read_text().strip() or line!r}")
         for ns, dev, here, there in ((self.ns_a, dev_a, self.addr_a, self.addr_b),
                                      (self.ns_b, dev_b, self.addr_b, self.addr_a)):  # fmt: skip
             ip = ["ip", "-n", ns]

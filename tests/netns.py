@@ -234,11 +234,18 @@ class NsServer:
 
 
 def start_server(
-    lab: NetLab, ns: str, name: str, base: Path, key_file: Path, timeout: float = 20
+    lab: NetLab,
+    ns: str,
+    name: str,
+    base: Path,
+    key_file: Path,
+    timeout: float = 20,
+    transfer: dict[str, object] | None = None,
 ) -> NsServer:
     """An ``etfs-server`` named ``name`` in ``ns``, listening on all of its addresses (free ports).
 
     Its export is ``base/export`` (with a ``tmp/`` directory); user ``tester`` has all rights.
+    ``transfer`` becomes the ``transfer:`` mapping of its server.yaml.
     """
     base.mkdir(parents=True, exist_ok=True)
     export = base / "export"
@@ -251,6 +258,7 @@ def start_server(
         f"users:\n  tester:\n    key_file: {key_file}\n"
         f"exports:\n  {name}:\n    path: {export}\n    acl:\n"
         "      - {who: tester, path: /, rights: all}\n"
+        + (f"transfer: {json.dumps(transfer)}\n" if transfer else "")
     )
     port_file = base / "ports"
     port_file.unlink(missing_ok=True)
