@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--streams", default="1,2,4,8,16")
-    p.add_argument("--cc", default="cubic,bbr", help="congestion controls (transfer.congestion_control)")
+    p.add_argument(
+        "--cc", default="cubic,bbr", help="congestion controls (transfer.congestion_control; host: not set)"
+    )
     p.add_argument("--buffers", default="auto,sysctl", help="auto, sysctl and/or socket (see above)")
     p.add_argument("--raised-mib", type=int, default=64)
     p.add_argument("--block-mib", default=str(BLOCK_SIZE // MIB), help="block sizes, comma-separated")
@@ -200,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             record["plain_tcp"] = raw
         rows = []
         for buf, cc, block in itertools.product(buffers, ccs, blocks):
-            transfer: dict[str, object] = {"congestion_control": cc}
+            # "host": no congestion_control in server.yaml, the namespace's default applies.
+            transfer: dict[str, object] = {"congestion_control": cc} if cc != "host" else {}
             if buf == "sysctl":
                 for ns in (a, b):
                     set_tcp_buffers(lab, ns, args.raised_mib * MIB)
