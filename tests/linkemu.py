@@ -192,26 +192,33 @@ def tcp_rtt(lab: NetLab, ns: str, host: str, count: int = 5) -> list[float]:
     return [float(x) for x in r.stdout.split()]
 
 
-def udp_loss(lab: NetLab, ns_from: str, ns_to: str, host: str, count: int, port: int = 5999) -> float:
-    """Fraction of ``count`` datagrams from ``ns_from`` to ``host`` in ``ns_to`` that never arrived."""
-    sink = subprocess.Popen(
-        [*lab.prefix(ns_to), sys.executable, "-c", _UDP_SINK, host, str(port), "1.5"],
-        stdout=subprocess.PIPE,
-        text=True,
+def _sink_and_source(
+    lab: NetLab, ns_to: str, sink: list[str], ns_from: str, source: list[str], timeout: float
+) -> tuple[str, str]:
+    """Run the program ``sink`` in ``ns_to`` until it says "listening", then ``source`` in
+    ``ns_from``; the output of each (the sink's once it ended)."""
+    proc = subprocess.Popen(
+        [*lab.prefix(ns_to), sys.executable, "-c", *sink], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert sink.stdout is not None
-        if sink.stdout.readline().strip() != "listening":
-            raise RuntimeError("udp sink did not start")
-        r = lab.run(ns_from, [sys.executable, "-c", _UDP_SOURCE, host, str(port), str(count)])
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "listening":
+            raise RuntimeError("probe sink did not start")
+        r = lab.run(ns_from, [sys.executable, "-c", *source], timeout=timeout)
         if r.returncode != 0:
-            raise RuntimeError(f"udp source failed: {r.stderr.strip()}")
-        got = int(sink.communicate(timeout=60)[0].split()[-1])
+            raise RuntimeError(f"probe source failed: {r.stderr.strip()}")
+        return r.stdout, proc.communicate(timeout=60)[0]
     finally:
-        if sink.poll() is None:
-            sink.kill()
-            sink.wait()
-    return 1 - got / count
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def udp_loss(lab: NetLab, ns_from: str, ns_to: str, host: str, count: int, port: int = 5999) -> float:
+    """Fraction of ``count`` datagrams from ``ns_from`` to ``host`` in ``ns_to`` that never arrived."""
+    sink = [_UDP_SINK, host, str(port), "1.5"]
+    _, got = _sink_and_source(lab, ns_to, sink, ns_from, [_UDP_SOURCE, host, str(port), str(count)], 60)
+    return 1 - int(got.split()[-1]) / count
 
 
 _TCP_SINK = """
@@ -262,25 +269,10 @@ def tcp_rate(
     cc: str | None = None, port: int = 5998,
 ) -> float:  # fmt: skip
     """Bytes/s of ``total`` bytes pushed over ``streams`` plain TCP connections from ``ns_from``."""
-    sink = subprocess.Popen(
-        [*lab.prefix(ns_to), sys.executable, "-c", _TCP_SINK, host, str(port), str(streams)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert sink.stdout is not None
-        if sink.stdout.readline().strip() != "listening":
-            raise RuntimeError("tcp sink did not start")
-        args = [host, str(port), str(streams), str(total), cc or "-"]
-        r = lab.run(ns_from, [sys.executable, "-c", _TCP_SOURCE, *args], timeout=600)
-        if r.returncode != 0:
-            raise RuntimeError(f"tcp source failed: {r.stderr.strip()}")
-        sink.wait(30)
-    finally:
-        if sink.poll() is None:
-            sink.kill()
-            sink.wait()
-    return (total // streams * streams) / float(r.stdout.split()[-1])
+    sink = [_TCP_SINK, host, str(port), str(streams)]
+    source = [_TCP_SOURCE, host, str(port), str(streams), str(total), cc or "-"]
+    secs, _ = _sink_and_source(lab, ns_to, sink, ns_from, source, 600)
+    return (total // streams * streams) / float(secs.split()[-1])
 
 
 def set_tcp_buffers(lab: NetLab, ns: str, max_bytes: int) -> None:
