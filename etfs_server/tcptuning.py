@@ -16,6 +16,8 @@ import os
 import socket
 from pathlib import Path
 
+import trio
+
 log = logging.getLogger(__name__)
 
 AVAILABLE = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
@@ -61,7 +63,7 @@ def _warn_once(what: str, exc: OSError) -> None:
         log.warning("data connections: %s failed: %s (continuing without it)", what, exc.strerror or exc)
 
 
-def tune(sock: socket.socket, congestion_control: str, buffer_bytes: int) -> None:
+def tune(sock: socket.socket | trio.socket.SocketType, congestion_control: str, buffer_bytes: int) -> None:
     """Apply the data-connection TCP settings to ``sock``; a refusal is logged once, never fatal."""
     if congestion_control:
         try:

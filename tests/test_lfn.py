@@ -110,10 +110,13 @@ def test_cp_across_a_long_fat_network(lab: NetLab, tmp_path: Path) -> None:
     done = threading.Event()
 
     def watch() -> None:
-        # The source's established data connections, with their congestion control.
+        # Both ends of the data connections (the source accepted them, the destination opened
+        # them), with their congestion control, from the first packet on.
         while not done.is_set():
-            r = lab.run(jns, ["ss", "-tinH", "state", "established", f"( sport = :{jive.data_port} )"])
-            seen.update(w for w in r.stdout.split() if w in ("reno", "cubic", "bbr"))
+            for ns, which in ((jns, "sport"), (ons, "dport")):
+                flt = f"( {which} = :{jive.data_port} )"
+                r = lab.run(ns, ["ss", "-tinH", "state", "all", "exclude", "listening", flt])
+                seen.update(f"{ns}:{w}" for w in r.stdout.split() if w in ("reno", "cubic", "bbr"))
             done.wait(0.05)
 
     watcher = threading.Thread(target=watch)
@@ -129,7 +132,7 @@ def test_cp_across_a_long_fat_network(lab: NetLab, tmp_path: Path) -> None:
     assert sha256(onsala.export / "tmp" / "f.bin") == want
     [rec] = transfers_to(mount, "onsala:/tmp/f.bin")
     assert rec["kind"] == "third-party" and rec["state"] == "done", rec
-    assert seen == {"reno"}, seen
+    assert seen == {f"{jns}:reno", f"{ons}:reno"}, seen
     # Stats lag by up to 200 ms: wait for the emulator to have counted the file.
     deadline = 50
     while link.stats()["a_to_b"]["bytes_out"] - before < size and deadline:

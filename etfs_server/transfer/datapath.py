@@ -15,6 +15,7 @@ import ssl
 from typing import Any
 
 import msgspec
+import trio
 
 from etfs.protocol import data as d
 from etfs.protocol.transfer import FailureCode
@@ -131,7 +132,7 @@ class DataLinks:
             )
             self.tls_client.verify_mode = ssl.CERT_NONE
 
-    def tune(self, sock: socket.socket) -> None:
+    def tune(self, sock: socket.socket | trio.socket.SocketType) -> None:
         """Congestion control and socket buffers of a data connection (server.yaml `transfer:`)."""
         tune(sock, self.config.congestion_control, self.config.socket_buffer)
 
@@ -153,7 +154,7 @@ class DataLinks:
         address learns nothing about the network behind it.
         """
         try:
-            sock = connect(self.config.peers, host, port, CONNECT_TIMEOUT)
+            sock = connect(self.config.peers, host, port, CONNECT_TIMEOUT, self.tune)
         except PeerRefused as exc:
             log.warning("data connection to %s refused: not allowed by transfer.peers", host)
             raise TransferError(errno.EACCES, exc.strerror or str(exc)) from None
@@ -163,7 +164,6 @@ class DataLinks:
         try:
             sock.settimeout(None)
             set_timeouts(sock, CONNECT_TIMEOUT)
-            self.tune(sock)
             if tls:
                 sock = self.tls_client.wrap_socket(sock)
             first, nonce = d.opener(secret)

@@ -93,6 +93,7 @@ class DataListener:
         key = object()
         with trio.CancelScope(deadline=trio.current_time() + HELLO_TIMEOUT) as scope:
             plain = stream.socket
+            self.links.tune(plain)  # before the first byte: the whole connection runs with it
             self._pending[key] = lambda: _abort(scope, plain)
             if len(self._pending) > MAX_UNAUTHENTICATED:
                 oldest = next(iter(self._pending))
@@ -116,7 +117,6 @@ class DataListener:
                 sock = socket.socket(fileno=plain.detach())
                 sock.setblocking(True)
                 set_timeouts(sock, self.data_timeout)
-                self.links.tune(sock)
                 return sock, *result
             finally:
                 self._pending.pop(key, None)
@@ -127,7 +127,6 @@ class DataListener:
         """TLS handshake and the opening in a worker thread, within HELLO_TIMEOUT in total."""
         deadline = time.monotonic() + HELLO_TIMEOUT
         set_timeouts(plain, HELLO_TIMEOUT / 4)
-        self.links.tune(plain)
         assert self.links.tls_server is not None
         try:
             sock = self.links.tls_server.wrap_socket(plain, server_side=True)
