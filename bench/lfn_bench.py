@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss", type=float, default=0.0001)
     p.add_argument("--mtu", type=int, default=9000)
     p.add_argument("--no-probe", action="store_true", help="skip the plain-TCP ceiling")
+    p.add_argument(
+        "--workdir", default="/var/tmp", help="where exports live (/dev/shm: take the disk out of it)"
+    )
     p.add_argument("--client", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.client:
@@ -164,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     spec = PathSpec(args.rate_mbit, args.rtt_ms, args.loss, args.mtu)
     size = args.size_mib * MIB
     record: dict[str, Any] = {
+        "workdir": args.workdir,
         "bench": "lfn",
         "path": vars(spec),
         "size_mib": args.size_mib,
         "runs": args.runs,
     }
     started = time.perf_counter()
-    with NetLab() as lab, tempfile.TemporaryDirectory(prefix="etfs-lfn-", dir="/var/tmp") as tmp:
+    with NetLab() as lab, tempfile.TemporaryDirectory(prefix="etfs-lfn-", dir=args.workdir) as tmp:
         work = Path(tmp)
         key = write_key(work / "key")
         a, b = lab.namespace("src"), lab.namespace("dst")
