@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
     }
     started = time.perf_counter()
-    with NetLab() as lab, tempfile.TemporaryDirectory(prefix="etfs-lfn-", dir=args.workdir) as tmp:
+    # The lab (the emulator writes its counters into tmp until it is stopped) closes first.
+    with tempfile.TemporaryDirectory(prefix="etfs-lfn-", dir=args.workdir) as tmp, NetLab() as lab:
         work = Path(tmp)
         key = write_key(work / "key")
         a, b = lab.namespace("src"), lab.namespace("dst")
