@@ -193,7 +193,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
         if kwargs["congestion_control"] and (
             problem := congestion_control_problem(kwargs["congestion_control"])
         ):
-            raise tr.error(f"{tr.what}.{problem}", "congestion_control")
+            raise tr.error(f"{tr.what}.congestion_control: {problem}", "congestion_control")
         if tr.has("peers"):
             entries = []
             for text in tr.str_list("peers"):

@@ -12,7 +12,6 @@ for the measurements behind both defaults.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from pathlib import Path
 
@@ -71,18 +70,19 @@ def tune(sock: socket.socket | trio.socket.SocketType, congestion_control: str, 
         except OSError as exc:
             _warn_once(f"TCP_CONGESTION {congestion_control}", exc)
     if buffer_bytes:
-        forced = os.geteuid() == 0
         for opt, force in ((socket.SO_SNDBUF, SO_SNDBUFFORCE), (socket.SO_RCVBUF, SO_RCVBUFFORCE)):
             try:
-                sock.setsockopt(socket.SOL_SOCKET, force if forced else opt, buffer_bytes)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, force, buffer_bytes)
+                except PermissionError:  # no CAP_NET_ADMIN: the kernel caps what it grants
+                    sock.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
             except OSError as exc:
                 _warn_once(f"socket buffer {buffer_bytes} bytes", exc)
                 continue
-            # Without CAP_NET_ADMIN the kernel silently caps at net.core.wmem_max/rmem_max
-            # (getsockopt reports twice the usable size).
+            # Capped at net.core.wmem_max/rmem_max (getsockopt reports twice the usable size).
             if sock.getsockopt(socket.SOL_SOCKET, opt) < buffer_bytes and "cap" not in _warned:
                 _warned.add("cap")
                 log.warning(
                     "data connections: socket buffers capped below transfer.socket_buffer_mib "
-                    "(raise net.core.wmem_max/rmem_max, or run the server as root)"
+                    "(raise net.core.wmem_max/rmem_max, or give the server CAP_NET_ADMIN)"
                 )
