@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import trio  # noqa: E402
-from linkemu import EmulatedLink, PathSpec, set_tcp_buffers, tcp_rate, tcp_rtt  # noqa: E402
+from linkemu import EmulatedLink, PathSpec, cpu_seconds, set_tcp_buffers, tcp_rate, tcp_rtt  # noqa: E402
 from netns import NetLab, NsServer, start_server, stop_process, write_key  # noqa: E402
 from transfer_bench import make_source, median, timed_copies  # noqa: E402
 
@@ -55,11 +55,6 @@ log = logging.getLogger(__name__)
 MB = 1_000_000
 MIB = 1 << 20
 _groups = itertools.count(1)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def client_mode(spec_text: str) -> int:
