@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             raw = {}
             for cc in ccs:
                 c0, t0 = link.cpu_seconds(), time.perf_counter()
-                raw[cc] = tcp_rate(lab, a, b, link.addr_b, size, max(streams), cc)
+                raw[cc] = tcp_rate(lab, a, b, link.addr_b, size, max(streams), None if cc == "host" else cc)
                 emu = (link.cpu_seconds() - c0) / (time.perf_counter() - t0)
                 print(
                     f"plain TCP x{max(streams)} {cc} (host buffers): {raw[cc] / MB:.1f} MB/s "
