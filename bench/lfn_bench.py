@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import trio  # noqa: E402
 from linkemu import EmulatedLink, PathSpec, cpu_seconds, set_tcp_buffers, tcp_rate, tcp_rtt  # noqa: E402
 from netns import NetLab, NsServer, start_server, stop_process, write_key  # noqa: E402
-from transfer_bench import make_source, median, timed_copies  # noqa: E402
+from transfer_bench import make_source, median, print_record, timed_copies  # noqa: E402
 
 from etfs.config import ClientConfig, ServerEntry, TransferDefaults  # noqa: E402
 from etfs.protocol.transfer import BLOCK_SIZE, STREAMS  # noqa: E402
@@ -242,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['buffers']:8} {r['cc']:6} {r['block_mib']:>5} {r['streams']:>7} {r['median']:>11.1f} "
             f"{r['min']:>6.1f} {r['max']:>6.1f} {r['link']:>7.0%}"
         )
-    record["total_s"] = round(time.perf_counter() - started, 1)
-    print(f"\ntotal {record['total_s']:.0f} s")
-    print(json.dumps(record, separators=(",", ":")))
+    print_record(record, started)
     return 0
 
 
