@@ -16,7 +16,7 @@ order.  Times cover ``engine.copy`` (control round trips over the path, data, fd
 rename).  Before the matrix the path itself is checked: handshake RTT, and plain TCP
 (Python sockets, no etfs) with the largest stream count, as a ceiling.
 
-    flock -o /tmp/etfs-heavy.lock python bench/lfn_bench.py [--size-mib 1024] [--runs 3]
+    python bench/lfn_bench.py [--size-mib 1024] [--runs 3]
         [--streams 1,2,4,8,16] [--cc cubic,bbr] [--buffers auto,sysctl] [--block-mib 4]
         [--rate-mbit 1000] [--rtt-ms 50] [--loss 0.0001] [--mtu 9000]
 
