@@ -166,6 +166,13 @@ def make_source(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+def print_record(record: dict[str, Any], started: float) -> None:
+    """The run's total time, then the whole record as one JSON line (the benchmarks' last lines)."""
+    record["total_s"] = round(time.perf_counter() - started, 1)
+    print(f"\ntotal {record['total_s']:.0f} s")
+    print(json.dumps(record, separators=(",", ":")))
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -448,9 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             record["shaped"] = shaped(args, work, key_file)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    record["total_s"] = round(time.perf_counter() - started, 1)
-    print(f"\ntotal {record['total_s']:.0f} s")
-    print(json.dumps(record, separators=(",", ":")))
+    print_record(record, started)
     return 0
 
 

@@ -15,6 +15,7 @@ from .acl import ACL, Right, Rule
 from .exports import EscapeError, normalize
 from .identity import Account, lookup_account
 from .peers import PeerPolicy, parse_entry
+from .tcptuning import congestion_control_problem
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ class ServerConfig:
     # configuration (e.g. 1 stream, verified: 1263 vs 638 MB/s), although raw loopback pairs vary.
     sender: str = "sendfile"  # or "read_send"
     receiver: str = "splice"  # or "recv_write" (bench/raw_pair.py: splice ~2x faster on loopback)
+    # TCP_CONGESTION of data connections ("": the host's net.ipv4.tcp_congestion_control).
+    congestion_control: str = ""
+    # SO_SNDBUF/SO_RCVBUF of data connections in bytes.  0, kernel autotuning: bench/lfn_bench.py
+    # measured fixed 64 MiB buffers faster for 1-2 streams but slower for 4 and more (deeper
+    # queues at the bottleneck, more drops).
+    socket_buffer: int = 0
     handshake_timeout: float = 10.0  # seconds a new connection has to authenticate
     limits: Limits = field(default_factory=Limits)
     # where data connections may go (default: anywhere)
@@ -180,7 +187,13 @@ def load_server_config(path: str | Path) -> ServerConfig:
             block_size=tr.int("block_size_mib", BLOCK_SIZE >> 20, minimum=1) * 2**20,
             sender=tr.choice("sender", ("read_send", "sendfile"), "sendfile"),
             receiver=tr.choice("receiver", ("recv_write", "splice"), "splice"),
+            congestion_control=tr.str("congestion_control", ""),
+            socket_buffer=tr.int("socket_buffer_mib", 0, minimum=0) * 2**20,
         )
+        if kwargs["congestion_control"] and (
+            problem := congestion_control_problem(kwargs["congestion_control"])
+        ):
+            raise tr.error(f"{tr.what}.congestion_control: {problem}", "congestion_control")
         if tr.has("peers"):
             entries = []
             for text in tr.str_list("peers"):

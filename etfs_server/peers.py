@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,12 +109,23 @@ class PeerPolicy:
         return allowed
 
 
-def connect(policy: PeerPolicy, host: str, port: int, timeout: float) -> socket.socket:
-    """Like `socket.create_connection`, but only to addresses the policy allows."""
+def connect(
+    policy: PeerPolicy,
+    host: str,
+    port: int,
+    timeout: float,
+    prepare: Callable[[socket.socket], None] | None = None,
+) -> socket.socket:
+    """Like `socket.create_connection`, but only to addresses the policy allows.
+
+    ``prepare`` sees each socket before it connects (options that must precede the SYN).
+    """
     last: OSError | None = None
     for fam, typ, proto, addr in policy.addresses(host, port):
         sock = socket.socket(fam, typ, proto)
         try:
+            if prepare is not None:
+                prepare(sock)
             sock.settimeout(timeout)
             sock.connect(addr)
             return sock

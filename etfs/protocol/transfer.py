@@ -31,6 +31,9 @@ __all__ = [
 
 
 # Defaults both sides fall back to (server.yaml and mountpoints.yaml may change them).
+# bench/lfn_bench.py (1 Gbit/s, 50 ms RTT, 0.01 % loss; docs/architecture.md section 4): 4
+# streams reach what 8 and 16 do, 2 do not; 4 MiB blocks beat 1 MiB (two blocks in flight
+# per stream must cover the RTT) and equal 16 MiB.
 STREAMS = 4
 BLOCK_SIZE = 4 * 1024 * 1024
 CAPABILITY_TTL = 300.0  # seconds

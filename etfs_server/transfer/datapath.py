@@ -16,11 +16,14 @@ import ssl
 import time
 from typing import Any
 
+import trio
+
 from etfs.protocol import data as d
 from etfs.protocol.transfer import FailureCode
 
 from ..config import ServerConfig
 from ..peers import PeerRefused, connect
+from ..tcptuning import tune
 from .errors import TransferError
 
 log = logging.getLogger(__name__)
@@ -137,6 +140,10 @@ class DataLinks:
             )
             self.tls_client.verify_mode = ssl.CERT_NONE
 
+    def tune(self, sock: socket.socket | trio.socket.SocketType) -> None:
+        """Congestion control and socket buffers of a data connection (server.yaml `transfer:`)."""
+        tune(sock, self.config.congestion_control, self.config.socket_buffer)
+
     def check_peer(self, host: str) -> None:
         try:
             self.config.peers.check_host(host)
@@ -155,7 +162,7 @@ class DataLinks:
         address learns nothing about the network behind it.
         """
         try:
-            sock = connect(self.config.peers, host, port, CONNECT_TIMEOUT)
+            sock = connect(self.config.peers, host, port, CONNECT_TIMEOUT, self.tune)
         except PeerRefused as exc:
             log.warning("data connection to %s refused: not allowed by transfer.peers", host)
             raise TransferError(errno.EACCES, exc.strerror or str(exc)) from None

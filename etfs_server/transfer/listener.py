@@ -92,6 +92,7 @@ class DataListener:
         key = object()
         with trio.CancelScope(deadline=trio.current_time() + HELLO_TIMEOUT) as scope:
             plain = stream.socket
+            self.links.tune(plain)  # before the first byte: the whole connection runs with it
             self._pending[key] = lambda: _abort(scope, plain)
             if len(self._pending) > MAX_UNAUTHENTICATED:
                 oldest = next(iter(self._pending))

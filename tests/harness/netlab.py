@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -190,18 +190,26 @@ def netns_unavailable() -> str | None:
 
 # --- etfs servers and client config in namespaces --------------------------------------------------
 def start_server(
-    lab: NetLab, ns: str, name: str, base: Path, key_file: Path, timeout: float = 20
+    lab: NetLab,
+    ns: str,
+    name: str,
+    base: Path,
+    key_file: Path,
+    timeout: float = 20,
+    transfer: Mapping[str, object] | None = None,
 ) -> ServerProcess:
     """An ``etfs-server`` named ``name`` in ``ns``, listening on all of its addresses (free ports).
 
     Its export is ``base/export`` (with a ``tmp/`` directory); user ``tester`` has all rights.
-    The lab stops it at cleanup.
+    ``transfer`` becomes the ``transfer:`` mapping of its server.yaml.  The lab stops it at cleanup.
     """
     base.mkdir(parents=True, exist_ok=True)
     export = base / "export"
     (export / "tmp").mkdir(parents=True, exist_ok=True)
     os.chmod(export, 0o755)
-    cfg = single_export_yaml(base / "server.yaml", name, export, key_file)
+    cfg = single_export_yaml(
+        base / "server.yaml", name, export, key_file, extra={"transfer": dict(transfer)} if transfer else None
+    )
     srv = ServerProcess(
         cfg,
         base,
