@@ -246,6 +246,7 @@ class EtfsServer:
                     if msg is None:
                         break
                     assert isinstance(msg, m.Request)
+                    log.debug("%s: %s #%d", peer, type(msg).__name__, msg.id)  # -v: every request
                     if runs_inline(msg):
                         await self._answer_inline(ms, session, msg)
                         continue
