@@ -79,12 +79,14 @@ class ServerProcess:
     def __post_init__(self) -> None:
         self.log_path = self.workdir / f"{self.config.stem}.log"
 
-    def start(self, *extra_args: str) -> ServerProcess:
+    def start(self, *extra_args: str, prefix: tuple[str, ...] = ()) -> ServerProcess:
+        """``prefix``: a command the server runs under (e.g. setpriv with a unit's capabilities)."""
         port_file = self.workdir / f"{self.config.stem}.ports"
         port_file.unlink(missing_ok=True)
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("PYTHONWARNINGS", None)
         cmd = [
+            *prefix,
             sys.executable,
             "-m",
             "etfs_server.main",
@@ -185,10 +187,10 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     """``server_factory(config_path)`` starts a server; every one is killed at teardown."""
     started: list[ServerProcess] = []
 
-    def start(config: Path, *args: str) -> ServerProcess:
+    def start(config: Path, *args: str, prefix: tuple[str, ...] = ()) -> ServerProcess:
         sp = ServerProcess(config, config.parent)
         started.append(sp)
-        return sp.start(*args)
+        return sp.start(*args, prefix=prefix)
 
     try:
         yield start

@@ -397,3 +397,63 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         )
         # verify exits 0 for unknown keys and bad values, but says so: any message fails.
         assert out.returncode == 0 and not (out.stdout + out.stderr).strip(), (unit, out.stdout, out.stderr)
+
+
+def unit_setting(unit: Path, key: str) -> str:
+    values = [ln.split("=", 1)[1] for ln in unit.read_text().splitlines() if ln.startswith(key + "=")]
+    assert len(values) == 1, (unit, key, values)
+    return values[0]
+
+
+async def test_server_works_with_the_units_capabilities_only(
+    tmp_path: Path, server_factory: ServerFactory, nursery: trio.Nursery
+) -> None:
+    """etfs-server.service runs as root with CapabilityBoundingSet= and NoNewPrivileges=; started
+    that way (setpriv does what systemd does), a user mapped to an unprivileged account works on
+    files as that account."""
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv")
+    unit = UNITS / "etfs-server.service"
+    caps = unit_setting(unit, "CapabilityBoundingSet").split()
+    assert unit_setting(unit, "User") == "root" and unit_setting(unit, "NoNewPrivileges") == "yes"
+    names = [c.removeprefix("CAP_").lower() for c in caps]
+    prefix = ("setpriv", "--bounding-set", ",".join(["-all", *(f"+{n}" for n in names)]), "--no-new-privs")
+    setup = standard_setup(
+        tmp_path / "srv",
+        extra={"run_as": NOBODY, "users": {"alice": {"key_file": "alice.key"}}},
+    )
+    for d in (setup.export, setup.export / "tmp"):
+        os.chown(d, NOBODY, NOBODY)
+        os.chmod(d, 0o700)
+    sp = server_factory(setup.config, prefix=prefix)
+    assert sp.proc is not None
+    status = Path(f"/proc/{sp.proc.pid}/status").read_text()
+    eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M).group(1), 16)  # type: ignore[union-attr]
+    assert eff == sum(1 << CAP_NUMBERS[c] for c in caps), status
+
+    c = sp.client(nursery, "alice", setup.keys["alice"])
+    await c.call(m.Mkdir, path="/tmp/d", mode=0o755)
+    o = await c.call(m.Create, m.Opened, path="/tmp/d/f", mode=0o640, flags=os.O_RDWR | os.O_EXCL)
+    assert await c.call(m.Write, int, handle=o.handle, offset=0, data=b"under the unit") == 14
+    await c.call(m.Close, handle=o.handle)
+    await c.call(m.SetAttr, m.Attr, path="/tmp/d/f", mode=0o600)
+    await c.call(m.Rename, old="/tmp/d/f", new="/tmp/d/g")
+    assert len(await c.call(m.Checksum, str, path="/tmp/d/g")) == 32
+    await c.aclose()
+    st = (setup.export / "tmp" / "d" / "g").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (NOBODY, NOBODY, 0o600)
+    sp.assert_healthy()
+
+
+NOBODY = 65534
+# linux/capability.h
+CAP_NUMBERS = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_NET_BIND_SERVICE": 10,
+}
