@@ -10,6 +10,8 @@ and returns only once the mount answers (or prints the daemon's error and exits 
 writes ``<root's parent>/daemon.json`` (pid, root, config, mountpoints) so `etfs umount`, `etfs
 status` and friends can find it, and removes it at exit.  SIGINT/SIGTERM unmount everything.
 Leftovers of a crashed daemon (ENOTCONN on stat) are cleaned up at the next mount.
+`umount ROOT` (umount(8), systemd) also ends the daemon, which notices and removes the mountpoints.
+An /etc/fstab line reaches `cmd_mount` through `etfs.fstab` (the fstab mountpoint is ``--root``).
 """
 
 from __future__ import annotations
