@@ -321,6 +321,7 @@ async def _serve(config: ClientConfig) -> None:
     async with trio.open_nursery() as nursery:
         pool = Pool(config, nursery)
         ops = EtfsOperations(config, pool, nursery)
+        log.debug("mounting %s with FUSE options %s", root, ",".join(sorted(options)))
         pyfuse3.init(ops, str(root), options)
         mounted = True
         links: list[Path] = []
