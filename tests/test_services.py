@@ -160,15 +160,14 @@ async def test_server_logs_with_journal_priorities_and_notifies_ready(
     assert all(re.match(r"<[0-7]>", ln) for ln in lines), lines
 
 
-async def test_server_logs_plainly_elsewhere(tmp_path: Path, server_factory: ServerFactory) -> None:
+async def test_server_logs_plainly_elsewhere(
+    tmp_path: Path, server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A $JOURNAL_STREAM that is not our stderr (inherited by a redirected child) changes nothing;
     and without -v there are no debug lines."""
     setup = standard_setup(tmp_path / "srv")
-    os.environ["JOURNAL_STREAM"] = "1:1"
-    try:
-        sp = server_factory(setup.config)
-    finally:
-        del os.environ["JOURNAL_STREAM"]
+    monkeypatch.setenv("JOURNAL_STREAM", "1:1")
+    sp = server_factory(setup.config)
     await sp.wait_for_log(r"^\S+ \S+ INFO etfs_server\.server: server testsrv listening")
     assert not sp.log_lines("DEBUG") and "<6>" not in sp.log()
 
