@@ -11,8 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
+from etfs import __version__
 from etfs.config import ConfigError
+from etfs.fstab import MountOptionError, looks_like_helper_call, parse_helper_args, subcommands
 from etfs.protocol.transfer import CopyMode
+from etfs.systemd import add_common_options, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,13 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="etfs",
         description="e-transfer filesystem: servers as directories; cp between them goes server to server.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mount = sub.add_parser("mount", help="mount the configured servers")
     mount.add_argument("-c", "--config", type=Path, required=True, help="mountpoints.yaml")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     mount.add_argument("--log-file", type=Path, help="log here (default: stderr in the foreground)")
+    mount.add_argument("--root", type=Path, help="mount here, not at the config's root (fstab's mountpoint)")
 
     umount = sub.add_parser("umount", help="unmount what 'etfs mount' mounted")
     umount.add_argument("-c", "--config", type=Path, help="mountpoints.yaml")
@@ -67,15 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     logout = sub.add_parser("logout", help="make the mount forget the identity 'etfs login' gave it")
     logout.add_argument("--mount", type=Path, help="the mount root, if several mounts run")
+    add_common_options(p, __version__, list(sub.choices.values()))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    try:
+        if looks_like_helper_call(argv, subcommands(parser)):
+            args = parse_helper_args(argv)  # run by mount(8) for an fstab line
+        else:
+            args = parser.parse_args(argv)
+    except MountOptionError as exc:
+        print(f"etfs: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.verbose, logging.WARNING)
     try:
         if args.command == "mount":
             from etfs.mount import cmd_mount

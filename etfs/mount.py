@@ -10,12 +10,15 @@ and returns only once the mount answers (or prints the daemon's error and exits 
 writes ``<root's parent>/daemon.json`` (pid, root, config, mountpoints) so `etfs umount`, `etfs
 status` and friends can find it, and removes it at exit.  SIGINT/SIGTERM unmount everything.
 Leftovers of a crashed daemon (ENOTCONN on stat) are cleaned up at the next mount.
+`umount ROOT` (umount(8), systemd) also ends the daemon, which notices and removes the mountpoints.
+An /etc/fstab line reaches `cmd_mount` through `etfs.fstab` (the fstab mountpoint is ``--root``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import errno
 import json
 import logging
@@ -32,12 +35,28 @@ import trio
 
 from etfs.config import ClientConfig, load_client_config
 from etfs.procs import pid_alive
+from etfs.systemd import PLAIN_FORMAT, notify, stderr_is_journal
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 30.0
 READ_AHEAD_KB = 1024
-FUSE_OPTIONS = ("fsname=etfs", "subtype=etfs", "noatime")
+FUSE_OPTIONS = ("subtype=etfs", "noatime")
+UNMOUNT_POLL = 0.5  # seconds between looks at /proc/self/mounts for an umount(8) of the root
+
+
+def fsname(config: ClientConfig) -> str:
+    """The mount's source as `mount` and `df` show it: ``etfs:jive,onsala``.
+
+    It names the servers, so two etfs mounts can be told apart, and the colon keeps `df` and
+    findmnt from taking it for a path (a bare ``etfs`` did when a directory of that name was in
+    the current directory)."""
+    return "etfs:" + ",".join(config.servers)
+
+
+def fsname_option(config: ClientConfig) -> str:
+    # libfuse splits -o values at commas unless escaped with a backslash.
+    return "fsname=" + fsname(config).replace("\\", "\\\\").replace(",", "\\,")
 
 
 # --- helpers shared by mount and umount --------------------------------------------------------
@@ -131,36 +150,38 @@ def cleanup_stale(config: ClientConfig) -> None:
                 f"{root} is already mounted by etfs (pid {reg['pid']}); run 'etfs umount' first"
             )
     for path in [*_mountpoints(config).values(), root]:
-        if (
-            _stale(path)
-            or (path == root and _is_mounted(path))
-            or (path != root and _bind_of_root(path, root))
-        ):
+        if _stale(path) or _etfs_on_top(path):
             log.warning("cleaning up a stale mount at %s", path)
             force_unmount(path)
     if reg is not None and not (isinstance(reg.get("pid"), int) and pid_alive(reg["pid"])):
         registry_path(root).unlink(missing_ok=True)
 
 
-def _bind_of_root(path: Path, root: Path) -> bool:
-    """Is path a mount point of ours (a bind mount of the etfs filesystem) whose daemon is gone?"""
+def _etfs_on_top(path: Path) -> bool:
+    """Is the topmost mount at path the etfs filesystem (the FUSE root or a bind mount of it)?
+
+    Only the topmost: under fstab's ``x-systemd.automount`` the root is an autofs mount of
+    systemd's, which the FUSE mount covers once systemd starts it and must never be removed."""
     if str(path) not in _mounted_paths():
         return False
+    top = ""
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
                 fields = left.split()
                 if len(fields) > 4 and fields[4] == str(path):
-                    return right.split()[0].startswith("fuse") and "etfs" in right
+                    top = right  # later lines are mounted on top of earlier ones
     except OSError:
         pass
-    return False
+    return top.startswith("fuse") and "etfs" in top
 
 
 # --- etfs mount ---------------------------------------------------------------------------------
 def cmd_mount(args: argparse.Namespace) -> int:
     config = load_client_config(args.config)
+    if getattr(args, "root", None) is not None:  # fstab's mountpoint, or --root
+        config = dataclasses.replace(config, root=Path(os.path.abspath(args.root)))
     if args.foreground:
         return run_foreground(config, args.log_file)
     return _start_background(config, args)
@@ -173,34 +194,39 @@ def _start_background(config: ClientConfig, args: argparse.Namespace) -> int:
         print(f"etfs mount: {exc}", file=sys.stderr)
         return 1
     config.root.parent.mkdir(parents=True, exist_ok=True)
+    # Under systemd (a mount unit running the fstab helper, a service) the daemon keeps our
+    # stderr, the journal; elsewhere it logs to a file, as nobody reads a detached stderr.
+    to_journal = args.log_file is None and stderr_is_journal()
     log_file: Path = args.log_file or config.root.parent / "daemon.log"
     cmd = [sys.executable, "-m", "etfs.cli"]
     if getattr(args, "verbose", False):
         cmd.append("-v")
-    cmd += ["mount", "-c", str(Path(args.config).resolve()), "--foreground", "--log-file", str(log_file)]
-    with open(log_file, "ab") as logf:
+    cmd += ["mount", "-c", str(Path(args.config).resolve()), "--root", str(config.root), "--foreground"]
+    if not to_journal:
+        cmd += ["--log-file", str(log_file)]
+    with open(os.devnull if to_journal else log_file, "ab") as logf:
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=logf,
-            stderr=subprocess.STDOUT,
+            stderr=None if to_journal else subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
         )
+    where = "the journal" if to_journal else str(log_file)
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            print(f"etfs mount: the daemon exited with status {code}; see {log_file}:", file=sys.stderr)
-            print(_tail(log_file), file=sys.stderr)
+            print(f"etfs mount: the daemon exited with status {code}; see {where}", file=sys.stderr)
+            if not to_journal:
+                print(_tail(log_file), file=sys.stderr)
             return 1
         if _ready(config, proc.pid):
             print(f"etfs: mounted {config.root} (pid {proc.pid})")
             return 0
         time.sleep(0.05)
-    print(
-        f"etfs mount: the mount did not become ready in {READY_TIMEOUT:.0f}s; see {log_file}", file=sys.stderr
-    )
+    print(f"etfs mount: the mount did not become ready in {READY_TIMEOUT:.0f}s; see {where}", file=sys.stderr)
     proc.terminate()
     return 1
 
@@ -224,11 +250,13 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _setup_logging(log_file: Path | None) -> None:
+    root_logger = logging.getLogger()
     if log_file is None:
+        if stderr_is_journal() and root_logger.level > logging.INFO:
+            root_logger.setLevel(logging.INFO)  # a daemon's journal holds what its log file would
         return
     handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root_logger = logging.getLogger()
+    handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
     for h in list(root_logger.handlers):
         root_logger.removeHandler(h)
     root_logger.addHandler(handler)
@@ -281,7 +309,7 @@ async def _serve(config: ClientConfig) -> None:
     from etfs.transfer.service import run_client_services
 
     root = config.root
-    options = set(FUSE_OPTIONS)
+    options = {*FUSE_OPTIONS, fsname_option(config)}
     if os.geteuid() == 0:
         # The daemon is root, users of the mountpoints are not: let them in, and let the kernel
         # check every caller's uid and groups against the mode bits the servers report, as on a
@@ -291,6 +319,7 @@ async def _serve(config: ClientConfig) -> None:
     async with trio.open_nursery() as nursery:
         pool = Pool(config, nursery)
         ops = EtfsOperations(config, pool, nursery)
+        log.debug("mounting %s with FUSE options %s", root, ",".join(sorted(options)))
         pyfuse3.init(ops, str(root), options)
         mounted = True
         links: list[Path] = []
@@ -308,6 +337,7 @@ async def _serve(config: ClientConfig) -> None:
             # Everything that stats the mount must run while pyfuse3.main serves requests.
             nursery.start_soon(_after_mount, config, binds, links)
             nursery.start_soon(_watch_signals, config, binds, links, pyfuse3.terminate)
+            nursery.start_soon(_watch_unmount, config, binds, links, pyfuse3.terminate)
             # Keep a few request workers alive: with the default of one, pyfuse3 starts and ends a
             # task for nearly every request under load.
             await pyfuse3.main(min_tasks=8)
@@ -344,6 +374,23 @@ async def _watch_signals(config: ClientConfig, binds: list[Path], links: list[Pa
             return
 
 
+async def _watch_unmount(config: ClientConfig, binds: list[Path], links: list[Path], terminate: Any) -> None:
+    """`umount ROOT` (umount(8), systemd stopping the fstab mount) ends the daemon too.
+
+    While bind mounts of ROOT's directories exist they keep the FUSE connection open, so the
+    daemon would never learn that the root is gone: look for it, then undo the binds and stop."""
+    root = str(config.root)
+    while root not in await trio.to_thread.run_sync(_mounted_paths):
+        await trio.sleep(UNMOUNT_POLL)  # pyfuse3.init mounted it; /proc may show it a moment later
+    while True:
+        await trio.sleep(UNMOUNT_POLL)
+        if root not in await trio.to_thread.run_sync(_mounted_paths):
+            break
+    log.info("%s was unmounted: removing the mountpoints and stopping", root)
+    await trio.to_thread.run_sync(_teardown, config, binds, links)
+    terminate()
+
+
 async def _after_mount(config: ClientConfig, binds: list[Path], links: list[Path]) -> None:
     root = config.root
     st = await trio.to_thread.run_sync(os.stat, root)
@@ -374,6 +421,7 @@ async def _after_mount(config: ClientConfig, binds: list[Path], links: list[Path
     tmp.write_text(json.dumps(reg, indent=1) + "\n")
     tmp.rename(path)
     log.info("etfs mounted at %s (%d servers)", root, len(config.servers))
+    notify("READY=1")  # Type=notify units: the mount and the mountpoints are usable now
 
 
 def _raise_readahead(dev: int) -> None:

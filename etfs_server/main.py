@@ -1,12 +1,15 @@
-"""`etfs-server` command line: run a server from `server.yaml` or from quick-start flags."""
+"""`etfs-server` command line: run a server from `server.yaml` or from quick-start flags;
+`etfs-server keygen USER` makes a user's key file."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import errno
+import json
 import logging
 import os
+import re
 import signal
 import stat
 import sys
@@ -15,14 +18,19 @@ from pathlib import Path
 
 import trio
 
+from etfs import __version__
 from etfs.common import excgroups
 from etfs.config import DEFAULT_PORT, ConfigError, parse_address
+from etfs.systemd import add_common_options, notify, setup_logging
 
 from .acl import ACL, ALL_RIGHTS, Rule
 from .config import Export, ServerConfig, User, default_data_port, load_server_config, mapping_problem
 from .identity import lookup_account
 
 log = logging.getLogger("etfs_server")
+
+DEFAULT_KEY_DIR = Path("/etc/etfs/keys")
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--state-dir", type=Path, help="where transfer records are kept")
     p.add_argument("--port-file", type=Path, help="write 'CONTROL DATA' ports here once listening")
-    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", metavar="[COMMAND]", help="(none: run the server)")
+    keygen = sub.add_parser("keygen", help="make a user's key file and print the line for server.yaml")
+    keygen.add_argument("user", help="the user name (letters, digits, . _ -)")
+    keygen.add_argument(
+        "--key-dir",
+        type=Path,
+        help=f"where USER.key goes (default: {DEFAULT_KEY_DIR} as root, else the current directory)",
+    )
+    add_common_options(p, __version__, [keygen])
     return p
 
 
@@ -111,10 +127,9 @@ def _with_default_account(config: ServerConfig, spec: str) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose, logging.INFO)
+    if args.command == "keygen":
+        return cmd_keygen(args.user, args.key_dir)
     try:
         config = load_server_config(args.config) if args.config else _quick_config(args)
         if args.state_dir:
@@ -158,6 +173,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cmd_keygen(user: str, key_dir: Path | None) -> int:
+    """Write a new random key to KEY_DIR/USER.key (mode 0600, never over an existing file) and
+    print the server.yaml line naming it; the same file goes to the user's mountpoints.yaml."""
+    from etfs.protocol.auth import generate_key_text
+
+    if not USER_NAME.fullmatch(user):
+        print(
+            f"etfs-server keygen: {user!r} is no user name (letters, digits, '.', '_', '-')", file=sys.stderr
+        )
+        return 2
+    key_dir = key_dir or (DEFAULT_KEY_DIR if os.geteuid() == 0 else Path.cwd())
+    path = (key_dir / f"{user}.key").absolute()
+    try:
+        key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        print(
+            f"etfs-server keygen: {path} exists; not replacing it (remove it to make a new key)",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        print(f"etfs-server keygen: {exc.filename or key_dir}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        os.write(fd, generate_key_text().encode())
+    finally:
+        os.close(fd)
+    # JSON strings are YAML strings: the path stays one scalar whatever characters it has.
+    print(f"  {user}: {{key_file: {json.dumps(str(path))}}}")
+    print(
+        f"etfs-server keygen: wrote {path} (mode 0600). Add the line above under 'users:' in "
+        f"server.yaml, and give {user} a copy of the key file for key_file in their mountpoints.yaml.",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def check_replaceable(path: Path) -> None:
     """Refuse to write over anything but a regular file of ours (a device node, a FIFO, a
     symlink, someone else's file): OSError with a message naming the path."""
@@ -191,6 +244,7 @@ async def _run(config: ServerConfig, port_file: Path | None) -> None:
         ports = await nursery.start(server.serve)
         if port_file:
             write_port_file(port_file, f"{ports.control} {ports.data}\n")
+        notify("READY=1")  # Type=notify: both ports listen
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
                 log.info("received %s, shutting down", signal.Signals(sig).name)

@@ -245,6 +245,7 @@ class EtfsServer:
                     if msg is None:
                         break
                     assert isinstance(msg, m.Call)  # the connection enforces the order
+                    log.debug("%s: %s #%d", peer, type(msg.req).__name__, msg.id)  # -v: every request
                     if runs_inline(msg.req):
                         await self._answer_inline(ms, session, msg)
                         continue

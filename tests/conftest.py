@@ -61,11 +61,12 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> It
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
-    """``server_factory(config_path, *args)`` starts a server from that config; all stopped at teardown."""
+    """``server_factory(config_path, *args, prefix=())`` starts a server from that config (behind
+    a command prefix, e.g. setpriv); all stopped at teardown."""
     started: list[ServerProcess] = []
 
-    def start(config: Path, *args: str) -> ServerProcess:
-        sp = ServerProcess(config, config.parent)
+    def start(config: Path, *args: str, prefix: tuple[str, ...] = ()) -> ServerProcess:
+        sp = ServerProcess(config, config.parent, prefix=prefix)
         started.append(sp)
         return sp.start(*args)
 

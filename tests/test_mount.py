@@ -487,7 +487,7 @@ def test_nonroot_mount_uses_symlinks(start_server: ServerFactory, key_file: Path
 trap '{etfs} umount {mp} || true; fusermount3 -u -z {root} 2>/dev/null || true' EXIT
 test -L {mp}
 test "$(readlink {mp})" = "{root}/delta"
-grep -q " {root} fuse.etfs " /proc/self/mounts
+grep -q "^etfs:delta {root} fuse.etfs " /proc/self/mounts  # fsname names the server
 ! grep -q " {mp} " /proc/self/mounts
 grep -qF '"bind_mounts": []' {base}/mnt/daemon.json
 {nobody} sh -c 'set -e; cd {mp}/tmp; echo hello > x; cat x; mkdir d; mv x d/y; ls -l d >/dev/null; cat d/y'

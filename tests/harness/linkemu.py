@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from .netlab import NetLab
-from .process import wait_for
+from .process import REPO, wait_for
 
 log = logging.getLogger(__name__)
 
-from .process import REPO
 
 SOURCE = REPO / "bench" / "lfn" / "linkemu.c"
 
