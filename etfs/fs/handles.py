@@ -34,6 +34,7 @@ from etfs.client import ConnectionLost, ServerClient
 from etfs.protocol import messages as m
 
 from .inodes import Node, stamp
+from .traffic import MOUNT_IO
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -167,11 +168,18 @@ class OpenFile:
         for attempt in (1, 2):
             handle = await self._current_handle()
             try:
-                return await self._client.call(req, result, handle=handle, **fields)
+                answer = await self._client.call(req, result, handle=handle, **fields)
             except ConnectionLost as exc:
                 if exc.errno != errno.ECONNRESET or attempt == 2:
                     raise
                 log.info("%s:%s: connection reset during %s; retrying", self.server, self.path, req.__name__)
+                continue
+            # Plain reads and writes through the mount pass through the client: count them.
+            if req is m.Read:
+                MOUNT_IO.add_read(self.server, len(answer))  # type: ignore[arg-type]
+            elif req is m.Write:
+                MOUNT_IO.add_written(self.server, len(fields["data"]))
+            return answer
         raise AssertionError("unreachable")
 
     # --- reading ----------------------------------------------------------------------------------

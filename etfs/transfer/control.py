@@ -7,7 +7,9 @@ transfer, any other uid only its own (`etfs.identities`).
 Every request gets an answer line or a clean close: a malformed one is answered with
 ``{"event": "error", "errno": EINVAL, ...}``, and no client, however broken, can take
 the mount daemon down.
-Requests: ``{"op": "status"}`` -> one line ``{"transfers": [...]}``;
+Requests: ``{"op": "status"}`` -> one line ``{"transfers": [...], "mount_io": {SERVER: {"read": N,
+"written": N}}}`` (``mount_io``: bytes programs read and wrote through the mount, `etfs.fs.traffic`;
+only for the mount's owner and root);
 ``{"op": "login", "servers": {NAME: {"user": U, "key": HEX}}}`` and ``{"op": "logout"}``
 (`etfs login` / `etfs logout`) -> one ``{"event": "done", ...}`` or error line;
 ``{"op": "copy", "source": "SERVER:PATH", "destination": "SERVER:PATH", ...}`` ->
@@ -337,7 +339,13 @@ class ControlServer:
     async def _dispatch(self, stream: trio.SocketStream, req: dict[str, Any], uid: int) -> None:
         op = req.get("op")
         if op == "status":
-            await _send(stream, {"transfers": self._status(uid)})
+            reply: dict[str, Any] = {"transfers": self._status(uid)}
+            if self.identities is None or self.identities.privileged(uid):
+                # Every uid's reads and writes through the mount: for the mount's owner (and root) only.
+                from etfs.fs.traffic import MOUNT_IO
+
+                reply["mount_io"] = MOUNT_IO.as_dict(list(self.engine.config.servers))
+            await _send(stream, reply)
             return
         if op in ("login", "logout"):
             await self._login(stream, req, uid)
