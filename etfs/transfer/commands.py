@@ -179,7 +179,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
         mount = api.find_mount(args.mount, [*args.sources, args.destination])
         sources = [mount.resolve(s) for s in args.sources]
         dest = mount.resolve(args.destination)
-        todo = tree.plan(sources, dest, args.recursive, args.dereference)
+        todo = tree.plan(sources, dest, args.recursive, args.dereference, mount.resolve)
     except NoMountError as exc:
         print(f"etfs: {exc}", file=sys.stderr)
         return EXIT_NO_MOUNT

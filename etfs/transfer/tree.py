@@ -14,7 +14,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,12 +37,29 @@ class Plan:
     special: list[Location] = field(default_factory=list)  # FIFOs, sockets, devices: skipped
 
 
-def plan(sources: list[Location], dest: Location, recursive: bool, dereference: bool = False) -> Plan:
+Resolver = Callable[[str], Location]
+
+
+def _followed(loc: Location, resolve: Resolver) -> Location:
+    """Where a symlink leads, as a location: servers refuse paths through symlinks, so a
+    followed link is named by its real path (on the mount: a server path, else local)."""
+    return resolve(os.path.realpath(loc.fs_path)) if loc.fs_path.is_symlink() else loc
+
+
+def plan(
+    sources: list[Location],
+    dest: Location,
+    recursive: bool,
+    dereference: bool = False,
+    resolve: Resolver | None = None,
+) -> Plan:
     """Expand the command line into what to copy, creating the destination's directories.
 
     A symlink named as a source is followed unless ``recursive`` (as `cp`); inside a tree,
-    links are copied as links unless ``dereference``.
+    links are copied as links unless ``dereference``.  ``resolve`` names a real path
+    (`etfs.api.Mount.resolve`), for the links followed.
     """
+    resolver: Resolver = resolve or (lambda p: Location(None, p, Path(p)))
     out = Plan()
     dest_is_dir = dest.fs_path.is_dir()
     if len(sources) > 1 and not dest_is_dir:
@@ -56,10 +73,13 @@ def plan(sources: list[Location], dest: Location, recursive: bool, dereference: 
         target = dest.child(Path(src.path).name) if dest_is_dir else dest
         if stat.S_ISLNK(st.st_mode):
             out.links.append((src, target))
-        elif stat.S_ISDIR(st.st_mode):
+            continue
+        if follow:
+            src = _followed(src, resolver)
+        if stat.S_ISDIR(st.st_mode):
             if not recursive:
                 raise PlanError(f"-r not specified; omitting directory '{src}'")
-            _walk(src, target, dereference, out, {(st.st_dev, st.st_ino)})
+            _walk(src, target, dereference, out, {(st.st_dev, st.st_ino)}, resolver)
         elif stat.S_ISREG(st.st_mode):
             out.files.append((src, target))
         else:
@@ -74,7 +94,14 @@ def _mkdir(d: Location) -> None:
         raise PlanError(f"cannot create directory '{d}': {exc.strerror}") from None
 
 
-def _walk(src: Location, dst: Location, dereference: bool, out: Plan, above: set[tuple[int, int]]) -> None:
+def _walk(
+    src: Location,
+    dst: Location,
+    dereference: bool,
+    out: Plan,
+    above: set[tuple[int, int]],
+    resolve: Resolver,
+) -> None:
     _mkdir(dst)
     out.dirs.append((src, dst))
     try:
@@ -86,9 +113,11 @@ def _walk(src: Location, dst: Location, dereference: bool, out: Plan, above: set
             continue
         s, d = src.child(entry.name), dst.child(entry.name)
         try:
-            if entry.is_symlink() and not dereference:
-                out.links.append((s, d))
-                continue
+            if entry.is_symlink():
+                if not dereference:
+                    out.links.append((s, d))
+                    continue
+                s = _followed(s, resolve)
             st = entry.stat(follow_symlinks=True)
         except OSError as exc:
             raise PlanError(f"cannot stat '{s}': {exc.strerror}") from None
@@ -96,7 +125,7 @@ def _walk(src: Location, dst: Location, dereference: bool, out: Plan, above: set
             key = (st.st_dev, st.st_ino)
             if key in above:
                 raise PlanError(f"'{s}' leads back to a directory it is in (a symlink loop with -L)")
-            _walk(s, d, dereference, out, above | {key})
+            _walk(s, d, dereference, out, above | {key}, resolve)
         elif stat.S_ISREG(st.st_mode):
             out.files.append((s, d))
         else:
