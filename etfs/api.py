@@ -502,6 +502,7 @@ class Copy:
             "direction": direction,
             "verify": verify,
             "preserve_times": "timestamps" in self._preserve,
+            "preserve_mode": "mode" in self._preserve,
         }
         s = request(self.mount.socket, req)
         with self._lock:
@@ -517,7 +518,6 @@ class Copy:
                 kind = ev.get("event")
                 self._event(ev)
                 if kind == "done":
-                    self._keep_mode()
                     self._finish(DONE)
                     return
                 if kind in ("cancelled", "error"):
@@ -533,17 +533,6 @@ class Copy:
                 self._sock = None
             s.close()
         self._finish(FAILED, "the mount daemon closed the connection", errno.EIO)
-
-    def _keep_mode(self) -> None:
-        """The server creates a transfer's file with its own mode: give it the source's (cp -p)."""
-        if "mode" not in self._preserve:
-            return
-        try:
-            mode = stat.S_IMODE(self.source.fs_path.stat().st_mode)
-            if stat.S_IMODE(self.destination.fs_path.stat().st_mode) != mode:
-                os.chmod(self.destination.fs_path, mode)
-        except OSError as exc:
-            log.warning("%s: cannot keep the mode of %s: %s", self.destination, self.source, exc.strerror)
 
     def _run_local(self) -> None:
         """Local <-> server: an ordinary copy through the mount, into a part file renamed at the end."""

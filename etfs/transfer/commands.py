@@ -280,7 +280,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                     reply["transfers"] = [t for t in reply["transfers"] if api.Transfer.from_dict(t).running]
                 print(json.dumps(reply), flush=True)
             else:
-                text = "\n".join(status_view.render_status(st, live_only=args.watch))
+                text = "\n".join(status_view.render_status(st, live_only=args.watch, own_uid=os.getuid()))
                 if args.watch and tty:
                     print("\033[H\033[2J" + text, flush=True)  # redraw in place
                 elif args.watch:

@@ -191,6 +191,7 @@ class CopyRequest:
     direction: str | None
     verify: bool | None
     preserve_times: bool
+    preserve_mode: bool = False
 
 
 def parse_copy_request(req: dict[str, Any]) -> CopyRequest:
@@ -213,9 +214,12 @@ def parse_copy_request(req: dict[str, Any]) -> CopyRequest:
     if verify is not None and not isinstance(verify, bool):
         raise ValueError("'verify' must be true, false or null")
     preserve_times = req.get("preserve_times", False)
-    if not isinstance(preserve_times, bool):
-        raise ValueError("'preserve_times' must be true or false")
-    return CopyRequest(req["source"], req["destination"], mode, streams, direction, verify, preserve_times)
+    preserve_mode = req.get("preserve_mode", False)
+    if not isinstance(preserve_times, bool) or not isinstance(preserve_mode, bool):
+        raise ValueError("'preserve_times' and 'preserve_mode' must be true or false")
+    return CopyRequest(
+        req["source"], req["destination"], mode, streams, direction, verify, preserve_times, preserve_mode
+    )
 
 
 def _only_broken_connection(exc: BaseException) -> bool:
@@ -412,6 +416,8 @@ class ControlServer:
                         preserve_times=creq.preserve_times,
                         on_record=records.append,
                     )
+                    if creq.preserve_mode and t.state == "done":
+                        await _keep_mode(engine, src_server, src_path, dst_server, dst_path)
                     result.update(event="done", transfer=t.as_dict())
                 except OSError as exc:
                     result.update(
@@ -491,6 +497,21 @@ class ControlServer:
             )
             return
         await _send(stream, {"event": "done", "uid": uid, "servers": users})
+
+
+async def _keep_mode(engine: TransferEngine, src_server: str, src: str, dst_server: str, dst: str) -> None:
+    """The destination server creates a transfer's file with a mode of its own: give it the
+    source's (`cp -p`).  Asked of the servers, not through the mount, whose kernel may still
+    cache the destination as absent."""
+    try:
+        want = stat.S_IMODE((await engine.pool[src_server].call(m.Stat, m.Attr, path=src)).mode)
+        have = stat.S_IMODE((await engine.pool[dst_server].call(m.Stat, m.Attr, path=dst)).mode)
+        if want != have:
+            await engine.pool[dst_server].call(m.SetAttr, m.Attr, path=dst, mode=want)
+    except OSError as exc:
+        raise OSError(
+            exc.errno or errno.EIO, f"copied, but cannot keep the mode: {exc.strerror or exc}"
+        ) from None
 
 
 async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:

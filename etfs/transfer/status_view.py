@@ -69,20 +69,23 @@ def _row(t: Transfer, now: float) -> tuple[str, ...]:
     )
 
 
-def _notes(t: Transfer) -> str:
+def _notes(t: Transfer, own_uid: int | None) -> str:
     notes = []
     if t.resumed_from:
         notes.append(f"resumed at {fmt_bytes(t.resumed_from)}")
-    if t.uid is not None:
+    if t.uid is not None and t.uid != own_uid:  # root sees other uids' transfers too
         notes.append(f"uid {t.uid}")
     if t.reason:
         notes.append(t.reason)
     return f"  ({'; '.join(notes)})" if notes else ""
 
 
-def render_status(status: Status, *, live_only: bool = False, now: float | None = None) -> list[str]:
+def render_status(
+    status: Status, *, live_only: bool = False, now: float | None = None, own_uid: int | None = None
+) -> list[str]:
     """The lines of `etfs status`: a header, one row per transfer (then its source ->
-    destination and notes), and the bytes programs moved through the mount per server."""
+    destination and notes), and the bytes programs moved through the mount per server.
+    A transfer of another uid than ``own_uid`` says whose it is."""
     now = time.time() if now is None else now
     rows = [t for t in status.transfers if t.running or not live_only]
     out: list[str] = []
@@ -101,7 +104,7 @@ def render_status(status: Status, *, live_only: bool = False, now: float | None 
                 out.append(line.rstrip() + "  TRANSFER")
             else:
                 t = rows[i - 1]
-                out.append(f"{line}  {t.source} -> {t.destination}{_notes(t)}")
+                out.append(f"{line}  {t.source} -> {t.destination}{_notes(t, own_uid)}")
     if status.mount_io:
         parts = [
             f"{io.server} read {fmt_bytes(io.read)}, wrote {fmt_bytes(io.written)}" for io in status.mount_io
