@@ -248,13 +248,16 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    interval = getattr(args, "interval", 1.0)
+    if not interval > 0:
+        print("etfs: --interval must be more than 0 seconds", file=sys.stderr)
+        return 2
     try:
         mount = api.find_mount(args.mount)
     except EtfsError as exc:
         print(f"etfs: {exc}", file=sys.stderr)
         return 1
     tty = sys.stdout.isatty()
-    interval = getattr(args, "interval", 1.0)
     try:
         while True:
             try:
