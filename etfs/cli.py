@@ -18,6 +18,22 @@ from etfs.protocol.transfer import CopyMode
 from etfs.systemd import add_common_options, setup_logging
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help (unless the help names it, or there is none to
+    show: an off switch); an epilog of lines (exit statuses) kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + (" (default: off)" if action.default is False else " (default: %(default)s)")
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("exit status:"):
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="etfs",
@@ -38,25 +54,80 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="two local servers (jive, onsala) and a mount; nothing to configure")
     demo.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
 
-    cp = sub.add_parser("cp", help="copy files; between two servers the data goes server to server")
+    from etfs.transfer.commands import exit_codes_epilog
+
+    cp = sub.add_parser(
+        "cp",
+        help="copy files; between two servers the data goes server to server",
+        description="Copy files; between two servers the data goes server to server. Without --mount, "
+        "the mount is the one the paths (or the working directory) lie on.",
+        epilog=exit_codes_epilog(),
+        formatter_class=_HelpFormatter,
+    )
     cp.add_argument(
         "sources", nargs="+", metavar="SRC", help="paths under etfs mountpoints, SERVER:PATH or local"
     )
-    cp.add_argument("destination", metavar="DST")
-    cp.add_argument("-r", "--recursive", action="store_true")
-    cp.add_argument("--mode", choices=tuple(CopyMode), default="overwrite")
-    cp.add_argument("--streams", type=int, help="parallel TCP streams per file")
+    cp.add_argument("destination", metavar="DST", help="a file, or a directory to copy into")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy directories and what is in them")
+    cp.add_argument(
+        "-L",
+        "--dereference",
+        action="store_true",
+        help="follow symlinks (default: a tree's symlinks are copied as links, as cp -a / rsync -a)",
+    )
+    cp.add_argument(
+        "--no-preserve",
+        metavar="LIST",
+        default="",
+        help="do not keep these of the source: mode, timestamps or all, comma-separated "
+        "(default: keep both, as cp -a)",
+    )
+    cp.add_argument(
+        "--mode",
+        choices=tuple(CopyMode),
+        default="overwrite",
+        help="new: never replace; resume: continue a broken copy; skip-existing: skip same size and time",
+    )
+    cp.add_argument(
+        "--streams", type=int, help="parallel TCP streams per file, 1-64 (default: the configured number)"
+    )
     direction = cp.add_mutually_exclusive_group()
-    direction.add_argument("--pull", dest="direction", action="store_const", const="pull")
-    direction.add_argument("--push", dest="direction", action="store_const", const="push")
+    direction.add_argument(
+        "--pull",
+        dest="direction",
+        action="store_const",
+        const="pull",
+        help="the destination connects to the source (default: as configured for the pair)",
+    )
+    direction.add_argument(
+        "--push",
+        dest="direction",
+        action="store_const",
+        const="push",
+        help="the source connects to the destination (for a destination that only connects out)",
+    )
     cp.add_argument("--no-verify", action="store_true", help="skip checksum verification")
-    cp.add_argument("--json", action="store_true", help="JSON lines instead of a progress bar")
-    cp.add_argument("--mount", type=Path, help="the mount root, if several mounts run")
+    cp.add_argument("--json", action="store_true", help="JSON lines instead of a progress bar and summary")
+    cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+    cp.add_argument("--mount", type=Path, help="the mount root (default: the mount the paths are on)")
 
-    status = sub.add_parser("status", help="transfers of the running mount")
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    status.add_argument("--mount", type=Path, help="the mount root, if several mounts run")
+    status = sub.add_parser(
+        "status",
+        help="transfers of the running mount",
+        description="Transfers of the running mount (on a root mount: your own; root sees all), and "
+        "the bytes programs read and wrote through the mount.",
+        formatter_class=_HelpFormatter,
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object per refresh")
+    status.add_argument(
+        "--watch", action="store_true", help="refresh until interrupted, showing running transfers only"
+    )
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes of --watch")
+    status.add_argument(
+        "--mount",
+        type=Path,
+        help="the mount root (default: the only one, or the one the working directory is in)",
+    )
     status.add_argument("--server", help="list the transfer records a server keeps (they survive restarts)")
 
     login = sub.add_parser("login", help="use your own etfs identity on a shared (root) mount")

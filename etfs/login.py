@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from etfs.api import EtfsError as CommandError
+from etfs.api import find_mount, lines, request
 from etfs.config import ConfigError, load_yaml
 from etfs.protocol.auth import AuthKeyError, load_key
-from etfs.transfer.commands import CommandError, _lines, _request, find_mount
 
 DEFAULT_LOGIN_FILE = Path("~/.config/etfs/login.yaml")
 # Keys of a mountpoints.yaml server entry that a login file may carry (and that login ignores).
@@ -66,11 +67,11 @@ def _check_private(path: Path, where: Any, secret: bool) -> None:
         raise where.error(f"{path} is {what} by group or others (mode {stat.S_IMODE(st.st_mode):04o})")
 
 
-def _ask(mount_root: Path | None, request: dict[str, Any]) -> dict[str, Any]:
+def _ask(mount_root: Path | None, req: dict[str, Any]) -> dict[str, Any]:
     mount = find_mount(mount_root)
-    s = _request(mount["socket"], request)
+    s = request(mount.socket, req)
     with s:
-        reply = next(iter(_lines(s)), None)
+        reply = next(iter(lines(s)), None)
     if not isinstance(reply, dict):
         raise CommandError("the mount daemon gave no answer")
     if reply.get("event") != "done":

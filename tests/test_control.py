@@ -22,11 +22,13 @@ from typing import Any
 import pytest
 import trio
 
+from etfs import api
 from etfs.transfer import commands, control
-from etfs.transfer.commands import resolve
 from etfs.transfer.control import ControlServer, UnsafeRegistryDir, ensure_registry_dir
 
 STATUS_ROWS = [{"id": "t1", "state": "done"}]
+# No file of this process's (absent) mount was read or written.
+NO_IO = {"jive": {"read": 0, "written": 0}, "bebop": {"read": 0, "written": 0}}
 
 
 class FakeEngine:
@@ -74,7 +76,7 @@ async def _exchange(path: Path, payload: bytes) -> list[dict[str, Any]]:
 
 
 async def _assert_still_serving(path: Path) -> None:
-    assert await _exchange(path, b'{"op": "status"}\n') == [{"transfers": STATUS_ROWS}]
+    assert await _exchange(path, b'{"op": "status"}\n') == [{"transfers": STATUS_ROWS, "mount_io": NO_IO}]
 
 
 async def test_status(server: tuple[Path, FakeEngine]) -> None:
@@ -266,12 +268,9 @@ def test_running_mounts_tolerates_unsafe_registry(tmp_path: Path, monkeypatch: p
     assert [m["socket"] for m in control.running_mounts()] == ["x"]
 
 
-# ------------------------------------------------- etfs cp argument resolution (commands.py)
+# ------------------------------------------------- etfs cp argument resolution (api.Mount.resolve)
 
-MOUNT: dict[str, Any] = {
-    "root": "/mnt/etfs",
-    "servers": {"jive": "/mnt/jive", "bebop": "/mnt/etfs/bebop"},
-}
+MOUNT = api.Mount(Path("/mnt/etfs"), "/nonexistent.sock", {"jive": "/mnt/jive", "bebop": "/mnt/etfs/bebop"})
 
 
 @pytest.mark.parametrize(
@@ -293,17 +292,17 @@ MOUNT: dict[str, Any] = {
     ],
 )
 def test_resolve(arg: str, server: str | None, path: str, fs_path: str) -> None:
-    loc = resolve(arg, MOUNT)
+    loc = MOUNT.resolve(arg)
     assert (loc.server, loc.path, loc.fs_path) == (server, path, Path(fs_path))
 
 
 def test_resolve_relative_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    loc = resolve(".dot", MOUNT)
+    loc = MOUNT.resolve(".dot")
     assert (loc.server, loc.path) == (None, str(tmp_path / ".dot"))
 
 
-# ------------------------------------------- stale registry entries (commands.find_mount)
+# ------------------------------------------- stale registry entries (api.find_mount)
 
 
 def _register(reg: Path, name: str, sock: Path) -> None:
@@ -322,8 +321,8 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_find_mount_stale_socket_is_a_clear_error(registry: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """pid alive (ours) but the control socket is gone: a message, not a traceback."""
     _register(registry, "a", registry / "gone.sock")
-    with pytest.raises(commands.CommandError, match="stale"):
-        commands.find_mount(None)
+    with pytest.raises(api.NoMountError, match="stale"):
+        api.find_mount(None)
     args = argparse.Namespace(mount=None, server=None, json=False, watch=False)
     assert commands.cmd_status(args) == 1
     assert "stale" in capsys.readouterr().err
@@ -334,7 +333,7 @@ def test_find_mount_skips_stale_beside_live(registry: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(str(registry / "live.sock"))
         _register(registry, "b", registry / "live.sock")
-        assert commands.find_mount(None)["root"] == "/mnt/b"
+        assert api.find_mount(None).root == Path("/mnt/b")
 
 
 def test_request_refused_socket_is_a_clear_error(registry: Path) -> None:
@@ -342,6 +341,6 @@ def test_request_refused_socket_is_a_clear_error(registry: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(str(sock))  # bound, never listening: connect is refused
         _register(registry, "a", sock)
-        mount = commands.find_mount(None)
-        with pytest.raises(commands.CommandError, match="cannot reach the mount daemon"):
-            commands._request(mount["socket"], {"op": "status"})
+        mount = api.find_mount(None)
+        with pytest.raises(api.NoMountError, match="cannot reach the mount daemon"):
+            api.request(mount.socket, {"op": "status"})

@@ -163,5 +163,5 @@ def test_progress_bar_on_a_tty(etfs_env: Env) -> None:
         ["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, env=child_env(), timeout=120
     )
     assert r.returncode == 0, r.stdout
-    assert "tty.bin" in r.stdout and "━" in r.stdout and "MB" in r.stdout, r.stdout
+    assert "tty.bin" in r.stdout and "━" in r.stdout and "MiB" in r.stdout, r.stdout
     assert digest(e.export("onsala") / "tmp" / "tty.bin") == digest(e.export("jive") / "tmp" / "tty.bin")

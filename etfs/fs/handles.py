@@ -35,6 +35,7 @@ from etfs.client import ConnectionLost, ServerClient
 from etfs.protocol import messages as m
 
 from .inodes import Node, stamp
+from .traffic import MOUNT_IO
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -170,13 +171,20 @@ class OpenFile:
             handle = await self._current_handle()
             req = request_on(handle)
             try:
-                return await self._client.call(req)
+                answer = await self._client.call(req)
             except ConnectionLost as exc:
                 if exc.errno != errno.ECONNRESET or attempt == 2:
                     raise
                 log.info(
                     "%s:%s: connection reset during %s; retrying", self.server, self.path, type(req).__name__
                 )
+                continue
+            # Plain reads and writes through the mount pass through the client: count them.
+            if isinstance(req, m.Read) and isinstance(answer, bytes):
+                MOUNT_IO.add_read(self.server, len(answer))
+            elif isinstance(req, m.Write):
+                MOUNT_IO.add_written(self.server, len(req.data))
+            return answer
         raise AssertionError("unreachable")
 
     # --- reading ----------------------------------------------------------------------------------

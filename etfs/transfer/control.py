@@ -7,7 +7,9 @@ transfer, any other uid only its own (`etfs.identities`).
 Every request gets an answer line or a clean close: a malformed one is answered with
 ``{"event": "error", "errno": EINVAL, ...}``, and no client, however broken, can take
 the mount daemon down.
-Requests: ``{"op": "status"}`` -> one line ``{"transfers": [...]}``;
+Requests: ``{"op": "status"}`` -> one line ``{"transfers": [...], "mount_io": {SERVER: {"read": N,
+"written": N}}}`` (``mount_io``: bytes programs read and wrote through the mount, `etfs.fs.traffic`;
+only for the mount's owner and root);
 ``{"op": "login", "servers": {NAME: {"user": U, "key": HEX}}}`` and ``{"op": "logout"}``
 (`etfs login` / `etfs logout`) -> one ``{"event": "done", ...}`` or error line;
 ``{"op": "copy", "source": "SERVER:PATH", "destination": "SERVER:PATH", ...}`` ->
@@ -190,6 +192,7 @@ class CopyRequest:
     direction: str | None
     verify: bool | None
     preserve_times: bool
+    preserve_mode: bool = False
 
 
 def parse_copy_request(req: dict[str, Any]) -> CopyRequest:
@@ -212,9 +215,12 @@ def parse_copy_request(req: dict[str, Any]) -> CopyRequest:
     if verify is not None and not isinstance(verify, bool):
         raise ValueError("'verify' must be true, false or null")
     preserve_times = req.get("preserve_times", False)
-    if not isinstance(preserve_times, bool):
-        raise ValueError("'preserve_times' must be true or false")
-    return CopyRequest(req["source"], req["destination"], mode, streams, direction, verify, preserve_times)
+    preserve_mode = req.get("preserve_mode", False)
+    if not isinstance(preserve_times, bool) or not isinstance(preserve_mode, bool):
+        raise ValueError("'preserve_times' and 'preserve_mode' must be true or false")
+    return CopyRequest(
+        req["source"], req["destination"], mode, streams, direction, verify, preserve_times, preserve_mode
+    )
 
 
 def _only_broken_connection(exc: BaseException) -> bool:
@@ -336,7 +342,13 @@ class ControlServer:
     async def _dispatch(self, stream: trio.SocketStream, req: dict[str, Any], uid: int) -> None:
         op = req.get("op")
         if op == "status":
-            await _send(stream, {"transfers": self._status(uid)})
+            reply: dict[str, Any] = {"transfers": self._status(uid)}
+            if self.identities is None or self.identities.privileged(uid):
+                # Every uid's reads and writes through the mount: for the mount's owner (and root) only.
+                from etfs.fs.traffic import MOUNT_IO
+
+                reply["mount_io"] = MOUNT_IO.as_dict(list(self.engine.config.servers))
+            await _send(stream, reply)
             return
         if op in ("login", "logout"):
             await self._login(stream, req, uid)
@@ -403,6 +415,8 @@ class ControlServer:
                         preserve_times=creq.preserve_times,
                         on_record=records.append,
                     )
+                    if creq.preserve_mode and t.state == "done":
+                        await _keep_mode(engine, src_server, src_path, dst_server, dst_path)
                     result.update(event="done", transfer=t.as_dict())
                 except OSError as exc:
                     result.update(
@@ -482,6 +496,21 @@ class ControlServer:
             )
             return
         await _send(stream, {"event": "done", "uid": uid, "servers": users})
+
+
+async def _keep_mode(engine: TransferEngine, src_server: str, src: str, dst_server: str, dst: str) -> None:
+    """The destination server creates a transfer's file with a mode of its own: give it the
+    source's (`cp -p`).  Asked of the servers, not through the mount, whose kernel may still
+    cache the destination as absent."""
+    try:
+        want = stat.S_IMODE((await engine.pool[src_server].call(m.Stat(path=src))).mode)
+        have = stat.S_IMODE((await engine.pool[dst_server].call(m.Stat(path=dst))).mode)
+        if want != have:
+            await engine.pool[dst_server].call(m.SetAttr(path=dst, mode=want))
+    except OSError as exc:
+        raise OSError(
+            exc.errno or errno.EIO, f"copied, but cannot keep the mode: {exc.strerror or exc}"
+        ) from None
 
 
 async def _send(stream: trio.SocketStream, obj: dict[str, Any]) -> None:

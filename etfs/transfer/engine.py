@@ -78,6 +78,7 @@ class ClientTransfer:
     bytes_done: int = 0
     bytes_via_client: int = 0
     bytes_resent: int = 0
+    resumed_from: int = 0  # bytes already at the destination when this copy started (a resume)
     streams: int = 0
     direction: str = ""
     mode: str = ""
@@ -367,6 +368,8 @@ class TransferEngine:
                     transfer_id=cap.transfer_id,
                 ),
             )
+            if not t.bytes_done:  # (a retry after a broken connection resumes this copy's own bytes)
+                t.resumed_from = started.resumed_bytes
             if started.skipped:
                 t.bytes_done = cap.size
                 self._end(t, "skipped", "destination already has this file")
@@ -496,7 +499,7 @@ class TransferEngine:
                 await _unlink_quietly(dst, id_path)
                 dfile = await dst.call(m.Create(path=part, mode=0o600, flags=os.O_WRONLY | os.O_TRUNC))
                 await _write_small(dst, id_path, identity)
-            t.bytes_done = start
+            t.bytes_done = t.resumed_from = start
             results: dict[int, bytes] = {}
             ready = trio.Condition()
             offsets = list(range(start, size, RELAY_BLOCK))
