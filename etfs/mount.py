@@ -32,6 +32,7 @@ import trio
 
 from etfs.config import ClientConfig, load_client_config
 from etfs.procs import pid_alive
+from etfs.safefile import log_handler, open_append, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def _start_background(config: ClientConfig, args: argparse.Namespace) -> int:
     if getattr(args, "verbose", False):
         cmd.append("-v")
     cmd += ["mount", "-c", str(Path(args.config).resolve()), "--foreground", "--log-file", str(log_file)]
-    with open(log_file, "ab") as logf:
+    with open_append(log_file) as logf:
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -226,7 +227,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 def _setup_logging(log_file: Path | None) -> None:
     if log_file is None:
         return
-    handler = logging.FileHandler(log_file)
+    handler = log_handler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root_logger = logging.getLogger()
     for h in list(root_logger.handlers):
@@ -369,10 +370,7 @@ async def _after_mount(config: ClientConfig, binds: list[Path], links: list[Path
         "symlinks": [str(p) for p in links],
         "started": time.time(),
     }
-    path = registry_path(root)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(reg, indent=1) + "\n")
-    tmp.rename(path)
+    write_atomic(registry_path(root), json.dumps(reg, indent=1) + "\n")
     log.info("etfs mounted at %s (%d servers)", root, len(config.servers))
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import logging
 import os
 import signal
-import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import trio
 
 from etfs.config import DEFAULT_PORT, ConfigError, parse_address
+from etfs.safefile import check_replaceable, write_atomic
 
 from .acl import ACL, ALL_RIGHTS, Rule
 from .config import Export, ServerConfig, User, default_data_port, load_server_config, mapping_problem
@@ -161,31 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_replaceable(path: Path) -> None:
-    """Refuse to write over anything but a regular file of ours (a device node, a FIFO, a
-    symlink, someone else's file): OSError with a message naming the path."""
-    try:
-        s = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(s.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a regular file; not replacing it")
-    if s.st_uid != os.geteuid():
-        raise OSError(errno.EPERM, f"{path} belongs to uid {s.st_uid}, not to us; not replacing it")
-
-
-def write_port_file(path: Path, text: str) -> None:
-    """Atomically (a fresh temporary file renamed over ``path``), and never over a non-file."""
-    check_replaceable(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-
-
 async def _run(config: ServerConfig, port_file: Path | None) -> None:
     from .server import EtfsServer
 
@@ -193,7 +167,7 @@ async def _run(config: ServerConfig, port_file: Path | None) -> None:
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(server.serve)
         if port_file:
-            write_port_file(port_file, f"{ports.control} {ports.data}\n")
+            write_atomic(port_file, f"{ports.control} {ports.data}\n")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
                 log.info("received %s, shutting down", signal.Signals(sig).name)
