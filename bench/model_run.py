@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(tmp)
         key = base / "tester.key"
         key.write_text(KEY)
+        key.chmod(0o600)
         servers: list[Server] = []
         mount: Mount | None = None
         second: Mount | None = None

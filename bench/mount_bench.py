@@ -90,6 +90,7 @@ class Bench:
     def start_etfs(self) -> None:
         key = self.dir / "bench.key"
         key.write_text("bench-key-NOT-A-SECRET-0123456789\n")
+        key.chmod(0o600)
         ports = self.dir / "ports"
         self.procs.append(
             subprocess.Popen(
