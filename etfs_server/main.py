@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"etfs-server: --port-file: {exc.strerror}", file=sys.stderr)
             return 2
+    if problem := _state_dir_problem(config, from_command_line=bool(args.state_dir)):
+        print(f"etfs-server: {problem}", file=sys.stderr)
+        return 2
     euid = os.geteuid()
     if problem := mapping_problem(config, as_root=euid == 0, own_uid=euid):
         print(f"etfs-server: {problem}", file=sys.stderr)
@@ -158,6 +161,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"etfs-server: cannot listen: {first}", file=sys.stderr)
         return 1
     return 0
+
+
+def _state_dir_problem(config: ServerConfig, from_command_line: bool) -> str | None:
+    """Create the state directory now, so that a bad one is reported as the setting it came
+    from (``server.yaml:LINE`` or ``--state-dir``) instead of a bare errno at startup."""
+    where = "--state-dir" if from_command_line else (config.state_dir_where or "state_dir")
+    path = config.state_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        return f"{where}: state_dir {path}: cannot create: {exc.strerror}"
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        return f"{where}: state_dir {path}: not a directory this server can write to"
+    return None
 
 
 async def _run(config: ServerConfig, port_file: Path | None) -> None:
