@@ -34,7 +34,7 @@ import trio
 
 from etfs.config import ClientConfig, load_client_config
 from etfs.procs import pid_alive
-from etfs.safefile import log_handler, open_append, write_atomic
+from etfs.safefile import log_handler, open_append, read_regular, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def registry_path(root: Path) -> Path:
 
 def read_registry(root: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(registry_path(root).read_text())
+        data = json.loads(read_regular(registry_path(root)))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -9,7 +9,8 @@ file.  So every file written by name goes through here:
 * `write_atomic` writes a fresh temporary file (``O_EXCL | O_NOFOLLOW``) and renames it over
   the name, so readers see the old or the new contents, never half;
 * `open_append` opens a log for appending, refusing the same things, and checks again on
-  the open file (the name may have been swapped in between).
+  the open file (the name may have been swapped in between);
+* `read_regular` reads back a file of this kind, never blocking on a FIFO put in its place.
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ def open_append(path: str | Path, mode: int = 0o644) -> BinaryIO:
     return os.fdopen(fd, "ab")
 
 
+def read_regular(path: str | Path) -> bytes:
+    """The contents of ``path`` if it is a regular file (not through a symlink: a FIFO planted
+    under the name would block the reader forever, a symlink could point anywhere)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        return f.read()
+
+
 def log_handler(path: str | Path) -> logging.Handler:
     """A logging handler appending to ``path`` (see `open_append`)."""
     # utf-8 text over the binary file, line-buffered so a crash loses nothing already logged.
@@ -88,4 +99,4 @@ def log_handler(path: str | Path) -> logging.Handler:
     return logging.StreamHandler(stream)
 
 
-__all__ = ["check_replaceable", "log_handler", "open_append", "write_atomic"]
+__all__ = ["check_replaceable", "log_handler", "open_append", "read_regular", "write_atomic"]
