@@ -108,6 +108,23 @@ def test_mount_fails_on_refused_login(
         assert not mounted(m.root) and not (m.root.parent / "daemon.json").exists()
 
 
+def test_mount_fails_on_tls_that_cannot_work(
+    start_server: ServerFactory, key_file: Path, tmp_path: Path
+) -> None:
+    """TLS configured for a server that does not speak it: refused for good, not "unreachable"."""
+    trustme = pytest.importorskip("trustme")
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    jive = start_server("jive")
+    edit = "    export: jive\n => " + f"    export: jive\n    tls: {{ca_file: {ca}}}\n"
+    with background_mount(tmp_path, [jive], key_file, edit) as m:
+        r = etfs("mount", "-c", str(m.config))
+        assert r.returncode == 1, r
+        jive_lines = [ln for ln in lines(r.stderr) if ln.startswith("etfs mount: jive:")]
+        assert len(jive_lines) == 1 and f"jive: TLS with 127.0.0.1:{jive.port} failed" in jive_lines[0], r
+        assert "unreachable" not in r.stderr and not mounted(m.root), r
+
+
 def test_mount_with_unreachable_server_says_it_retries(
     start_server: ServerFactory, key_file: Path, tmp_path: Path
 ) -> None:
