@@ -168,6 +168,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if problem := fuse_problem():
         print(f"etfs mount: {problem}", file=sys.stderr)
         return 1
+    if args.log_file is not None:
+        open_append(args.log_file).close()  # an unusable log file is reported before any waiting
     if not getattr(args, "no_check", False) and not _servers_usable(config):
         return 1
     if args.foreground:
