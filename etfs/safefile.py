@@ -8,6 +8,7 @@ file.  So every file written by name goes through here:
 * `check_replaceable` refuses anything at the name but a regular file that belongs to us;
 * `write_atomic` writes a fresh temporary file (``O_EXCL | O_NOFOLLOW``) and renames it over
   the name, so readers see the old or the new contents, never half;
+* `create_new` makes a fresh part or temporary file the same way;
 * `open_append` opens a log for appending, refusing the same things, and checks again on
   the open file (the name may have been swapped in between);
 * `read_regular` reads back a file of this kind, never blocking on a FIFO put in its place.
@@ -54,20 +55,24 @@ def write_atomic(path: str | Path, data: bytes | str, mode: int = 0o644) -> None
     path = Path(path)
     check_replaceable(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # A leftover of ours from a crash would make O_EXCL fail; only a regular file of ours goes.
-    check_replaceable(tmp)
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, _CREATE | os.O_EXCL, mode)
+    f = create_new(tmp, mode)
     try:
-        try:
-            os.fchmod(fd, mode)
-            os.write(fd, data.encode() if isinstance(data, str) else data)
-        finally:
-            os.close(fd)
+        with f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data.encode() if isinstance(data, str) else data)
         os.rename(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def create_new(path: str | Path, mode: int = 0o600) -> BinaryIO:
+    """A fresh, empty file at ``path`` opened for writing (a part or temporary file).  Only a
+    regular file of ours already there is replaced; the new one is created with ``O_EXCL |
+    O_NOFOLLOW``, so a name planted after the check fails the call instead of being written."""
+    check_replaceable(path)
+    Path(path).unlink(missing_ok=True)
+    return os.fdopen(os.open(path, _CREATE | os.O_EXCL, mode), "wb")
 
 
 def open_append(path: str | Path, mode: int = 0o644) -> BinaryIO:
@@ -99,4 +104,4 @@ def log_handler(path: str | Path) -> logging.Handler:
     return logging.StreamHandler(stream)
 
 
-__all__ = ["check_replaceable", "log_handler", "open_append", "read_regular", "write_atomic"]
+__all__ = ["check_replaceable", "create_new", "log_handler", "open_append", "read_regular", "write_atomic"]

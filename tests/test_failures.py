@@ -23,7 +23,7 @@ from conftest import PY, Mount, MountFactory, Server, ServerFactory, env, mounte
 from server_helpers import ServerFactory as RawServerFactory
 from server_helpers import make_key, server_factory, write_server_yaml
 
-from etfs.safefile import open_append, write_atomic
+from etfs.safefile import create_new, open_append, write_atomic
 
 __all__ = ["server_factory"]  # fixture re-exported for pytest
 
@@ -380,7 +380,11 @@ def test_server_port_file_and_writes_by_name_refuse_planted_files(
     )
     assert r.returncode == 2 and "not replacing it" in r.stderr and len(lines(r.stderr)) == 1, r
     # The helper every state, registry and record file goes through (etfs.safefile).
-    for write in (lambda: write_atomic(planted, b"new\n"), lambda: open_append(planted).close()):
+    for write in (
+        lambda: write_atomic(planted, b"new\n"),
+        lambda: open_append(planted).close(),
+        lambda: create_new(planted).close(),
+    ):
         with pytest.raises(OSError, match="not replacing it"):
             write()
     assert victim.read_text() == VICTIM

@@ -26,6 +26,7 @@ from typing import Any
 
 from etfs import _sendfile_cffi as native
 from etfs.protocol.transfer import WORK_FILE, CopyMode, local_part_name, noreplace, same_version
+from etfs.safefile import create_new
 
 from .control import running_mounts
 
@@ -305,7 +306,7 @@ class _Stopped(Exception):
 
 def _copy_bytes(src: Path, dst: Path, interrupt: Interrupt) -> None:
     """shutil.copyfile in chunks, stopping at the next chunk after Ctrl-C."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with open(src, "rb") as fin, create_new(dst) as fout:  # never through a planted symlink
         size = os.fstat(fin.fileno()).st_size
         pos = 0
         while True:
