@@ -49,6 +49,7 @@ def main() -> int:
     (export / "tmp").mkdir(parents=True)
     key = base / "key"
     key.write_text("etfs-bench-key-NOT-A-SECRET-0123456789\n")
+    key.chmod(0o600)
     procs: list[subprocess.Popen[bytes]] = []
     roots: dict[str, Path] = {}
     try:

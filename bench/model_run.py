@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(tmp)
         key = base / "tester.key"
         key.write_text(KEY)
+        key.chmod(0o600)
         servers: list[ServerProcess] = []
         mount: Mount | None = None
         second: Mount | None = None

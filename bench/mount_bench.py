@@ -74,6 +74,7 @@ class Bench:
     def start_etfs(self) -> None:
         key = self.dir / "bench.key"
         key.write_text(KEY)
+        key.chmod(0o600)
         self.server = start_export_server(self.dir / "srv", "bench", key)
         self.export = self.server.export
         self.mount = mount_servers(self.dir, [self.server], key, mountpoints=False)

@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         key_file = work / "u.key"
         key_file.write_text(auth.generate_key_text())
+        key_file.chmod(0o600)
         record: dict[str, Any] = {
             "bench": "transfer",
             "size_mib": args.size_mib,

@@ -44,6 +44,7 @@ from typing import Any
 
 from etfs import _sendfile_cffi as native
 from etfs.protocol.transfer import CopyMode, local_part_name, noreplace, same_version
+from etfs.safefile import create_new
 from etfs.transfer.control import running_mounts
 
 log = logging.getLogger(__name__)
@@ -596,7 +597,8 @@ class Copy:
 
     def _copy_bytes(self, src: Path, dst: Path, size: int, started: float) -> None:
         """shutil.copyfile in chunks, stopping at the next chunk after `cancel`."""
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
+        # never through a planted symlink or FIFO; 0o666 & umask as open() would
+        with open(src, "rb") as fin, create_new(dst, 0o666) as fout:
             pos = 0
             while True:
                 if self._cancel.is_set():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     mount.add_argument("--log-file", type=Path, help="log here (default: stderr in the foreground)")
     mount.add_argument("--root", type=Path, help="mount here, not at the config's root (fstab's mountpoint)")
+    mount.add_argument("--no-check", action="store_true", help="skip the login check of every server")
 
     umount = sub.add_parser("umount", help="unmount what 'etfs mount' mounted")
     umount.add_argument("-c", "--config", type=Path, help="mountpoints.yaml")
@@ -146,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader that went away shows here, not as a complaint at exit
+        return code
+    except BrokenPipeError:
+        # `etfs status | head`: the reader has what it wanted; exit quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     try:
@@ -189,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"etfs: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # not a failure: see main
     except OSError as exc:  # an unwritable --log-file or --dir, a root that cannot be created...
         print(f"etfs: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1

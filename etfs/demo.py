@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from etfs.protocol.auth import generate_key_text
+from etfs.safefile import open_append, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +84,20 @@ def _prepare(d: Path) -> None:
     key = d / "keys" / "demo.key"
     if not key.exists():
         # A real random key, but named and stored as what it is: a throwaway demo credential.
-        key.write_text("INSECURE-DEMO-KEY-" + generate_key_text())
-        key.chmod(0o600)
+        write_atomic(key, "INSECURE-DEMO-KEY-" + generate_key_text(), 0o600)
     sample = d / "servers" / "jive" / "tmp" / "sample.bin"
     if not sample.exists() or sample.stat().st_size != SAMPLE_SIZE:
-        with open(sample, "wb") as f:
-            for _ in range(SAMPLE_SIZE // (1 << 20)):
-                f.write(os.urandom(1 << 20))
+        write_atomic(sample, os.urandom(SAMPLE_SIZE))
 
 
 def _start_servers(d: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, int]:
     ports: dict[str, int] = {}
     for name in SERVERS:
         cfg = d / "etc" / f"{name}.yaml"
-        cfg.write_text(_server_yaml(name, d))
+        write_atomic(cfg, _server_yaml(name, d))
         port_file = d / "run" / f"{name}.ports"
         port_file.unlink(missing_ok=True)
-        with open(d / "logs" / f"{name}.log", "ab") as logf:
+        with open_append(d / "logs" / f"{name}.log") as logf:
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "etfs_server.main", "-c", str(cfg), "--port-file", str(port_file)],
@@ -125,7 +123,7 @@ def _start_mount(d: Path, cfg: Path) -> subprocess.Popen[bytes]:
 
     root = d / "mnt" / ".etfs"
     log_file = d / "logs" / "mount.log"
-    with open(log_file, "ab") as logf:
+    with open_append(log_file) as logf:
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -190,7 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _prepare(d)
         ports = _start_servers(d, servers)
         cfg = d / "etc" / "mountpoints.yaml"
-        cfg.write_text(_client_yaml(d, ports))
+        write_atomic(cfg, _client_yaml(d, ports))
         mount = _start_mount(d, cfg)
         jive, onsala = d / "mnt" / "jive", d / "mnt" / "onsala"
         print(f"etfs demo ready: {jive} {onsala}", flush=True)

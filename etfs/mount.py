@@ -25,8 +25,10 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ import trio
 
 from etfs.config import ClientConfig, load_client_config
 from etfs.procs import pid_alive
+from etfs.safefile import log_handler, open_append, read_regular, write_atomic
 from etfs.systemd import PLAIN_FORMAT, notify, stderr_is_journal
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 30.0
 READ_AHEAD_KB = 1024
 FUSE_OPTIONS = ("subtype=etfs", "noatime")
+_FUSE_DEVICE = (10, 229)  # misc major, FUSE_MINOR
 UNMOUNT_POLL = 0.5  # seconds between looks at /proc/self/mounts for an umount(8) of the root
 
 
@@ -66,7 +70,7 @@ def registry_path(root: Path) -> Path:
 
 def read_registry(root: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(registry_path(root).read_text())
+        data = json.loads(read_regular(registry_path(root)))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -182,9 +186,53 @@ def cmd_mount(args: argparse.Namespace) -> int:
     config = load_client_config(args.config)
     if getattr(args, "root", None) is not None:  # fstab's mountpoint, or --root
         config = dataclasses.replace(config, root=Path(os.path.abspath(args.root)))
+    if problem := fuse_problem():
+        print(f"etfs mount: {problem}", file=sys.stderr)
+        return 1
+    if args.log_file is not None:
+        open_append(args.log_file).close()  # an unusable log file is reported before any waiting
+    if not getattr(args, "no_check", False) and not _servers_usable(config):
+        return 1
     if args.foreground:
         return run_foreground(config, args.log_file)
     return _start_background(config, args)
+
+
+def fuse_problem() -> str | None:
+    """Why no FUSE filesystem can be mounted here (one line), or None: found before mounting,
+    instead of libfuse's message and a traceback."""
+    dev = "/dev/fuse"
+    try:
+        st = os.stat(dev)
+    except FileNotFoundError:
+        return f"{dev} does not exist: load the fuse module (modprobe fuse) or give the container the device"
+    except OSError as exc:
+        return f"{dev}: {exc.strerror}"
+    if not stat.S_ISCHR(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != _FUSE_DEVICE:
+        kind = (
+            f"char device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            if stat.S_ISCHR(st.st_mode)
+            else "not a char device"
+        )
+        return f"{dev} is not the FUSE device (char 10:229) but {kind}: cannot mount"
+    if not os.access(dev, os.R_OK | os.W_OK):
+        mode = stat.S_IMODE(st.st_mode)
+        return f"{dev} may not be opened by uid {os.getuid()} (mode {mode:04o}): cannot mount"
+    return None
+
+
+def _servers_usable(config: ClientConfig) -> bool:
+    """Log in to every server once; print one line per server with a problem.  False when
+    one of them refuses for good (the mount would only ever get EACCES or ENOENT from it)."""
+    from etfs.client.probe import check_servers
+
+    problems = check_servers(config)
+    for p in problems:
+        print(f"etfs mount: {p.message}", file=sys.stderr)
+    if any(p.permanent for p in problems):
+        print(f"etfs mount: not mounting: fix the servers' entries in {config.file}", file=sys.stderr)
+        return False
+    return True
 
 
 def _start_background(config: ClientConfig, args: argparse.Namespace) -> int:
@@ -202,9 +250,10 @@ def _start_background(config: ClientConfig, args: argparse.Namespace) -> int:
     if getattr(args, "verbose", False):
         cmd.append("-v")
     cmd += ["mount", "-c", str(Path(args.config).resolve()), "--root", str(config.root), "--foreground"]
+    cmd.append("--no-check")  # we just checked the servers
     if not to_journal:
         cmd += ["--log-file", str(log_file)]
-    with open(os.devnull if to_journal else log_file, "ab") as logf:
+    with open(os.devnull, "ab") if to_journal else open_append(log_file) as logf:
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -218,12 +267,18 @@ def _start_background(config: ClientConfig, args: argparse.Namespace) -> int:
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            print(f"etfs mount: the daemon exited with status {code}; see {where}", file=sys.stderr)
-            if not to_journal:
-                print(_tail(log_file), file=sys.stderr)
+            # The daemon's own one-line errors say why; else the end of its log.
+            tail = "" if to_journal else _tail(log_file)
+            said = [ln for ln in tail.splitlines() if ln.startswith("etfs mount: ")]
+            if said:
+                print("\n".join(said), file=sys.stderr)
+            else:
+                if tail:
+                    print(tail, file=sys.stderr)
+                print(f"etfs mount: the daemon exited with status {code}; see {where}", file=sys.stderr)
             return 1
         if _ready(config, proc.pid):
-            print(f"etfs: mounted {config.root} (pid {proc.pid})")
+            print(f"etfs: mounted {config.root} (pid {proc.pid}); log: {where}")
             return 0
         time.sleep(0.05)
     print(f"etfs mount: the mount did not become ready in {READY_TIMEOUT:.0f}s; see {where}", file=sys.stderr)
@@ -255,7 +310,7 @@ def _setup_logging(log_file: Path | None) -> None:
         if stderr_is_journal() and root_logger.level > logging.INFO:
             root_logger.setLevel(logging.INFO)  # a daemon's journal holds what its log file would
         return
-    handler = logging.FileHandler(log_file)
+    handler = log_handler(log_file)
     handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
     for h in list(root_logger.handlers):
         root_logger.removeHandler(h)
@@ -294,11 +349,50 @@ def run_foreground(config: ClientConfig, log_file: Path | None = None) -> int:
         trio.run(_serve, config)
     except KeyboardInterrupt:
         pass
-    except (OSError, RuntimeError) as exc:
-        log.error("mount failed: %s", exc)
-        print(f"etfs mount: {exc}", file=sys.stderr)
+    except (OSError, RuntimeError, BaseExceptionGroup) as exc:
+        first = _leaf(exc, (OSError, RuntimeError))
+        if first is None:
+            raise
+        text = (first.strerror if isinstance(first, OSError) else None) or str(first)
+        if log_file is not None:  # else the log is stderr, where the line below goes anyway
+            log.error("mount failed: %s", text)
+        print(f"etfs mount: {text}", file=sys.stderr)
         return 1
     return 0
+
+
+def _leaf(exc: BaseException, types: tuple[type[Exception], ...]) -> BaseException | None:
+    """The one error inside (nested) exception groups, if it is one of ``types``; else None
+    (several errors, or something unexpected: a traceback is then the right report)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, types) else None
+
+
+def _init_fuse(ops: Any, root: Path, options: set[str]) -> None:
+    """pyfuse3.init, with libfuse's own complaint (printed to fd 2) turned into the error's
+    text: one line that says why instead of "fuse_session_mount failed"."""
+    import pyfuse3
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as said:
+        os.dup2(said.fileno(), 2)
+        try:
+            pyfuse3.init(ops, str(root), options)
+        except RuntimeError as exc:
+            os.dup2(saved, 2)
+            said.seek(0)
+            why = "; ".join(
+                ln.strip() for ln in said.read().decode(errors="replace").splitlines() if ln.strip()
+            )
+            raise OSError(errno.EIO, f"cannot mount {root}: {why or exc}") from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        if text := said.read():  # a warning on success: keep it where it was going
+            os.write(2, text)
 
 
 async def _serve(config: ClientConfig) -> None:
@@ -320,7 +414,7 @@ async def _serve(config: ClientConfig) -> None:
         pool = Pool(config, nursery)
         ops = EtfsOperations(config, pool, nursery)
         log.debug("mounting %s with FUSE options %s", root, ",".join(sorted(options)))
-        pyfuse3.init(ops, str(root), options)
+        _init_fuse(ops, root, options)
         mounted = True
         links: list[Path] = []
         binds: list[Path] = []
@@ -416,10 +510,7 @@ async def _after_mount(config: ClientConfig, binds: list[Path], links: list[Path
         "symlinks": [str(p) for p in links],
         "started": time.time(),
     }
-    path = registry_path(root)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(reg, indent=1) + "\n")
-    tmp.rename(path)
+    write_atomic(registry_path(root), json.dumps(reg, indent=1) + "\n")
     log.info("etfs mounted at %s (%d servers)", root, len(config.servers))
     notify("READY=1")  # Type=notify units: the mount and the mountpoints are usable now
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from .exports import EscapeError, normalize
 from .identity import Account, lookup_account
 from .peers import PeerPolicy, parse_entry
 from .tcptuning import congestion_control_problem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class ServerConfig:
     # where data connections may go (default: anywhere)
     peers: PeerPolicy = field(default_factory=PeerPolicy)
     file: Path | None = field(default=None, compare=False)
+    # "server.yaml:LINE" of state_dir, for errors found when the server creates it.
+    state_dir_where: str = field(default="", compare=False)
 
     @property
     def default_export(self) -> str:
@@ -161,7 +166,12 @@ def load_server_config(path: str | Path) -> ServerConfig:
         epath = e.path("path")
         if not epath.is_dir():
             raise e.error(f"{e.what}.path: {epath} is not a directory", "path")
-        rules = [_rule(r) for r in e.sequence("acl")]
+        rules = []
+        for r in e.sequence("acl"):
+            rules.append(_rule(r))
+            if problem := _unknown_subject(rules[-1].who, users):
+                # A typo here silently grants nothing; not an error (the user may come later).
+                log.warning("%s", r.error(f"{r.what}.who: {problem}; the rule applies to nobody"))
         umask = e.octal("umask", 0, maximum=0o777)
         exports[ename] = Export(ename, epath.resolve(), ACL(rules), umask)
         e.done()
@@ -177,6 +187,9 @@ def load_server_config(path: str | Path) -> ServerConfig:
                 raise t.error(f"{t.what}: cannot read {p}")
         t.done()
     state_dir = top.path("state_dir", None) or Path(f"/var/lib/etfs/{name}")
+    state_dir_where = (
+        str(top.error("", "state_dir")).removesuffix(": ") if top.has("state_dir") else str(top.file)
+    )
     kwargs: dict[str, Any] = {}
     if (tr := top.mapping("transfer")) is not None:
         kwargs = dict(
@@ -227,10 +240,22 @@ def load_server_config(path: str | Path) -> ServerConfig:
         handshake_timeout=positive_seconds(top, "handshake_timeout", 10.0),
         tls=tls,
         file=top.file,
+        state_dir_where=state_dir_where,
         **kwargs,
     )
     top.done()
     return cfg
+
+
+def _unknown_subject(who: str, users: dict[str, User]) -> str | None:
+    """Why an ACL rule's ``who`` names nobody configured (a user or a @group), or None."""
+    if who == "*":
+        return None
+    if who.startswith("@"):
+        if any(who[1:] in u.groups for u in users.values()):
+            return None
+        return f"no user is in group {who[1:]!r}"
+    return None if who in users else f"unknown user {who!r}"
 
 
 def _account(f: Fields, key: str) -> Account | None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import logging
 import os
 import re
 import signal
-import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +19,7 @@ import trio
 from etfs import __version__
 from etfs.common import excgroups
 from etfs.config import DEFAULT_PORT, ConfigError, parse_address
+from etfs.safefile import check_replaceable, write_atomic
 from etfs.systemd import add_common_options, notify, setup_logging
 
 from .acl import ACL, ALL_RIGHTS, Rule
@@ -150,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"etfs-server: --port-file: {exc.strerror}", file=sys.stderr)
             return 2
+    if problem := _state_dir_problem(config, from_command_line=bool(args.state_dir)):
+        print(f"etfs-server: {problem}", file=sys.stderr)
+        return 2
     euid = os.geteuid()
     if problem := mapping_problem(config, as_root=euid == 0, own_uid=euid):
         print(f"etfs-server: {problem}", file=sys.stderr)
@@ -211,29 +213,18 @@ def cmd_keygen(user: str, key_dir: Path | None) -> int:
     return 0
 
 
-def check_replaceable(path: Path) -> None:
-    """Refuse to write over anything but a regular file of ours (a device node, a FIFO, a
-    symlink, someone else's file): OSError with a message naming the path."""
+def _state_dir_problem(config: ServerConfig, from_command_line: bool) -> str | None:
+    """Create the state directory now, so that a bad one is reported as the setting it came
+    from (``server.yaml:LINE`` or ``--state-dir``) instead of a bare errno at startup."""
+    where = "--state-dir" if from_command_line else (config.state_dir_where or "state_dir")
+    path = config.state_dir
     try:
-        s = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(s.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a regular file; not replacing it")
-    if s.st_uid != os.geteuid():
-        raise OSError(errno.EPERM, f"{path} belongs to uid {s.st_uid}, not to us; not replacing it")
-
-
-def write_port_file(path: Path, text: str) -> None:
-    """Atomically (a fresh temporary file renamed over ``path``), and never over a non-file."""
-    check_replaceable(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        return f"{where}: state_dir {path}: cannot create: {exc.strerror}"
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        return f"{where}: state_dir {path}: not a directory this server can write to"
+    return None
 
 
 async def _run(config: ServerConfig, port_file: Path | None) -> None:
@@ -243,7 +234,7 @@ async def _run(config: ServerConfig, port_file: Path | None) -> None:
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(server.serve)
         if port_file:
-            write_port_file(port_file, f"{ports.control} {ports.data}\n")
+            write_atomic(port_file, f"{ports.control} {ports.data}\n")
         notify("READY=1")  # Type=notify: both ports listen
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:

@@ -40,7 +40,7 @@ from harness.transfers import Cluster
 def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("keys") / "tester.key"
     p.write_text(KEY)
-    p.chmod(0o644)  # readable by an unprivileged mount in the non-root test
+    p.chmod(0o600)  # a key others may read is refused (as ssh does)
     return p
 
 

@@ -115,6 +115,7 @@ SERVER_CASES: list[tuple[str, str, int | None, str]] = [
 def make_variant(base: Path, spec: str) -> str:
     good = good_server_yaml(base)
     (base / "short.key").write_text("short\n")
+    (base / "short.key").chmod(0o600)
     if spec.startswith("+"):
         return good + spec[1:] + "\n"
     if " => " in spec:
@@ -306,6 +307,7 @@ CLIENT_CASES: list[tuple[str, str, int | None, str]] = [
 def client_variant(base: Path, spec: str) -> str:
     good = good_client_yaml(base)
     (base / "short.key").write_text("short\n")
+    (base / "short.key").chmod(0o600)
     if spec.startswith("+"):
         return good + spec[1:] + "\n"
     if spec.startswith("@servers.jive.+"):

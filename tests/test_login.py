@@ -117,6 +117,8 @@ def make_site(tmp_path_factory: pytest.TempPathFactory, others: str | None = Non
     keys.mkdir(mode=0o700)
     (keys / "tester.key").write_text(TESTER_KEY)
     (keys / "bob.key").write_text(BOB_KEY)
+    for k in keys.iterdir():
+        k.chmod(0o600)  # the server refuses keys others may read
     # nobody's own credentials: a mountpoints-style file and a key, both private to nobody
     home = base / "home-nobody"
     (home / ".config" / "etfs").mkdir(parents=True)

@@ -474,6 +474,7 @@ def test_nonroot_mount_uses_symlinks(start_server: ServerFactory, key_file: Path
         key = base / "tester.key"
         shutil.copy(key_file, key)
         os.chown(key, 65534, 65534)
+        os.chmod(key, 0o600)
         root, mp = base / "mnt" / ".etfs", base / "mnt" / "delta"
         cfg = write_client_config(base / "mountpoints.yaml", [srv], key, root, {"delta": mp})
         etfs = " ".join([*NOBODY_PY, PY, "-m", "etfs.cli"])

@@ -48,6 +48,16 @@ class ConnectionLost(OSError):
     pass
 
 
+class TLSError(RemoteError):
+    """TLS with the server failed for a reason retrying will not change (an unverifiable
+    certificate, a server that does not speak TLS): reported like a refusal, not as down."""
+
+
+# SSL errors that only say the connection went away (the server closed it, a reset): the
+# server may be restarting, so they count as unreachable, not as a TLS problem.
+_SSL_TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Everything needed to reach and log in to one server export."""
@@ -99,6 +109,9 @@ class ServerClient:
         self._backoff = 0.0
         self._retry_at = 0.0
         self._last_error = ""
+        # The last connection attempt's refusal (bad login, unknown export, TLS): while backing
+        # off, calls fail with its errno (EACCES...), not with "host is down".
+        self._refused: RemoteError | None = None
         # Bumped by every request that may create a name, except those sent with `call_own`
         # (the filesystem's own, which it accounts for itself): the filesystem's knowledge of
         # a directory's complete contents (etfs.fs.inodes) is valid only while this is unchanged.
@@ -123,6 +136,8 @@ class ServerClient:
                 return self._live
             now = trio.current_time()
             if now < self._retry_at:
+                if self._refused is not None:
+                    raise RemoteError(self._refused.errno, self._refused.strerror)
                 raise ConnectionLost(
                     errno.EHOSTDOWN, f"server {self.name} is unreachable ({self._last_error}); retrying later"
                 )
@@ -131,13 +146,23 @@ class ServerClient:
             except OSError as exc:
                 self._backoff = min(self.BACKOFF_MAX, max(0.5, self._backoff * 2))
                 self._retry_at = trio.current_time() + self._backoff
-                self._last_error = exc.strerror or str(exc)
+                error = exc.strerror or str(exc)
+                if error != self._last_error:  # once per new reason, not once per retry
+                    log.warning(
+                        "cannot log in to server %s: %s", self.name, error.removeprefix(f"{self.name}: ")
+                    )
+                self._last_error = error
+                self._refused = exc if isinstance(exc, RemoteError) else None
                 if isinstance(exc, RemoteError):
                     raise
                 raise ConnectionLost(
                     errno.EHOSTDOWN, f"cannot reach server {self.name}: {self._last_error}"
                 ) from None
             self._backoff = 0.0
+            self._refused = None
+            if self._last_error:
+                log.warning("server %s is reachable again", self.name)
+                self._last_error = ""
             self._live = live
             self._nursery.start_soon(self._reader, live)
             return live
@@ -172,8 +197,17 @@ class ServerClient:
             except RemoteError:
                 raise
             except (OSError, ssl.SSLError, trio.BrokenResourceError, ProtocolError) as exc:
+                cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+                if isinstance(cause, ssl.SSLError) and not isinstance(cause, _SSL_TRANSIENT):
+                    reason = getattr(cause, "verify_message", None) or cause.reason or str(cause)
+                    last = TLSError(errno.EPROTO, f"{ep.name}: TLS with {host}:{port} failed: {reason}")
+                    continue
                 # trio.BrokenResourceError has no text of its own: the cause (an SSL error) says why.
                 detail = str(exc) or str(exc.__cause__ or "") or type(exc).__name__
+                # trio's "all attempts to connect ... failed" hides why: its cause's OSError says.
+                if isinstance(exc.__cause__, BaseExceptionGroup):
+                    first = exc.__cause__.exceptions[0]
+                    detail = getattr(first, "strerror", None) or detail
                 last = OSError(getattr(exc, "errno", None) or errno.ECONNREFUSED, f"{host}:{port}: {detail}")
                 continue
             self._generation += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 from pathlib import Path
 
 NONCE_BYTES = 32
@@ -45,11 +46,25 @@ class AuthKeyError(ValueError):
 
 
 def load_key(path: str | Path) -> bytes:
-    """Read a key file: its stripped contents (any text or bytes, at least 16 bytes)."""
+    """Read a key file: its stripped contents (any text or bytes, at least 16 bytes).
+
+    Refused, as ssh refuses a private key, when others may read or write it: a key file of
+    ours with any group or other bits, or anyone's with other bits (every local user could
+    then read it, and log in as its user).  Group bits on someone else's file are a choice
+    (a key shared with the group the server runs in).
+    """
     try:
-        data = Path(path).read_bytes().strip()
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read().strip()
     except OSError as exc:
         raise AuthKeyError(f"cannot read key file {path}: {exc.strerror}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o007 or (st.st_uid == os.geteuid() and mode & 0o070):
+        raise AuthKeyError(
+            f"key file {path} is accessible by {'others' if mode & 0o007 else 'its group'} "
+            f"(mode {mode:04o}); a key must be private: chmod 600 {path}"
+        )
     if len(data) < MIN_KEY_BYTES:
         raise AuthKeyError(f"key file {path} holds {len(data)} bytes; at least {MIN_KEY_BYTES} are needed")
     return data

@@ -17,6 +17,7 @@ import trio
 from etfs import copyrange
 from etfs.client import Pool
 from etfs.config import ClientConfig
+from etfs.safefile import write_atomic
 
 from .control import ControlServer, ensure_registry_dir, forget_dead_daemons
 from .engine import TransferEngine
@@ -56,7 +57,9 @@ async def run_client_services(
             record = reg / f"{os.getpid()}.json"
             control = ControlServer(engine, socket_path, identities, shared=shared)
             await nursery.start(control.serve)
-            record.write_text(
+            # Readable by all on a shared mount: local users' `etfs login` / `etfs cp` find it.
+            write_atomic(
+                record,
                 json.dumps(
                     {
                         "pid": os.getpid(),
@@ -68,10 +71,9 @@ async def run_client_services(
                             for name, e in config.servers.items()
                         },
                     }
-                )
+                ),
+                0o644 if shared else 0o600,
             )
-            if shared:
-                os.chmod(record, 0o644)  # local users' `etfs login` / `etfs cp` find the mount
         task_status.started(None)
         try:
             await trio.sleep_forever()

@@ -5,7 +5,6 @@ part file its restart record (what it is part of) and journal (which blocks are 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import msgspec
 
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import CopyMode, Direction, FailureCode, TransferState
+from etfs.safefile import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,7 @@ class RecordStore:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def save(self, rec: Record) -> None:
-        path = self.dir / f"{rec.id}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(msgspec.json.encode(rec))
-        os.replace(tmp, path)
+        write_atomic(self.dir / f"{rec.id}.json", msgspec.json.encode(rec), 0o600)
 
     def remove(self, transfer_id: str) -> None:
         (self.dir / f"{transfer_id}.json").unlink(missing_ok=True)

@@ -44,6 +44,7 @@ LOG_LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 def make_key(path: Path) -> bytes:
     """Write a fresh key file and return the key as the server will read it."""
     path.write_text(auth.generate_key_text())
+    path.chmod(0o600)  # a key others may read is refused (as ssh does)
     return auth.load_key(path)
 
 
