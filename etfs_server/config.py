@@ -81,6 +81,10 @@ class ServerConfig:
     # configuration (e.g. 1 stream, verified: 1263 vs 638 MB/s), although raw loopback pairs vary.
     sender: str = "sendfile"  # or "read_send"
     receiver: str = "splice"  # or "recv_write" (bench/raw_pair.py: splice ~2x faster on loopback)
+    # Bytes per second all transfers together may send as a source (out) and receive as a
+    # destination (in); 0: no limit (transfer.bwlimit, bwlimit_in, bwlimit_out).
+    bwlimit_in: int = 0
+    bwlimit_out: int = 0
     handshake_timeout: float = 10.0  # seconds a new connection has to authenticate
     limits: Limits = field(default_factory=Limits)
     # where data connections may go (default: anywhere)
@@ -181,6 +185,9 @@ def load_server_config(path: str | Path) -> ServerConfig:
             sender=tr.choice("sender", ("read_send", "sendfile"), "sendfile"),
             receiver=tr.choice("receiver", ("recv_write", "splice"), "splice"),
         )
+        both = tr.rate("bwlimit", 0)
+        kwargs["bwlimit_in"] = tr.rate("bwlimit_in", both)
+        kwargs["bwlimit_out"] = tr.rate("bwlimit_out", both)
         if tr.has("peers"):
             entries = []
             for text in tr.str_list("peers"):
