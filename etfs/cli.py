@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     direction = cp.add_mutually_exclusive_group()
     direction.add_argument("--pull", dest="direction", action="store_const", const="pull")
     direction.add_argument("--push", dest="direction", action="store_const", const="push")
+    cp.add_argument(
+        "--bwlimit",
+        metavar="RATE",
+        help="bandwidth limit for the whole command, in BYTES per second: 50M, 1.5G, 500k "
+        "(K/M/G are 1024-based; KB/MB/GB 1000-based; 100Mbit for bits; a bare number is KiB/s, as rsync)",
+    )
     cp.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     cp.add_argument("--json", action="store_true", help="JSON lines instead of a progress bar")
     cp.add_argument("--mount", type=Path, help="the mount root, if several mounts run")

@@ -13,6 +13,7 @@ import concurrent.futures
 import errno
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -26,6 +27,7 @@ from typing import Any
 
 from etfs import _sendfile_cffi as native
 from etfs.protocol.transfer import WORK_FILE, CopyMode, local_part_name, noreplace, same_version
+from etfs.ratelimit import RateError, Throttle, TokenBucket, parse_rate
 
 from .control import running_mounts
 
@@ -271,6 +273,9 @@ def _copy_remote(
         "direction": args.direction,
         "verify": False if args.no_verify else None,
         "preserve_times": True,
+        # All files of one `etfs cp` share its --bwlimit, as rsync's does.
+        "bwlimit": args.bwlimit_rate,
+        "bwlimit_group": args.bwlimit_group,
     }
     s = _request(mount["socket"], req)
     interrupt.add(s)
@@ -303,16 +308,19 @@ class _Stopped(Exception):
     """A local copy stopped by Ctrl-C."""
 
 
-def _copy_bytes(src: Path, dst: Path, interrupt: Interrupt) -> None:
-    """shutil.copyfile in chunks, stopping at the next chunk after Ctrl-C."""
+def _copy_bytes(src: Path, dst: Path, interrupt: Interrupt, throttle: Throttle | None = None) -> None:
+    """shutil.copyfile in chunks, stopping at the next chunk after Ctrl-C; ``throttle``: --bwlimit."""
+    chunk = throttle.piece if throttle is not None else COPY_CHUNK
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         size = os.fstat(fin.fileno()).st_size
         pos = 0
         while True:
             if interrupt:
                 raise _Stopped
+            if throttle is not None:
+                throttle.take(min(chunk, max(size - pos, 1)))
             try:
-                n = os.sendfile(fout.fileno(), fin.fileno(), pos, COPY_CHUNK)
+                n = os.sendfile(fout.fileno(), fin.fileno(), pos, chunk)
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOSYS) or pos:
                     raise
@@ -343,7 +351,7 @@ def _copy_through_client(
         # A name of its own: a server transfer into the same file uses ".NAME.etfs-part".
         part = dst.fs_path.with_name(local_part_name(dst.fs_path.name))
         try:
-            _copy_bytes(src.fs_path, part, interrupt)
+            _copy_bytes(src.fs_path, part, interrupt, args.bwlimit_throttle)
             shutil.copystat(src.fs_path, part)
             # mode new: a file that appeared meanwhile is not overwritten (EEXIST)
             flags = native.RENAME_NOREPLACE if noreplace(args.mode) else 0
@@ -401,6 +409,14 @@ def cmd_cp(args: argparse.Namespace) -> int:
     if args.streams is not None and not 1 <= args.streams <= 64:
         print("etfs: --streams must be between 1 and 64", file=sys.stderr)
         return 2
+    try:
+        args.bwlimit_rate = parse_rate(args.bwlimit) if args.bwlimit is not None else 0
+    except RateError as exc:
+        print(f"etfs: --bwlimit: {exc}", file=sys.stderr)
+        return 2
+    args.bwlimit_group = secrets.token_hex(8) if args.bwlimit_rate else ""
+    # Copies between the local disk and a server pass through here: they share one bucket.
+    args.bwlimit_throttle = Throttle([TokenBucket(args.bwlimit_rate)]) if args.bwlimit_rate else None
     try:
         mount = find_mount(args.mount)
         sources = [resolve(s, mount) for s in args.sources]

@@ -42,6 +42,7 @@ import trio
 from etfs.procs import pid_alive
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
+from etfs.ratelimit import MIN_RATE
 
 from .engine import ClientTransfer, TransferEngine
 
@@ -189,6 +190,8 @@ class CopyRequest:
     direction: str | None
     verify: bool | None
     preserve_times: bool
+    bwlimit: int = 0  # bytes/s for every copy of the same ``bwlimit_group`` together
+    bwlimit_group: str = ""
 
 
 def parse_copy_request(req: dict[str, Any]) -> CopyRequest:
@@ -213,7 +216,15 @@ def parse_copy_request(req: dict[str, Any]) -> CopyRequest:
     preserve_times = req.get("preserve_times", False)
     if not isinstance(preserve_times, bool):
         raise ValueError("'preserve_times' must be true or false")
-    return CopyRequest(req["source"], req["destination"], mode, streams, direction, verify, preserve_times)
+    bwlimit = req.get("bwlimit", 0)
+    if isinstance(bwlimit, bool) or not isinstance(bwlimit, int) or not (bwlimit == 0 or bwlimit >= MIN_RATE):
+        raise ValueError(f"'bwlimit' must be 0 (no limit) or an integer >= {MIN_RATE} (bytes/s)")
+    group = req.get("bwlimit_group", "")
+    if not isinstance(group, str) or len(group) > 64:
+        raise ValueError("'bwlimit_group' must be a string of at most 64 characters")
+    return CopyRequest(
+        req["source"], req["destination"], mode, streams, direction, verify, preserve_times, bwlimit, group
+    )
 
 
 def _only_broken_connection(exc: BaseException) -> bool:
@@ -403,6 +414,9 @@ class ControlServer:
                         verify=creq.verify,
                         preserve_times=creq.preserve_times,
                         on_record=records.append,
+                        bwlimit=creq.bwlimit,
+                        # One user's groups only: another user's cp cannot share (or spend) a limit.
+                        bwlimit_group=f"cp:{uid}:{creq.bwlimit_group}" if creq.bwlimit_group else "",
                     )
                     result.update(event="done", transfer=t.as_dict())
                 except OSError as exc:
