@@ -76,7 +76,9 @@ def accuracy(args: argparse.Namespace, work: Path, key_file: Path) -> list[dict[
     rates = [parse_rate(r) for r in args.rates.split(",")]
     cap_rate = rates[len(rates) // 2]
     src = tb.Server(work, "acc-src", key_file, "sendfile").start()
-    capped = tb.Server(work, "acc-capped", key_file, "sendfile", transfer={"bwlimit_out": cap_rate}).start()
+    # "NB": bytes (a bare number in server.yaml is KiB/s, as rsync reads it)
+    capped = tb.Server(work, "acc-capped", key_file, "sendfile", transfer={"bwlimit_out": f"{cap_rate}B"})
+    capped.start()
     dst = tb.Server(work, "acc-dst", key_file, "sendfile").start()
     rows: list[dict[str, Any]] = []
     try:
