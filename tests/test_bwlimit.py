@@ -117,6 +117,22 @@ async def test_server_cap_shared_by_transfers(cluster: Cluster, side: str) -> No
         node.proc.assert_healthy()
 
 
+@pytest.mark.parametrize("verify", [True, False])
+async def test_paced_read_send_and_recv_write(cluster: Cluster, verify: bool) -> None:
+    """The other sender and receiver (read+send, recv+write: the bytes pass through the buffer
+    and are hashed there) under limits on both sides: same bytes, same digests, the limit held."""
+    cluster.add("jive", transfer={"bwlimit_out": "16M", "sender": "read_send"})
+    cluster.add("onsala", transfer={"bwlimit_in": RATE, "receiver": "recv_write"})
+    expect = two_halves(cluster)
+    async with open_engine(cluster.client_config(block_size=MIB)) as engine:
+        done, took = await copy_two(engine, verify=verify)
+    assert [t.state for t in done] == ["done", "done"]
+    assert all(bool(t.digest) == verify for t in done)
+    for i in range(2):
+        assert sha256(cluster["onsala"].export / f"out{i}") == expect[i]
+    assert LIMITED[0] <= took <= LIMITED[1], took
+
+
 async def test_pair_limit_shared_by_transfers(cluster: Cluster) -> None:
     """mountpoints.yaml `pairs: [{source, destination, bwlimit}]` caps the pair's transfers together."""
     cluster.add("jive")
