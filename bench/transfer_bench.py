@@ -71,8 +71,19 @@ def load_raw_pair() -> Any:
 
 # --- servers -------------------------------------------------------------------------------------------
 class Server:
-    def __init__(self, base: Path, name: str, key_file: Path, sender: str, prefix: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        base: Path,
+        name: str,
+        key_file: Path,
+        sender: str,
+        prefix: tuple[str, ...] = (),
+        transfer: dict[str, Any] | None = None,
+        root: Path = REPO,
+    ):
+        """``transfer``: more server.yaml `transfer:` keys; ``root``: the source tree to run."""
         self.name = name
+        self.root = root
         self.dir = base / name
         self.export = self.dir / "export"
         self.export.mkdir(parents=True)
@@ -84,7 +95,7 @@ class Server:
             "run_as": "root",
             "users": {"u": {"key_file": str(key_file)}},
             "exports": {"d": {"path": str(self.export), "acl": [{"who": "u", "path": "/", "rights": "all"}]}},
-            "transfer": {"sender": sender},
+            "transfer": {"sender": sender, **(transfer or {})},
         }
         self.config.write_text(yaml.safe_dump(doc))
         self.prefix = prefix
@@ -93,11 +104,11 @@ class Server:
 
     def start(self, listen: str = "127.0.0.1:0", data_listen: str = "127.0.0.1:0") -> Server:
         pf = self.dir / "ports"
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(self.root))
         cmd = [*self.prefix, sys.executable, "-m", "etfs_server.main", "-c", str(self.config)]
         cmd += ["--listen", listen, "--data-listen", data_listen, "--port-file", str(pf)]
         with (self.dir / "server.log").open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
         deadline = time.monotonic() + 15
         while not pf.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

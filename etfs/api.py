@@ -32,6 +32,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import stat
@@ -44,6 +45,7 @@ from typing import Any
 
 from etfs import _sendfile_cffi as native
 from etfs.protocol.transfer import CopyMode, local_part_name, noreplace, same_version
+from etfs.ratelimit import MIN_RATE, Throttle, TokenBucket, parse_rate
 from etfs.safefile import create_new
 from etfs.transfer.control import running_mounts
 
@@ -394,6 +396,25 @@ class CopyResult:
 EventHandler = Callable[["Copy", dict[str, Any]], None]
 
 
+class BandwidthLimit:
+    """A bandwidth cap shared by every copy given the same object, as rsync's ``--bwlimit`` is
+    per command: server-to-server copies from one source share it on that server (its
+    ``group``), copies between the local disk and a server share one bucket here."""
+
+    def __init__(self, rate: int) -> None:
+        if rate < MIN_RATE:
+            raise ValueError(f"a bandwidth limit is at least {MIN_RATE} bytes/s")
+        self.rate = rate
+        self.group = secrets.token_hex(8)
+        self.throttle = Throttle([TokenBucket(rate)])
+
+    @classmethod
+    def parse(cls, text: str) -> BandwidthLimit | None:
+        """``50M``, ``1.5G``, ``500k``, ``100Mbit`` (see `etfs.ratelimit.parse_rate`); None for 0/off."""
+        rate = parse_rate(text)
+        return cls(rate) if rate else None
+
+
 class Copy:
     """One file's copy, running in a thread of its own (`start_copy` makes them)."""
 
@@ -409,8 +430,10 @@ class Copy:
         verify: bool | None,
         preserve: frozenset[str],
         on_event: EventHandler | None,
+        bwlimit: BandwidthLimit | None = None,
     ) -> None:
         self.mount, self.source, self.destination = mount, src, dst
+        self._bwlimit = bwlimit
         self._opts = (mode, streams, direction, verify)
         self._preserve = preserve
         self._on_event = on_event
@@ -505,6 +528,8 @@ class Copy:
             "preserve_times": "timestamps" in self._preserve,
             "preserve_mode": "mode" in self._preserve,
         }
+        if self._bwlimit is not None:
+            req["bwlimit"], req["bwlimit_group"] = self._bwlimit.rate, self._bwlimit.group
         s = request(self.mount.socket, req)
         with self._lock:
             self._sock = s
@@ -598,13 +623,17 @@ class Copy:
     def _copy_bytes(self, src: Path, dst: Path, size: int, started: float) -> None:
         """shutil.copyfile in chunks, stopping at the next chunk after `cancel`."""
         # never through a planted symlink or FIFO; 0o666 & umask as open() would
+        throttle = self._bwlimit.throttle if self._bwlimit is not None else None
+        chunk = throttle.piece if throttle is not None else COPY_CHUNK
         with open(src, "rb") as fin, create_new(dst, 0o666) as fout:
             pos = 0
             while True:
                 if self._cancel.is_set():
                     raise _Stopped
+                if throttle is not None:
+                    throttle.take(min(chunk, max(size - pos, 1)))
                 try:
-                    n = os.sendfile(fout.fileno(), fin.fileno(), pos, COPY_CHUNK)
+                    n = os.sendfile(fout.fileno(), fin.fileno(), pos, chunk)
                 except OSError as exc:
                     if exc.errno not in (errno.EINVAL, errno.ENOSYS) or pos:
                         raise
@@ -642,6 +671,7 @@ def start_copy(
     verify: bool | None = None,
     preserve: Iterable[str] = PRESERVE_ALL,
     on_event: EventHandler | None = None,
+    bwlimit: BandwidthLimit | None = None,
 ) -> Copy:
     """Start copying one file; returns at once with a `Copy` to follow, wait for or cancel.
 
@@ -649,6 +679,7 @@ def start_copy(
     push) and ``verify`` override the pair's configuration (None: as configured).  ``preserve``:
     what to keep of the source besides the bytes ("mode", "timestamps").  ``on_event`` is
     called (in the copy's thread) with every event line of the daemon, or of a local copy.
+    ``bwlimit``: a `BandwidthLimit` shared with the other copies given the same one.
     ``destination`` names the file itself, not the directory it goes into.
     """
     if mode not in set(CopyMode):
@@ -676,6 +707,7 @@ def start_copy(
         verify=verify,
         preserve=keep,
         on_event=on_event,
+        bwlimit=bwlimit,
     )._start()
 
 

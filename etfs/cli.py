@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         const="push",
         help="the source connects to the destination (for a destination that only connects out)",
     )
+    cp.add_argument(
+        "--bwlimit",
+        metavar="RATE",
+        help="bandwidth limit for the whole command, in BYTES per second: 50M, 1.5G, 500k "
+        "(K/M/G are 1024-based; KB/MB/GB 1000-based; 100Mbit for bits; a bare number is KiB/s, as rsync; "
+        "default: none)",
+    )
     cp.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     cp.add_argument("--json", action="store_true", help="JSON lines instead of a progress bar and summary")
     cp.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")

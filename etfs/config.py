@@ -19,6 +19,7 @@ import yaml
 
 from etfs.protocol.auth import AuthKeyError, load_key
 from etfs.protocol.transfer import BLOCK_SIZE, DATA_DIRECTIONS, STREAMS, CopyMode
+from etfs.ratelimit import RateError, parse_rate
 
 # Seconds; the defaults of mountpoints.yaml's connect_timeout and request_timeout, and of a
 # connection made without a config.
@@ -142,6 +143,16 @@ class Fields:
 
     def bool(self, key: _Str, default: Any = _MISSING) -> Any:
         return self._get(key, (bool,), "true or false", default)
+
+    def rate(self, key: _Str, default: Any = _MISSING) -> Any:
+        """A bandwidth limit in bytes/s (`etfs.ratelimit.parse_rate`: 50M, 1.5G, 500k; 0 or off: none)."""
+        if key not in self._items:
+            return self._get(key, (str, int), "a rate like 50M", default)
+        value = self._get(key, (str, int), "a rate like 50M", default)
+        try:
+            return parse_rate(value)
+        except RateError as exc:
+            raise self.error(f"{self.what}.{key}: {exc}", key) from None
 
     def choice(self, key: _Str, choices: tuple[_Str | None, ...], default: Any = _MISSING) -> Any:
         value = self.str(key, default)
@@ -297,6 +308,8 @@ class TransferDefaults:
     third_party: str = "auto"
     verify: bool = True
     block_size: int = BLOCK_SIZE
+    # Bytes/s for all transfers of one (source, destination) pair together; 0: no limit.
+    bwlimit: int = 0
 
 
 @dataclass(frozen=True)
@@ -325,6 +338,7 @@ class PairOverride:
     streams: int | None = None
     direction: str | None = None
     third_party: str | None = None
+    bwlimit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -359,6 +373,7 @@ class ClientConfig:
                     third_party=p.third_party or base.third_party,
                     verify=base.verify,
                     block_size=base.block_size,
+                    bwlimit=base.bwlimit if p.bwlimit is None else p.bwlimit,
                 )
         return base
 
@@ -379,6 +394,7 @@ def _transfer_defaults(f: Fields, base: TransferDefaults) -> TransferDefaults:
         third_party=f.choice("third_party", THIRD_PARTY, base.third_party),
         verify=f.bool("verify", base.verify),
         block_size=f.int("block_size_mib", base.block_size // 2**20, minimum=1) * 2**20,
+        bwlimit=f.rate("bwlimit", base.bwlimit),
     )
     if result.streams > 64:
         raise f.error(f"{f.what}.streams must be at most 64", "streams")
@@ -446,6 +462,7 @@ def load_client_config(path: str | Path) -> ClientConfig:
             streams=p.int("streams", None, minimum=1),
             direction=p.choice("direction", (*DIRECTIONS, None), None),
             third_party=p.choice("third_party", (*THIRD_PARTY, None), None),
+            bwlimit=p.rate("bwlimit", None),
         )
         for side in (po.source, po.destination):
             if side not in servers:

@@ -91,6 +91,10 @@ class ServerConfig:
     # measured fixed 64 MiB buffers faster for 1-2 streams but slower for 4 and more (deeper
     # queues at the bottleneck, more drops).
     socket_buffer: int = 0
+    # Bytes per second all transfers together may send as a source (out) and receive as a
+    # destination (in); 0: no limit (transfer.bwlimit, bwlimit_in, bwlimit_out).
+    bwlimit_in: int = 0
+    bwlimit_out: int = 0
     handshake_timeout: float = 10.0  # seconds a new connection has to authenticate
     limits: Limits = field(default_factory=Limits)
     # where data connections may go (default: anywhere)
@@ -207,6 +211,9 @@ def load_server_config(path: str | Path) -> ServerConfig:
             problem := congestion_control_problem(kwargs["congestion_control"])
         ):
             raise tr.error(f"{tr.what}.congestion_control: {problem}", "congestion_control")
+        both = tr.rate("bwlimit", 0)
+        kwargs["bwlimit_in"] = tr.rate("bwlimit_in", both)
+        kwargs["bwlimit_out"] = tr.rate("bwlimit_out", both)
         if tr.has("peers"):
             entries = []
             for text in tr.str_list("peers"):

@@ -105,6 +105,9 @@ SERVER_CASES: list[tuple[str, str, int | None, str]] = [
     ("bad handshake timeout", "+handshake_timeout: -1", 15, "positive number"),
     ("bad transfer peer", "+transfer: {peers: [10.0.0.0/8, 'a b']}", 15, "neither a network"),
     ("transfer peers not a list", "+transfer: {peers: 5}", 15, "peers must be a string or a list"),
+    ("bad bwlimit unit", "+transfer: {bwlimit: 50Mb}", 15, "transfer.bwlimit: bad rate '50Mb': unknown unit"),
+    ("bwlimit too small", "+transfer: {bwlimit_in: 1k}", 15, "below the smallest limit"),
+    ("bwlimit wrong type", "+transfer: {bwlimit_out: [1]}", 15, "bwlimit_out must be a rate like 50M"),
     ("empty file", "", None, "the file is empty"),
     ("top level list", "- a\n- b\n", 1, "must be a mapping"),
     ("bad yaml tag", "name: cfgtest => name: !!int abc", 1, "bad value"),
@@ -226,6 +229,9 @@ def test_example_config_is_valid_and_documents_every_field(tmp_path: Path) -> No
         "cert_file:",
         "transfer:",
         "max_active:",
+        "bwlimit:",
+        "bwlimit_in:",
+        "bwlimit_out:",
         "max_streams:",
         "capability_ttl:",
         "block_size_mib:",
@@ -299,6 +305,7 @@ CLIENT_CASES: list[tuple[str, str, int | None, str]] = [
     ),
     ("unknown pair server", "+pairs: [{source: jive, destination: onsala}]", 9, "unknown server 'onsala'"),
     ("too many streams", "@transfer.streams: 65", 8, "at most 64"),
+    ("bad bwlimit", "+pairs: [{source: jive, destination: jive, bwlimit: fast}]", 9, "bad rate 'fast'"),
     ("bad others", "+others: everyone", 9, "others must be one of"),
     ("empty", "", None, "empty"),
 ]
@@ -346,6 +353,27 @@ def test_good_client_config(base: Path) -> None:
     assert cfg.others == "mount-identity"  # a single-user setup needs nothing
     (base / "mountpoints.yaml").write_text(good_client_yaml(base) + "others: refuse\n")
     assert load_client_config(base / "mountpoints.yaml").others == "refuse"
+
+
+def test_bwlimits_parse(base: Path) -> None:
+    """server.yaml: bwlimit sets both directions, bwlimit_in/out win; mountpoints.yaml: pair >
+    destination's > global, as for every transfer setting."""
+    (base / "server.yaml").write_text(good_server_yaml(base) + "transfer: {bwlimit: 50M, bwlimit_in: 1.5G}\n")
+    cfg = load_server_config(base / "server.yaml")
+    assert (cfg.bwlimit_in, cfg.bwlimit_out) == (int(1.5 * 2**30), 50 * 2**20)
+    (base / "server.yaml").write_text(good_server_yaml(base))
+    assert load_server_config(base / "server.yaml").bwlimit_out == 0  # no limit by default
+    onsala = "  onsala:\n    address: 127.0.0.1:7071\n    user: alice\n    key_file: alice.key\n"
+    (base / "mountpoints.yaml").write_text(
+        good_client_yaml(base)
+        .replace("  streams: 4\n", "  bwlimit: 500k\n")
+        .replace("transfer:\n", onsala + "    transfer: {bwlimit: 100Mbit}\ntransfer:\n")
+        + "pairs:\n  - {source: onsala, destination: jive, bwlimit: 0}\n"
+    )
+    c = load_client_config(base / "mountpoints.yaml")
+    assert c.transfer_for("jive", "onsala").bwlimit == 100 * 10**6 // 8
+    assert c.transfer_for("onsala", "jive").bwlimit == 0  # the pair lifts the global limit
+    assert c.transfer_for("jive", "jive").bwlimit == 500 * 1024
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ data port with `tls.ca_file`.  A plaintext data hello to a TLS data port gets no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -24,22 +25,35 @@ from etfs.protocol import data as d
 from etfs.transfer.engine import TransferEngine
 
 
-@pytest.fixture
-def tls_pair(tmp_path: Path) -> Iterator[tuple[dict[str, ServerProcess], ClientConfig, trustme.CA]]:
+@contextlib.contextmanager
+def tls_servers(
+    tmp_path: Path, transfer: dict[str, str] | None = None
+) -> Iterator[tuple[dict[str, ServerProcess], ClientConfig, trustme.CA]]:
+    """jive and onsala with certificates of one test CA (``transfer``: server.yaml extras)."""
     ca = trustme.CA()
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     make_key(tmp_path / "u.key")
     servers: dict[str, ServerProcess] = {}
     try:
-        yield _start(tmp_path, ca, ca_file, servers)
+        yield _start(tmp_path, ca, ca_file, servers, transfer)
     finally:
         for s in servers.values():
             s.stop()
 
 
+@pytest.fixture
+def tls_pair(tmp_path: Path) -> Iterator[tuple[dict[str, ServerProcess], ClientConfig, trustme.CA]]:
+    with tls_servers(tmp_path) as pair:
+        yield pair
+
+
 def _start(
-    tmp_path: Path, ca: trustme.CA, ca_file: Path, servers: dict[str, ServerProcess]
+    tmp_path: Path,
+    ca: trustme.CA,
+    ca_file: Path,
+    servers: dict[str, ServerProcess],
+    transfer: dict[str, str] | None = None,
 ) -> tuple[dict[str, ServerProcess], ClientConfig, trustme.CA]:
     for name in ("jive", "onsala"):
         d_ = tmp_path / name
@@ -53,7 +67,10 @@ def _start(
                 name: {"path": str(d_ / "export"), "acl": [{"who": "u", "path": "/", "rights": ["all"]}]}
             },
             users={"u": {"key_file": str(tmp_path / "u.key")}},
-            extra={"tls": {"cert_file": str(pem), "key_file": str(pem), "ca_file": str(ca_file)}},
+            extra={
+                "tls": {"cert_file": str(pem), "key_file": str(pem), "ca_file": str(ca_file)},
+                **({"transfer": transfer} if transfer else {}),
+            },
         )
         servers[name] = ServerProcess(cfg, d_).start()
     tls = TLSClientOptions(ca_file=ca_file, server_hostname="127.0.0.1")
@@ -85,6 +102,24 @@ async def test_transfer_over_tls(
         nursery.cancel_scope.cancel()
     got = (servers["onsala"].config.parent / "export" / "tmp" / "f").read_bytes()
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+async def test_limited_transfer_over_tls(tmp_path: Path) -> None:
+    """transfer.bwlimit on both servers: the source paces its TLS sends, the destination its
+    TLS reads (both through the buffer, hashed there); 12 MiB at 8 MiB/s takes ~1.5 s."""
+    with tls_servers(tmp_path, transfer={"bwlimit": "8M"}) as (servers, config, _):
+        data = os.urandom(12 * 2**20)
+        (servers["jive"].config.parent / "export" / "tmp" / "f").write_bytes(data)
+        async with trio.open_nursery() as nursery:
+            pool = Pool(config, nursery)
+            t0 = trio.current_time()
+            t = await TransferEngine(pool, config).copy("jive", "/tmp/f", "onsala", "/tmp/f", streams=3)
+            took = trio.current_time() - t0
+            assert t.state == "done" and t.digest
+            nursery.cancel_scope.cancel()
+        got = (servers["onsala"].config.parent / "export" / "tmp" / "f").read_bytes()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    assert 1.1 <= took <= 3.5, took
 
 
 def test_plaintext_data_hello_is_refused(

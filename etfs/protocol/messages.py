@@ -117,6 +117,20 @@ class FsStats(msgspec.Struct, frozen=True):
     namemax: int
 
 
+class RateLimit(msgspec.Struct, frozen=True, array_like=True):
+    """A bandwidth limit: ``rate`` bytes/s for all of the user's transfers naming ``group``.
+
+    The client chooses groups: one ``etfs cp`` command, one server pair of one mount; ""
+    means this transfer alone.
+    """
+
+    rate: int
+    group: str = ""
+
+
+MAX_RATE_LIMITS = 4
+
+
 class Capability(msgspec.Struct, frozen=True):
     """A source server's signed permission to read one file for one transfer.
 
@@ -319,10 +333,15 @@ class RemoveXattr(Request[None], frozen=True):
 
 # --- transfer control (see etfs_server/transfer) ---------------------------------------------------
 class TransferOffer(Request[Capability], frozen=True):
-    """To the source: issue a capability for reading ``path`` in one transfer."""
+    """To the source: issue a capability for reading ``path`` in one transfer.
+
+    The source sends the bytes in either direction, so it enforces ``limits`` (at most
+    `MAX_RATE_LIMITS`), besides its own server.yaml cap.
+    """
 
     path: str
     ttl: float = CAPABILITY_TTL
+    limits: tuple[RateLimit, ...] = ()
 
 
 class TransferStarted(msgspec.Struct, frozen=True):

@@ -176,6 +176,12 @@ def cmd_cp(args: argparse.Namespace) -> int:
         print(f"etfs: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        # One limit for the whole command (every file), as rsync's --bwlimit.
+        bwlimit = api.BandwidthLimit.parse(args.bwlimit) if getattr(args, "bwlimit", None) else None
+    except ValueError as exc:
+        print(f"etfs: --bwlimit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         mount = api.find_mount(args.mount, [*args.sources, args.destination])
         sources = [mount.resolve(s) for s in args.sources]
         dest = mount.resolve(args.destination)
@@ -207,6 +213,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
             verify=False if args.no_verify else None,
             preserve=preserve,
             on_event=rep.event,
+            bwlimit=bwlimit,
         )
         interrupt.add(c)
         try:

@@ -45,6 +45,7 @@ from etfs.common import excgroups
 from etfs.procs import pid_alive
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
+from etfs.ratelimit import MIN_RATE
 
 from .engine import ClientTransfer, TransferEngine
 
@@ -193,6 +194,8 @@ class CopyRequest:
     verify: bool | None
     preserve_times: bool
     preserve_mode: bool = False
+    bwlimit: int = 0  # bytes/s for every copy of the same ``bwlimit_group`` together
+    bwlimit_group: str = ""
 
 
 def parse_copy_request(req: dict[str, Any]) -> CopyRequest:
@@ -218,8 +221,23 @@ def parse_copy_request(req: dict[str, Any]) -> CopyRequest:
     preserve_mode = req.get("preserve_mode", False)
     if not isinstance(preserve_times, bool) or not isinstance(preserve_mode, bool):
         raise ValueError("'preserve_times' and 'preserve_mode' must be true or false")
+    bwlimit = req.get("bwlimit", 0)
+    if isinstance(bwlimit, bool) or not isinstance(bwlimit, int) or not (bwlimit == 0 or bwlimit >= MIN_RATE):
+        raise ValueError(f"'bwlimit' must be 0 (no limit) or an integer >= {MIN_RATE} (bytes/s)")
+    group = req.get("bwlimit_group", "")
+    if not isinstance(group, str) or len(group) > 64:
+        raise ValueError("'bwlimit_group' must be a string of at most 64 characters")
     return CopyRequest(
-        req["source"], req["destination"], mode, streams, direction, verify, preserve_times, preserve_mode
+        req["source"],
+        req["destination"],
+        mode,
+        streams,
+        direction,
+        verify,
+        preserve_times,
+        preserve_mode,
+        bwlimit,
+        group,
     )
 
 
@@ -414,6 +432,9 @@ class ControlServer:
                         verify=creq.verify,
                         preserve_times=creq.preserve_times,
                         on_record=records.append,
+                        bwlimit=creq.bwlimit,
+                        # One user's groups only: another user's cp cannot share (or spend) a limit.
+                        bwlimit_group=f"cp:{uid}:{creq.bwlimit_group}" if creq.bwlimit_group else "",
                     )
                     if creq.preserve_mode and t.state == "done":
                         await _keep_mode(engine, src_server, src_path, dst_server, dst_path)

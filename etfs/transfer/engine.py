@@ -21,7 +21,9 @@ import errno
 import itertools
 import logging
 import os
+import secrets
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -43,6 +45,7 @@ from etfs.protocol.transfer import (
     relay_id_name,
     relay_part_name,
 )
+from etfs.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,21 @@ class CopySpec:
     mode: str
     opts: TransferDefaults
     preserve_times: bool = False
+    bwlimit: int = 0  # `etfs cp --bwlimit`: for all copies naming ``bwlimit_group`` together
+    bwlimit_group: str = ""
+
+    def limits(self, instance: str) -> tuple[m.RateLimit, ...]:
+        """The bandwidth limits of this copy: its command's and its server pair's (`opts.bwlimit`).
+
+        ``instance`` makes the pair's group this engine's own: another mount of the same
+        user has its own pair limit.
+        """
+        out = []
+        if self.bwlimit:
+            out.append(m.RateLimit(self.bwlimit, self.bwlimit_group))
+        if self.opts.bwlimit:
+            out.append(m.RateLimit(self.opts.bwlimit, f"pair:{instance}:{self.src_server}>{self.dst_server}"))
+        return tuple(out)
 
 
 @contextlib.contextmanager
@@ -136,6 +154,9 @@ class TransferEngine:
         self._ids = itertools.count(1)
         self.changed = trio.Event()
         self._relaying: set[tuple[str, str]] = set()  # (server, path) of relays running now
+        self.instance = f"{os.getpid()}-{secrets.token_hex(4)}"
+        # Bandwidth limits of relays (copies through this client), by group, while in use.
+        self._relay_buckets: weakref.WeakValueDictionary[str, TokenBucket] = weakref.WeakValueDictionary()
 
     # --- bookkeeping ------------------------------------------------------------------------------
     def _new(
@@ -190,11 +211,15 @@ class TransferEngine:
         preserve_times: bool = False,
         policy: str | None = None,
         on_record: Callable[[ClientTransfer], None] | None = None,
+        bwlimit: int = 0,
+        bwlimit_group: str = "",
     ) -> ClientTransfer:
         """Copy one file between (or within) servers: the finished record, or `TransferFailed`.
 
         ``on_record`` is called with every record the copy creates (a fallback to a relay makes a
         second one), so a caller whose task is cancelled can still tell how the copy ended.
+        ``bwlimit`` (bytes/s) caps this copy together with every other copy naming the same
+        ``bwlimit_group`` ("": this copy alone); the pair's `bwlimit` applies besides.
         """
         opts = self.config.transfer_for(src_server, dst_server)
         opts = TransferDefaults(
@@ -203,8 +228,11 @@ class TransferEngine:
             third_party=policy or opts.third_party,
             verify=opts.verify if verify is None else verify,
             block_size=opts.block_size,
+            bwlimit=opts.bwlimit,
         )
-        spec = CopySpec(src_server, src_path, dst_server, dst_path, mode, opts, preserve_times)
+        spec = CopySpec(
+            src_server, src_path, dst_server, dst_path, mode, opts, preserve_times, bwlimit, bwlimit_group
+        )
         source, destination = f"{src_server}:{src_path}", f"{dst_server}:{dst_path}"
         if src_server == dst_server:
             t = self._new(
@@ -346,7 +374,8 @@ class TransferEngine:
         mode: str,
     ) -> None:
         opts = spec.opts
-        cap = await src.call(m.TransferOffer(path=spec.src_path))
+        limits = spec.limits(self.instance)
+        cap = await src.call(m.TransferOffer(path=spec.src_path, limits=limits))
         t.bytes_total = cap.size
         host = self._data_host(src.name, src, cap.data_host, await src.peer())
         cap = msgspec.structs.replace(cap, data_host=host)
@@ -375,6 +404,9 @@ class TransferEngine:
                 self._end(t, "skipped", "destination already has this file")
                 return
             if opts.direction == "push":
+                # A queued transfer must not get its data connections yet: they would sit
+                # idle past transfer.data_timeout on the source.
+                await self._follow(t, dst, started.transfer_id, until_running=True)
                 dhost = self._data_host(dst.name, dst, started.data_host, await dst.peer())
                 await src.call(
                     m.TransferPush(
@@ -386,22 +418,7 @@ class TransferEngine:
                         tls=started.data_tls,
                     ),
                 )
-            while True:
-                info = await dst.call(m.TransferWait(transfer_id=started.transfer_id, timeout=1.0))
-                t.state = info.state if info.state not in TERMINAL else t.state
-                t.bytes_done, t.bytes_resent, t.streams, t.digest = (
-                    info.bytes_done,
-                    info.bytes_resent,
-                    info.streams,
-                    info.digest,
-                )
-                self._notify()
-                if info.state == "done":
-                    return
-                if info.state == "failed":
-                    raise TransferFailed(
-                        info.errno or errno.EIO, info.reason or "transfer failed", parse_code(info.code)
-                    )
+            await self._follow(t, dst, started.transfer_id)
         except BaseException as exc:
             # Stop it on the destination (which closes the data connections, so the source stops
             # too) and wait until it did: the server answers once the transfer is over, its part
@@ -418,6 +435,28 @@ class TransferEngine:
             if is_cancellation(exc):
                 self._after_cancel(t, dst.name, final, problem)
             raise
+
+    async def _follow(
+        self, t: ClientTransfer, dst: ServerClient, transfer_id: str, until_running: bool = False
+    ) -> None:
+        """Mirror the destination's record into ``t`` until the transfer is done (or, with
+        ``until_running``, has left the queue); `TransferFailed` if it failed."""
+        while True:
+            info = await dst.call(m.TransferWait(transfer_id=transfer_id, timeout=1.0))
+            t.state = info.state if info.state not in TERMINAL else t.state
+            t.bytes_done, t.bytes_resent, t.streams, t.digest = (
+                info.bytes_done,
+                info.bytes_resent,
+                info.streams,
+                info.digest,
+            )
+            self._notify()
+            if info.state == "done" or (until_running and info.state != "queued"):
+                return
+            if info.state == "failed":
+                raise TransferFailed(
+                    info.errno or errno.EIO, info.reason or "transfer failed", parse_code(info.code)
+                )
 
     def _after_cancel(
         self, t: ClientTransfer, dst_name: str, info: m.TransferInfo | None, problem: str
@@ -500,6 +539,7 @@ class TransferEngine:
                 dfile = await dst.call(m.Create(path=part, mode=0o600, flags=os.O_WRONLY | os.O_TRUNC))
                 await _write_small(dst, id_path, identity)
             t.bytes_done = t.resumed_from = start
+            buckets = self._relay_buckets_for(spec)
             results: dict[int, bytes] = {}
             ready = trio.Condition()
             offsets = list(range(start, size, RELAY_BLOCK))
@@ -527,6 +567,8 @@ class TransferEngine:
                         ready.notify_all()
                     if opts.verify:
                         digest.update(data)
+                    if buckets:  # bandwidth limits hold for copies through the client too
+                        await trio.sleep(max(b.reserve(len(data)) for b in buckets))
                     await dst.call(m.Write(handle=dfile.handle, offset=off, data=data))
                     t.bytes_done += len(data)
                     t.bytes_via_client += len(data)
@@ -573,6 +615,18 @@ class TransferEngine:
                     if not ok:
                         await _unlink_quietly(dst, part)
                     await _unlink_quietly(dst, id_path)
+
+    def _relay_buckets_for(self, spec: CopySpec) -> list[TokenBucket]:
+        """The token buckets a relay pays into: its own or its group's, like a source server's."""
+        out = []
+        for limit in spec.limits(self.instance):
+            bucket = self._relay_buckets.get(limit.group) if limit.group else None
+            if bucket is None:
+                bucket = TokenBucket(limit.rate)
+                if limit.group:
+                    self._relay_buckets[limit.group] = bucket
+            out.append(bucket)
+        return out
 
     async def _relay_resumable(
         self, src: ServerClient, dst: ServerClient, spec: CopySpec, size: int, identity: bytes

@@ -28,6 +28,7 @@ import msgspec
 
 from etfs.protocol import data as d
 from etfs.protocol.transfer import FailureCode
+from etfs.ratelimit import Throttle
 
 from .errors import TransferError
 
@@ -126,6 +127,7 @@ class Issued:
     opened: int = 0
     live: int = 0
     ended: bool = False
+    throttle: Throttle | None = None  # the bandwidth limits its streams answer to (None: none)
 
 
 class CapabilityTable:

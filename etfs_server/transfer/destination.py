@@ -38,6 +38,7 @@ from etfs.protocol.transfer import (
     part_paths,
     same_version,
 )
+from etfs.ratelimit import Throttle
 
 from ..identity import Account, as_account
 from .datapath import CHUNK, CONNECT_TIMEOUT, hash_range, pwrite_all, receive_event, recv_into, send
@@ -153,6 +154,8 @@ class DestinationTransfer:
         self.cancel_scope: trio.CancelScope | None = None
         self.queue: BlockQueue | None = None
         self.on_finish: Callable[[], None] | None = None  # the service forgets us
+        # server.yaml transfer.bwlimit_in, shared by every transfer into this server (None: none).
+        self.throttle: Throttle | None = None
 
     def _layout(self, block_size: int) -> None:
         self.block_size = block_size
@@ -412,7 +415,9 @@ class DestinationTransfer:
                 if status or got_off != offset or got_len != length:
                     raise TransferError(errno.EIO, f"source refused block at {offset} (status {status})")
                 ours: int | None = None
-                if isinstance(sock, ssl.SSLSocket) or (pipe is None and self.verify):
+                if self.throttle is not None:
+                    ours = self.receive_paced(sock, offset, length, pipe, view, hasher, self.throttle)
+                elif isinstance(sock, ssl.SSLSocket) or (pipe is None and self.verify):
                     # Piece by piece through the buffer, hashing each piece while it is there.
                     hasher.reset()
                     for pos in range(0, length, CHUNK):
@@ -476,6 +481,37 @@ class DestinationTransfer:
                 pipe.close()
             for index in inflight:
                 queue.put_back(index)
+
+    def receive_paced(
+        self,
+        sock: socket.socket,
+        offset: int,
+        length: int,
+        pipe: native.Pipe | None,
+        view: memoryview,
+        hasher: xxhash.xxh3_64,
+        throttle: Throttle,
+    ) -> int | None:
+        """Receive one block under this server's limit, piece by piece, each paid for first.
+
+        Not reading makes TCP hold the sender back.  Returns the block's digest when it passed
+        through ``view`` (None when spliced or unverified: the caller reads it back if needed).
+        """
+        through_buffer = isinstance(sock, ssl.SSLSocket) or pipe is None
+        hasher.reset()
+        for pos in range(0, length, throttle.piece):
+            piece = view[: min(throttle.piece, CHUNK, length - pos)]
+            throttle.take(len(piece))
+            if isinstance(sock, ssl.SSLSocket):
+                recv_into(sock, piece)
+                pwrite_all(self.part_fd, piece, offset + pos)
+            elif pipe is not None:
+                native.splice_recv(sock.fileno(), self.part_fd, offset + pos, len(piece), pipe)
+            else:
+                native.recv_write(sock.fileno(), self.part_fd, offset + pos, len(piece), piece)
+            if self.verify and through_buffer:
+                hasher.update(piece)
+        return hasher.intdigest() if self.verify and through_buffer else None
 
     # --- the life of the transfer (trio) -----------------------------------------------------------
     async def run(

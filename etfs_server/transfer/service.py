@@ -22,6 +22,7 @@ import trio
 from etfs.protocol import data as d
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import DATA_DIRECTIONS, TERMINAL, CopyMode, Direction, FailureCode, TransferState
+from etfs.ratelimit import TokenBucket, throttle_of
 
 from ..acl import Right
 from ..config import ServerConfig
@@ -72,7 +73,10 @@ class TransferService:
         self.active: dict[str, DestinationTransfer] = {}
         # One transfer per destination file at a time: they would share the part file.
         self.by_path: dict[tuple[str, str], str] = {}
+        # transfer.max_active: more transfers wait, "queued", for a slot (in order of arrival).
         self.slots = trio.Semaphore(config.max_transfers)
+        # transfer.bwlimit_in: every byte this server receives as a destination, all transfers together.
+        self.in_bucket = TokenBucket(config.bwlimit_in) if config.bwlimit_in else None
         self.data_port = 0
         self._nursery: trio.Nursery | None = None
         # Records left "running" by a crash are failed, resumable ones keep their part files.
@@ -155,6 +159,7 @@ class TransferService:
         settings = Settings(mode, direction, req.verify, req.preserve_times, self.config.receiver)
         block_size = block_size_for(cap.size, req.block_size or self.config.block_size)
         t = DestinationTransfer(rec, cap, workdir, block_size, settings, session.account)
+        t.throttle = throttle_of([self.in_bucket])
         # Claim the id and the destination before the first await: a TransferCancel or the
         # client's disconnect from now on reaches this transfer.
         self.active[tid] = t

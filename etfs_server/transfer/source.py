@@ -15,6 +15,8 @@ import socket
 import ssl
 import stat as st
 import time
+import weakref
+from typing import Any
 
 import trio
 import xxhash
@@ -22,6 +24,7 @@ import xxhash
 from etfs import _sendfile_cffi as native
 from etfs.protocol import data as d
 from etfs.protocol import messages as m
+from etfs.ratelimit import MIN_RATE, Throttle, TokenBucket, throttle_of
 
 from ..acl import Right
 from ..config import ServerConfig
@@ -42,6 +45,7 @@ def serve_blocks(
     sender: str,
     block_limit: int,
     identity: tuple[int, int, int, int, int] | None = None,
+    throttle: Throttle | None = None,
 ) -> tuple[int, bool]:
     """Source side of one data connection: answer block requests until the peer is done.
 
@@ -49,6 +53,9 @@ def serve_blocks(
     a changed file is answered with STATUS_STALE (in the header, or in the trailer when it
     changed while the block was on its way) instead of a mix of versions.  Returns the bytes
     sent and whether the destination said the transfer has every block (FLAG_END).
+
+    With a ``throttle`` (a bandwidth limit) blocks go out in pieces, each paid for in its
+    buckets first (`send_paced`); without one the path is exactly the unlimited one.
     """
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -77,7 +84,9 @@ def serve_blocks(
             continue
         send(sock, conn.header(offset, length))
         digest_value: int | None = 0
-        if isinstance(sock, ssl.SSLSocket) or (sender != "sendfile" and digest):
+        if throttle is not None:
+            n, digest_value = send_paced(sock, fd, offset, length, sender, digest, view, hasher, throttle)
+        elif isinstance(sock, ssl.SSLSocket) or (sender != "sendfile" and digest):
             # Piece by piece, hashing each piece while it is in the buffer.  TLS: the bytes
             # must pass through user space to be encrypted anyway.
             hasher.reset()
@@ -110,6 +119,48 @@ def serve_blocks(
         sent += n
 
 
+def send_paced(
+    sock: socket.socket,
+    fd: int,
+    offset: int,
+    length: int,
+    sender: str,
+    digest: bool,
+    view: memoryview,
+    hasher: Any,
+    throttle: Throttle,
+) -> tuple[int, int | None]:
+    """Send one block under a bandwidth limit: bytes sent and its digest (0 without one).
+
+    Pieces of `Throttle.piece` bytes (at most CHUNK), each taken from the buckets before
+    it goes out, so a limit holds within ~0.1 s and a cancelled transfer notices soon.
+    """
+    tls = isinstance(sock, ssl.SSLSocket)
+    through_buffer = tls or sender != "sendfile"  # the bytes pass through ``view``: hash them there
+    hasher.reset()
+    n = 0
+    while n < length:
+        want = min(throttle.piece, CHUNK, length - n)
+        throttle.take(want)
+        if tls:
+            got = os.preadv(fd, [view[:want]], offset + n)
+            send(sock, view[:got])
+        elif sender == "sendfile":
+            got = native.sendfile(sock.fileno(), fd, offset + n, want)
+        else:
+            got = native.read_send(fd, sock.fileno(), offset + n, want, view)
+        if digest and through_buffer:
+            hasher.update(view[:got])
+        n += got
+        if got < want:
+            break
+    if not digest:
+        return n, 0
+    if through_buffer:
+        return n, hasher.intdigest()
+    return n, hash_range(fd, offset, length, view, hasher) if n == length else 0
+
+
 class SourceRole:
     """Everything this server does as a transfer's source."""
 
@@ -127,6 +178,10 @@ class SourceRole:
         self.caps = CapabilityTable(Signer.load(config.state_dir))
         self.data_port = 0
         self.nursery: trio.Nursery | None = None
+        # server.yaml transfer.bwlimit_out: every byte this server sends as a source.
+        self.out_bucket = TokenBucket(config.bwlimit_out) if config.bwlimit_out else None
+        # Limits shared by the transfers of one (user, client's group): e.g. a server pair.
+        self.groups: weakref.WeakValueDictionary[tuple[str, str], TokenBucket] = weakref.WeakValueDictionary()
 
     async def offer(self, session: Session, export: str, req: m.TransferOffer) -> m.Capability:
         def look() -> tuple[str, os.stat_result]:
@@ -159,6 +214,7 @@ class SourceRole:
             ctime_ns=s.st_ctime_ns,
         )
         issued = self.caps.issue(body)
+        issued.throttle = self._throttle(session.user, req)
         log.info(
             "capability %s issued to %s for %s (%d bytes)", body.transfer_id, session.user, path, s.st_size
         )
@@ -175,6 +231,28 @@ class SourceRole:
             ino=s.st_ino,
             secret=issued.secret,
         )
+
+    def _throttle(self, user: str, req: m.TransferOffer) -> Throttle | None:
+        """The buckets a transfer's streams pay into: the client's limits, and this server's."""
+        if len(req.limits) > m.MAX_RATE_LIMITS:
+            raise TransferError(errno.EINVAL, f"at most {m.MAX_RATE_LIMITS} bandwidth limits per transfer")
+        buckets: list[TokenBucket | None] = [self.out_bucket]
+        for limit in req.limits:
+            if limit.rate < MIN_RATE:
+                raise TransferError(errno.EINVAL, f"bandwidth limit {limit.rate} B/s: at least {MIN_RATE}")
+            if len(limit.group) > 256:
+                raise TransferError(errno.EINVAL, "bandwidth limit group: at most 256 characters")
+            if not limit.group:
+                buckets.append(TokenBucket(limit.rate))
+                continue
+            # Shared by the user's transfers of that group while any of them is known.
+            bucket = self.groups.get((user, limit.group))
+            if bucket is None:
+                bucket = self.groups[(user, limit.group)] = TokenBucket(limit.rate)
+            elif bucket.rate != limit.rate:
+                bucket.set_rate(limit.rate)  # the client's configuration changed
+            buckets.append(bucket)
+        return throttle_of(buckets)
 
     def open_file(self, issued: Issued) -> int:
         """The capability's file, if it is still the one it was issued for (blocking)."""
@@ -194,7 +272,9 @@ class SourceRole:
         ended = False
         try:
             send(sock, d.encode(d.DataReady(size=body.size, mtime_ns=body.mtime_ns)))
-            sent, ended = serve_blocks(sock, fd, body.size, self.config.sender, d.MAX_BLOCK, body.identity())
+            sent, ended = serve_blocks(
+                sock, fd, body.size, self.config.sender, d.MAX_BLOCK, body.identity(), issued.throttle
+            )
             log.debug("transfer %s: stream served %d bytes of %s", body.transfer_id, sent, body.path)
         finally:
             os.close(fd)
