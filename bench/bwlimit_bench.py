@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO))
 
 import trio  # noqa: E402
 
+from etfs.common.ratelimit import format_rate, parse_rate  # noqa: E402
 from etfs.protocol import auth  # noqa: E402
-from etfs.ratelimit import format_rate, parse_rate  # noqa: E402
 
 
 def load(name: str) -> Any:

@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from etfs import _sendfile_cffi as native
+from etfs.common.ratelimit import MIN_RATE, Throttle, TokenBucket, parse_rate
+from etfs.common.safefile import create_new
 from etfs.protocol.transfer import CopyMode, local_part_name, noreplace, same_version
-from etfs.ratelimit import MIN_RATE, Throttle, TokenBucket, parse_rate
-from etfs.safefile import create_new
 from etfs.transfer.control import running_mounts
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ class BandwidthLimit:
 
     @classmethod
     def parse(cls, text: str) -> BandwidthLimit | None:
-        """``50M``, ``1.5G``, ``500k``, ``100Mbit`` (see `etfs.ratelimit.parse_rate`); None for 0/off."""
+        """``50M``, ``1.5G``, ``500k``, ``100Mbit`` (`etfs.common.ratelimit.parse_rate`); None: 0, off."""
         rate = parse_rate(text)
         return cls(rate) if rate else None
 

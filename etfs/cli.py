@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from etfs import __version__
-from etfs.config import ConfigError
+from etfs.common.systemd import add_common_options, setup_logging
+from etfs.common.yamlconfig import ConfigError
 from etfs.fstab import MountOptionError, looks_like_helper_call, parse_helper_args, subcommands
 from etfs.protocol.transfer import CopyMode
-from etfs.systemd import add_common_options, setup_logging
 
 
 class _HelpFormatter(argparse.HelpFormatter):

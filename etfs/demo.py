@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from etfs.common.safefile import open_append, write_atomic
 from etfs.protocol.auth import generate_key_text
-from etfs.safefile import open_append, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from etfs.api import EtfsError as CommandError
 from etfs.api import find_mount, lines, request
-from etfs.config import ConfigError, load_yaml
+from etfs.common.yamlconfig import ConfigError, load_yaml
 from etfs.protocol.auth import AuthKeyError, load_key
 
 DEFAULT_LOGIN_FILE = Path("~/.config/etfs/login.yaml")

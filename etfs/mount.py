@@ -35,10 +35,10 @@ from typing import Any
 
 import trio
 
+from etfs.common.safefile import log_handler, open_append, read_regular, write_atomic
+from etfs.common.systemd import PLAIN_FORMAT, notify, stderr_is_journal
 from etfs.config import ClientConfig, load_client_config
 from etfs.procs import pid_alive
-from etfs.safefile import log_handler, open_append, read_regular, write_atomic
-from etfs.systemd import PLAIN_FORMAT, notify, stderr_is_journal
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from etfs.config import DEFAULT_PORT, ConfigError, Fields, address_field, load_yaml, positive_seconds
+from etfs.common.yamlconfig import (
+    DEFAULT_PORT,
+    ConfigError,
+    Fields,
+    address_field,
+    load_yaml,
+    positive_seconds,
+)
 from etfs.protocol.auth import AuthKeyError, load_key
 from etfs.protocol.transfer import BLOCK_SIZE, CAPABILITY_TTL
 

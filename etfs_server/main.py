@@ -18,9 +18,9 @@ import trio
 
 from etfs import __version__
 from etfs.common import excgroups
-from etfs.config import DEFAULT_PORT, ConfigError, parse_address
-from etfs.safefile import check_replaceable, write_atomic
-from etfs.systemd import add_common_options, notify, setup_logging
+from etfs.common.safefile import check_replaceable, write_atomic
+from etfs.common.systemd import add_common_options, notify, setup_logging
+from etfs.common.yamlconfig import DEFAULT_PORT, ConfigError, parse_address
 
 from .acl import ACL, ALL_RIGHTS, Rule
 from .config import Export, ServerConfig, User, default_data_port, load_server_config, mapping_problem

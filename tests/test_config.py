@@ -14,7 +14,8 @@ import pytest
 from harness.process import REPO
 from harness.server import make_key
 
-from etfs.config import ConfigError, load_client_config, parse_address
+from etfs.common.yamlconfig import ConfigError, parse_address
+from etfs.config import load_client_config
 from etfs_server.config import load_server_config
 
 

@@ -23,7 +23,7 @@ from harness.mount import Mount, MountFactory, mounted, write_client_config
 from harness.process import PY, child_env, wait_for
 from harness.server import ServerFactory, ServerProcess, make_key, write_server_yaml
 
-from etfs.safefile import create_new, open_append, write_atomic
+from etfs.common.safefile import create_new, open_append, write_atomic
 
 ROOT = os.geteuid() == 0
 pytestmark = pytest.mark.skipif(
@@ -389,7 +389,7 @@ def test_server_port_file_and_writes_by_name_refuse_planted_files(
         timeout=30,
     )
     assert r.returncode == 2 and "not replacing it" in r.stderr and len(lines(r.stderr)) == 1, r
-    # The helper every state, registry and record file goes through (etfs.safefile).
+    # The helper every state, registry and record file goes through (etfs.common.safefile).
     writes: list[Callable[[], object]] = [
         lambda: write_atomic(planted, b"new\n"),
         lambda: open_append(planted).close(),

@@ -1,4 +1,4 @@
-"""`etfs.ratelimit`: rates as written on command lines and in YAML, and the token bucket's
+"""`etfs.common.ratelimit`: rates as written on command lines and in YAML, and the token bucket's
 arithmetic (with a fake clock: the real-clock checks are in `test_bwlimit.py`)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from etfs.ratelimit import (
+from etfs.common.ratelimit import (
     MAX_PIECE,
     MIN_PIECE,
     RateError,

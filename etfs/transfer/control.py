@@ -42,10 +42,10 @@ import msgspec
 import trio
 
 from etfs.common import excgroups
+from etfs.common.ratelimit import MIN_RATE
 from etfs.procs import pid_alive
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
-from etfs.ratelimit import MIN_RATE
 
 from .engine import ClientTransfer, TransferEngine
 

@@ -34,6 +34,7 @@ import xxhash
 
 from etfs.client import ConnectionLost, Pool, RemoteError, ServerClient
 from etfs.common import excgroups
+from etfs.common.ratelimit import TokenBucket
 from etfs.config import ClientConfig, TransferDefaults
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import (
@@ -45,7 +46,6 @@ from etfs.protocol.transfer import (
     relay_id_name,
     relay_part_name,
 )
-from etfs.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import trio
 
 from etfs import copyrange
 from etfs.client import Pool
+from etfs.common.safefile import write_atomic
 from etfs.config import ClientConfig
-from etfs.safefile import write_atomic
 
 from .control import ControlServer, ensure_registry_dir, forget_dead_daemons
 from .engine import TransferEngine

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import msgspec
 
+from etfs.common.ratelimit import Throttle
 from etfs.protocol import data as d
 from etfs.protocol.transfer import FailureCode
-from etfs.ratelimit import Throttle
 
 from .errors import TransferError
 

@@ -25,6 +25,7 @@ import trio
 import xxhash
 
 from etfs import _sendfile_cffi as native
+from etfs.common.ratelimit import Throttle
 from etfs.protocol import data as d
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import (
@@ -38,7 +39,6 @@ from etfs.protocol.transfer import (
     part_paths,
     same_version,
 )
-from etfs.ratelimit import Throttle
 
 from ..identity import Account, as_account
 from .datapath import CHUNK, CONNECT_TIMEOUT, hash_range, pwrite_all, receive_event, recv_into, send

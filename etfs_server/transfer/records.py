@@ -11,9 +11,9 @@ from pathlib import Path
 
 import msgspec
 
+from etfs.common.safefile import write_atomic
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import CopyMode, Direction, FailureCode, TransferState
-from etfs.safefile import write_atomic
 
 log = logging.getLogger(__name__)
 

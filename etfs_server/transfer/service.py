@@ -19,10 +19,10 @@ from typing import Any
 
 import trio
 
+from etfs.common.ratelimit import TokenBucket, throttle_of
 from etfs.protocol import data as d
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import DATA_DIRECTIONS, TERMINAL, CopyMode, Direction, FailureCode, TransferState
-from etfs.ratelimit import TokenBucket, throttle_of
 
 from ..acl import Right
 from ..config import ServerConfig

@@ -22,9 +22,9 @@ import trio
 import xxhash
 
 from etfs import _sendfile_cffi as native
+from etfs.common.ratelimit import MIN_RATE, Throttle, TokenBucket, throttle_of
 from etfs.protocol import data as d
 from etfs.protocol import messages as m
-from etfs.ratelimit import MIN_RATE, Throttle, TokenBucket, throttle_of
 
 from ..acl import Right
 from ..config import ServerConfig
