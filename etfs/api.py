@@ -46,8 +46,8 @@ from typing import Any
 from etfs import _sendfile_cffi as native
 from etfs.common.ratelimit import MIN_RATE, Throttle, TokenBucket, parse_rate
 from etfs.common.safefile import create_new
+from etfs.daemon.control import running_mounts
 from etfs.protocol.transfer import CopyMode, local_part_name, noreplace, same_version
-from etfs.transfer.control import running_mounts
 
 log = logging.getLogger(__name__)
 

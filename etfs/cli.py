@@ -15,7 +15,7 @@ from pathlib import Path
 from etfs import __version__
 from etfs.common.systemd import add_common_options, setup_logging
 from etfs.common.yamlconfig import ConfigError
-from etfs.fstab import MountOptionError, looks_like_helper_call, parse_helper_args, subcommands
+from etfs.daemon.fstab import MountOptionError, looks_like_helper_call, parse_helper_args, subcommands
 from etfs.protocol.transfer import CopyMode
 
 
@@ -179,11 +179,11 @@ def _main(argv: list[str] | None) -> int:
     setup_logging(args.verbose, logging.WARNING)
     try:
         if args.command == "mount":
-            from etfs.mount import cmd_mount
+            from etfs.daemon.mount import cmd_mount
 
             return cmd_mount(args)
         if args.command == "umount":
-            from etfs.mount import cmd_umount
+            from etfs.daemon.mount import cmd_umount
 
             return cmd_umount(args)
         if args.command == "demo":

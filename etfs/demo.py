@@ -119,7 +119,7 @@ def _start_servers(d: Path, procs: list[subprocess.Popen[bytes]]) -> dict[str, i
 
 
 def _start_mount(d: Path, cfg: Path) -> subprocess.Popen[bytes]:
-    from etfs.mount import read_registry
+    from etfs.daemon.mount import read_registry
 
     root = d / "mnt" / ".etfs"
     log_file = d / "logs" / "mount.log"
@@ -167,7 +167,7 @@ def _cli() -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from etfs.mount import force_unmount
+    from etfs.daemon.mount import force_unmount
 
     temporary = args.dir is None
     d = Path(tempfile.mkdtemp(prefix="etfs-demo-")) if temporary else Path(args.dir).resolve()

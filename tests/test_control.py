@@ -1,4 +1,4 @@
-"""The mount daemon's control socket (`etfs.transfer.control`) against malformed clients,
+"""The mount daemon's control socket (`etfs.daemon.control`) against malformed clients,
 and the checks on the mount registry directory.
 
 The server runs in-process with a minimal fake engine: the unit under test is the socket
@@ -23,8 +23,9 @@ import pytest
 import trio
 
 from etfs import api
-from etfs.transfer import commands, control
-from etfs.transfer.control import ControlServer, UnsafeRegistryDir, ensure_registry_dir
+from etfs.daemon import control
+from etfs.daemon.control import ControlServer, UnsafeRegistryDir, ensure_registry_dir
+from etfs.transfer import commands
 
 STATUS_ROWS = [{"id": "t1", "state": "done"}]
 # No file of this process's (absent) mount was read or written.

@@ -14,8 +14,8 @@ from harness.mount import Mount, MountFactory
 from harness.process import PY, child_env, wait_for
 from harness.server import ServerFactory
 
-from etfs.procs import pid_alive
-from etfs.transfer import control
+from etfs.daemon import control
+from etfs.daemon.procs import pid_alive
 
 
 def etfs(*args: str) -> subprocess.CompletedProcess[str]:

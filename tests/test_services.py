@@ -31,7 +31,7 @@ from harness.server import ServerFactory, ServerProcess, standard_setup, write_s
 
 import etfs
 from etfs.client.connection import RemoteError
-from etfs.procs import pid_alive
+from etfs.daemon.procs import pid_alive
 from etfs.protocol import messages as m
 
 UNITS = REPO / "contrib" / "systemd"

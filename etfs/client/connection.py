@@ -126,6 +126,16 @@ class ServerClient:
     def generation(self) -> int:
         return self._generation
 
+    @property
+    def handle_generation(self) -> int:
+        """The connection generation a handle opened now belongs to (the live connection's)."""
+        return self._live.generation if self._live is not None else self._generation
+
+    def is_live(self, generation: int) -> bool:
+        """True while the connection of ``generation`` is open: its handles are still valid."""
+        live = self._live
+        return live is not None and not live.closed and live.generation == generation
+
     async def connection(self) -> _Live:
         if self._forgotten:
             raise ConnectionLost(errno.EACCES, f"{self.name}: logged out (etfs logout)")

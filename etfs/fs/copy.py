@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -32,6 +32,9 @@ from etfs.copyrange import MAX_REPLY_COUNT, CopyRequest
 from etfs.protocol import messages as m
 from etfs.transfer.engine import TransferEngine, TransferFailed
 from etfs.transfer.errors import reply_errno
+
+if TYPE_CHECKING:
+    from .handles import OpenFile
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,18 @@ class Job:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
+class CopyTarget(Protocol):
+    """What the dispatcher needs of the filesystem (`EtfsOperations` is one)."""
+
+    def file_handle(self, fh: int) -> OpenFile: ...
+
+    async def sync_inode(self, inode: int) -> None: ...
+
+    async def replaced(self, inode: int) -> None: ...
+
+
 class CopyDispatcher:
-    def __init__(self, ops: Any, engine: TransferEngine, nursery: trio.Nursery) -> None:
+    def __init__(self, ops: CopyTarget, engine: TransferEngine, nursery: trio.Nursery) -> None:
         self.ops = ops
         self.engine = engine
         self.nursery = nursery

@@ -376,9 +376,8 @@ class OpenFile:
         except OSError as exc:
             error = exc
         self.drop_readahead()
-        live = self._client._live
         # Only close a handle of the live connection: an old generation's handle died with it.
-        if live is not None and not live.closed and live.generation == self._generation:
+        if self._client.is_live(self._generation):
             try:
                 await self._client.call(m.Close(handle=self._handle))
             except OSError as exc:

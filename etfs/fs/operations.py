@@ -121,7 +121,7 @@ class EtfsOperations(pyfuse3.Operations):
         self._started_ns = time.time_ns()
         self._uid = os.geteuid()
         self._gid = os.getegid()
-        # Set by the daemon's services (`etfs.transfer.service`); until then, and on a mount
+        # Set by the daemon's services (`etfs.daemon.services`); until then, and on a mount
         # without it, every request acts as the mount's identity.
         self.identities: identities.Identities | None = None
 
@@ -660,8 +660,7 @@ class EtfsOperations(pyfuse3.Operations):
     # --- files --------------------------------------------------------------------------------
     def _register(self, node: Node, flags: int, opened: m.Opened, asked: int) -> pyfuse3.FileInfo:
         client = self._client(node.server)
-        live = client._live
-        generation = live.generation if live is not None else client.generation
+        generation = client.handle_generation
         fh = next(self._fh)
         self._files[fh] = OpenFile(fh, node, flags, client, opened, generation, self._nursery)
         node.open_files.add(fh)

@@ -1,6 +1,6 @@
 """Client-side services of the mount daemon: transfer engine, copy requests, control socket.
 
-`run_client_services` is started by `etfs.mount` inside the daemon's nursery, after the
+`run_client_services` is started by `etfs.daemon.mount` inside the daemon's nursery, after the
 filesystem object exists and before `pyfuse3.main` runs.  It lives until the mount ends.
 """
 
@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -18,15 +18,18 @@ from etfs import copyrange
 from etfs.client import Pool
 from etfs.common.safefile import write_atomic
 from etfs.config import ClientConfig
+from etfs.transfer.engine import TransferEngine
 
 from .control import ControlServer, ensure_registry_dir, forget_dead_daemons
-from .engine import TransferEngine
+
+if TYPE_CHECKING:
+    from etfs.fs.operations import EtfsOperations
 
 log = logging.getLogger(__name__)
 
 
 async def run_client_services(
-    ops: Any,
+    ops: EtfsOperations,
     pool: Pool,
     config: ClientConfig,
     *,

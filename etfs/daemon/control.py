@@ -43,11 +43,10 @@ import trio
 
 from etfs.common import excgroups
 from etfs.common.ratelimit import MIN_RATE
-from etfs.procs import pid_alive
+from etfs.daemon.procs import pid_alive
 from etfs.protocol import messages as m
 from etfs.protocol.transfer import DATA_DIRECTIONS, CopyMode
-
-from .engine import ClientTransfer, TransferEngine
+from etfs.transfer.engine import ClientTransfer, TransferEngine
 
 if TYPE_CHECKING:
     from etfs.identities import Identities

@@ -11,7 +11,7 @@ writes ``<root's parent>/daemon.json`` (pid, root, config, mountpoints) so `etfs
 status` and friends can find it, and removes it at exit.  SIGINT/SIGTERM unmount everything.
 Leftovers of a crashed daemon (ENOTCONN on stat) are cleaned up at the next mount.
 `umount ROOT` (umount(8), systemd) also ends the daemon, which notices and removes the mountpoints.
-An /etc/fstab line reaches `cmd_mount` through `etfs.fstab` (the fstab mountpoint is ``--root``).
+An /etc/fstab line reaches `cmd_mount` through `etfs.daemon.fstab` (the fstab mountpoint is ``--root``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import trio
 from etfs.common.safefile import log_handler, open_append, read_regular, write_atomic
 from etfs.common.systemd import PLAIN_FORMAT, notify, stderr_is_journal
 from etfs.config import ClientConfig, load_client_config
-from etfs.procs import pid_alive
+from etfs.daemon.procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -399,8 +399,8 @@ async def _serve(config: ClientConfig) -> None:
     import pyfuse3
 
     from etfs.client import Pool
+    from etfs.daemon.services import run_client_services
     from etfs.fs import EtfsOperations
-    from etfs.transfer.service import run_client_services
 
     root = config.root
     options = {*FUSE_OPTIONS, fsname_option(config)}
@@ -611,7 +611,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if reg is not None and not (isinstance(pid, int) and pid_alive(pid)):
         registry_path(root).unlink(missing_ok=True)
     # The control registry (PID.json, PID.sock) of this daemon and any other dead one.
-    from etfs.transfer.control import forget_dead_daemons
+    from etfs.daemon.control import forget_dead_daemons
 
     forget_dead_daemons()
     if _is_mounted(root):
