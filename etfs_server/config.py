@@ -212,7 +212,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
             sender=tr.choice("sender", ("read_send", "sendfile"), "sendfile"),
             receiver=tr.choice("receiver", ("recv_write", "splice"), "splice"),
             congestion_control=tr.str("congestion_control", ""),
-            socket_buffer=tr.int("socket_buffer_mib", 0, minimum=0) * 2**20,
+            socket_buffer=_socket_buffer_mib(tr) * 2**20,
         )
         if kwargs["congestion_control"] and (
             problem := congestion_control_problem(kwargs["congestion_control"])
@@ -305,3 +305,11 @@ def mapping_problem(cfg: ServerConfig, *, as_root: bool, own_uid: int) -> str | 
 
 
 __all__ = ["ConfigError", "Export", "Limits", "ServerConfig", "User", "load_server_config", "mapping_problem"]
+
+
+def _socket_buffer_mib(tr: Fields) -> int:
+    """``transfer.socket_buffer_mib``: 0 (kernel autotuning) to 1024; SO_SNDBUF/SO_RCVBUF take a C int."""
+    mib: int = tr.int("socket_buffer_mib", 0, minimum=0)
+    if mib > 1024:
+        raise tr.error(f"{tr.what}.socket_buffer_mib must be at most 1024 (MiB)", "socket_buffer_mib")
+    return mib

@@ -132,4 +132,7 @@ def connect(
         except OSError as exc:
             sock.close()
             last = exc
+        except BaseException:
+            sock.close()
+            raise
     raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")

@@ -103,6 +103,13 @@ SERVER_CASES: list[tuple[str, str, int | None, str]] = [
         15,
         "socket_buffer_mib must be at least 0",
     ),
+    (
+        "socket buffer past a C int",
+        "+transfer: {socket_buffer_mib: 2048}",
+        15,
+        "socket_buffer_mib must be at most 1024",
+    ),
+    ("bwlimit true", "+transfer: {bwlimit: on}", 15, "transfer.bwlimit must be a rate like 50M, or 0 / off"),
     ("bad handshake timeout", "+handshake_timeout: -1", 15, "positive number"),
     ("bad transfer peer", "+transfer: {peers: [10.0.0.0/8, 'a b']}", 15, "neither a network"),
     ("transfer peers not a list", "+transfer: {peers: 5}", 15, "peers must be a string or a list"),
@@ -364,6 +371,9 @@ def test_bwlimits_parse(base: Path) -> None:
     assert (cfg.bwlimit_in, cfg.bwlimit_out) == (int(1.5 * 2**30), 50 * 2**20)
     (base / "server.yaml").write_text(good_server_yaml(base))
     assert load_server_config(base / "server.yaml").bwlimit_out == 0  # no limit by default
+    # `off`, as the examples write it, is YAML's false: no limit
+    (base / "server.yaml").write_text(good_server_yaml(base) + "transfer: {bwlimit: off}\n")
+    assert load_server_config(base / "server.yaml").bwlimit_out == 0
     onsala = "  onsala:\n    address: 127.0.0.1:7071\n    user: alice\n    key_file: alice.key\n"
     (base / "mountpoints.yaml").write_text(
         good_client_yaml(base)

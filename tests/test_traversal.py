@@ -415,10 +415,16 @@ async def test_paths_longer_than_path_max(env: Env, alice: ServerClient) -> None
             os.close(fd)
             fd = nfd
         assert os.listdir(fd) == ["g.txt"]
-        # A symlink planted deep inside (beyond the first chunk) pointing out is not followed.
+        # Symlinks planted deep inside (beyond the first chunk) are not followed: one pointing
+        # out, and one to a sibling directory (resolving it beneath its own directory would
+        # stay inside the export, but the real path the ACL sees would then be wrong).
         os.symlink(str(env.outside), "out", dir_fd=fd)
+        os.mkdir("sub", dir_fd=fd)
+        os.symlink("sub", "alias", dir_fd=fd)
     finally:
         os.close(fd)
     await fails(alice, m.Open, path=path + "/out/sentinel.txt", flags=RD)
     await fails(alice, m.Create, path=path + "/out/planted.txt", mode=0o644, flags=os.O_RDWR)
     await fails(alice, m.Stat, path=path + "/../" + parts[-1] + "/g.txt")
+    await fails(alice, m.Create, {errno.EACCES}, path=path + "/alias/x.txt", mode=0o644, flags=os.O_RDWR)
+    assert (await alice.call(m.Stat(path=path + "/sub"))).mode & 0o170000 == 0o040000  # the real one works

@@ -29,7 +29,12 @@ class Problem:
 
 
 async def _check(entry: ServerEntry, config: ClientConfig, nursery: trio.Nursery, out: list[Problem]) -> None:
-    client = ServerClient(endpoint_for(entry, config), nursery)
+    try:
+        endpoint = endpoint_for(entry, config)
+    except (OSError, ValueError) as exc:  # ssl: a missing or unreadable tls.ca_file
+        out.append(Problem(entry.name, f"{entry.name}: TLS set-up failed: {exc}", permanent=True))
+        return
+    client = ServerClient(endpoint, nursery)
     try:
         await client.connection()
     except RemoteError as exc:

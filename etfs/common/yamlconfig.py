@@ -142,7 +142,11 @@ class Fields:
         """A bandwidth limit in bytes/s (`etfs.common.ratelimit.parse_rate`: 50M, 1.5G, 500k; 0: none)."""
         if key not in self._items:
             return self._get(key, (str, int), "a rate like 50M", default)
-        value = self._get(key, (str, int), "a rate like 50M", default)
+        value = self._get(key, (str, int, bool), "a rate like 50M", default)
+        if value is False:  # YAML reads an unquoted `off` (or `no`) as false: no limit
+            return 0
+        if value is True:
+            raise self.error(f"{self.what}.{key} must be a rate like 50M, or 0 / off for none", key)
         try:
             return parse_rate(value)
         except RateError as exc:

@@ -473,12 +473,14 @@ async def _watch_unmount(config: ClientConfig, binds: list[Path], links: list[Pa
 
     While bind mounts of ROOT's directories exist they keep the FUSE connection open, so the
     daemon would never learn that the root is gone: look for it, then undo the binds and stop."""
-    root = str(config.root)
-    while root not in await trio.to_thread.run_sync(_mounted_paths):
+    root = config.root
+    # The topmost mount, not any: under x-systemd.automount systemd's autofs mount stays at ROOT
+    # after the FUSE mount on top of it is gone.
+    while not await trio.to_thread.run_sync(_etfs_on_top, root):
         await trio.sleep(UNMOUNT_POLL)  # pyfuse3.init mounted it; /proc may show it a moment later
     while True:
         await trio.sleep(UNMOUNT_POLL)
-        if root not in await trio.to_thread.run_sync(_mounted_paths):
+        if not await trio.to_thread.run_sync(_etfs_on_top, root):
             break
     log.info("%s was unmounted: removing the mountpoints and stopping", root)
     await trio.to_thread.run_sync(_teardown, config, binds, links)

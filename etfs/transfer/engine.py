@@ -451,12 +451,12 @@ class TransferEngine:
                 info.digest,
             )
             self._notify()
-            if info.state == "done" or (until_running and info.state != "queued"):
-                return
-            if info.state == "failed":
+            if info.state == "failed":  # also while waiting for it to leave the queue
                 raise TransferFailed(
                     info.errno or errno.EIO, info.reason or "transfer failed", parse_code(info.code)
                 )
+            if info.state == "done" or (until_running and info.state != "queued"):
+                return
 
     def _after_cancel(
         self, t: ClientTransfer, dst_name: str, info: m.TransferInfo | None, problem: str

@@ -213,8 +213,9 @@ class SourceRole:
             dev=s.st_dev,
             ctime_ns=s.st_ctime_ns,
         )
+        throttle = self._throttle(session.user, req)  # refuse bad limits before issuing anything
         issued = self.caps.issue(body)
-        issued.throttle = self._throttle(session.user, req)
+        issued.throttle = throttle
         log.info(
             "capability %s issued to %s for %s (%d bytes)", body.transfer_id, session.user, path, s.st_size
         )
