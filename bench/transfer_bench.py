@@ -444,12 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flow-mbit", type=int, default=100)
     p.add_argument("--shaped-size-mib", type=int, default=48)
     p.add_argument("--no-shaped", action="store_true")
+    p.add_argument(
+        "--workdir",
+        default="/var/tmp",
+        help="where source and destination files live (/dev/shm: memory, no disk in the way)",
+    )
     p.add_argument("--client", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.client:
         return client_mode(args.client)
     started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="etfs-transfer-bench-", dir="/var/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="etfs-transfer-bench-", dir=args.workdir))
     try:
         key_file = work / "u.key"
         key_file.write_text(auth.generate_key_text())
