@@ -154,8 +154,9 @@ def blocks_for(stream: int, streams: int, size: int, block: int) -> list[tuple[i
     return [(i * block, min(block, size - i * block)) for i in range(stream, nblocks, streams)]
 
 
-def run_once(cfg: Config, src: str, dst: str, size: int, block: int) -> float:
-    """One timed transfer; returns seconds.  dst must not exist."""
+def run_once(cfg: Config, src: str, dst: str, size: int, block: int, durable: bool = False) -> float:
+    """One timed transfer; returns seconds.  dst must not exist.  ``durable``: the time includes
+    an fdatasync of dst, as an etfs transfer's commit does before its rename."""
     src_fd = os.open(src, os.O_RDONLY)
     dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     pairs = connect_pairs(cfg.streams)
@@ -234,6 +235,8 @@ def run_once(cfg: Config, src: str, dst: str, size: int, block: int) -> float:
         t0 = time.perf_counter()
         for t in receivers:
             t.join()
+        if durable and not errors:
+            os.fdatasync(dst_fd)
         elapsed = time.perf_counter() - t0
         for t in senders:
             t.join()
