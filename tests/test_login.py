@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness.mount import Mount, walkable, write_client_config
-from harness.process import PY, child_env, wait_for
+from harness.mount import Mount, mount_servers, walkable
+from harness.process import PY, child_env
 from harness.server import ServerProcess
 
 NOBODY_UID = 65534
@@ -150,22 +150,13 @@ def make_site(tmp_path_factory: pytest.TempPathFactory, others: str | None = Non
                 s = ServerProcess(cfg, sbase, name=name, export=export)
                 servers[name] = s
                 s.start()
-            mbase = base / "mount"
-            mbase.mkdir()
-            root = mbase / "mnt" / ".etfs"
-            mps = {n: mbase / "mnt" / n for n in servers}
-            cfg = write_client_config(
-                mbase / "mountpoints.yaml",
+            # Mount.start waits until every server's bind mount is up.
+            mount = mount_servers(
+                base / "mount",
                 list(servers.values()),
                 keys / "tester.key",
-                root,
-                mps,
-                f"others: {others}" if others else "",
+                client_extra=f"others: {others}" if others else "",
             )
-            mount = Mount(cfg, root, mps, mbase / "mount.log")
-            mount.start()
-            for mp in mps.values():
-                wait_for(lambda mp=mp: os.path.ismount(mp), 15, f"bind mount {mp}")  # type: ignore[misc]
             yield Site(servers, mount, home)
         finally:
             try:

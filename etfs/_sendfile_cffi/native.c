@@ -250,6 +250,18 @@ static size_t etfs_next_piece(long long remaining, size_t buflen, size_t *pos)
     return want;
 }
 
+/* etfs_bad_args, and a buffer a non-empty copy can use (EINVAL). */
+static int etfs_bad_buffer_args(long long offset, long long count, const char *buf, size_t buflen)
+{
+    if (etfs_bad_args(offset, count))
+        return 1;
+    if (count > 0 && (buf == NULL || buflen == 0)) {
+        errno = EINVAL;
+        return 1;
+    }
+    return 0;
+}
+
 /* pread into buf, send from buf, piece by piece.  When count <= buflen the
  * whole block is in buf[0:count] afterwards.  Returns count, fewer if the
  * file ends first, or -1/errno. */
@@ -258,12 +270,8 @@ long long etfs_read_send(int file_fd, int sock_fd, long long offset, long long c
 {
     long long done = 0;
     size_t pos = 0;
-    if (etfs_bad_args(offset, count))
+    if (etfs_bad_buffer_args(offset, count, buf, buflen))
         return -1;
-    if (count > 0 && (buf == NULL || buflen == 0)) {
-        errno = EINVAL;
-        return -1;
-    }
     while (done < count) {
         size_t want = etfs_next_piece(count - done, buflen, &pos);
         size_t got = 0;
@@ -300,12 +308,8 @@ long long etfs_recv_write(int sock_fd, int file_fd, long long offset, long long 
 {
     long long done = 0;
     size_t pos = 0;
-    if (etfs_bad_args(offset, count))
+    if (etfs_bad_buffer_args(offset, count, buf, buflen))
         return -1;
-    if (count > 0 && (buf == NULL || buflen == 0)) {
-        errno = EINVAL;
-        return -1;
-    }
     while (done < count) {
         size_t want = etfs_next_piece(count - done, buflen, &pos);
         if (etfs_recv_all(sock_fd, buf + pos, want) < 0)
