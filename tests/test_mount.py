@@ -357,6 +357,21 @@ def test_server_killed_and_restarted(start_server: ServerFactory, start_mount: M
         held.close()
 
 
+def test_lazy_unmount_of_the_root_ends_the_daemon_cleanly(
+    start_server: ServerFactory, start_mount: MountFactory
+) -> None:
+    # fusermount3 -u -z of the root while the per-server bind mounts still hold it: the unmount
+    # watcher used to call pyfuse3.terminate after pyfuse3.close had freed the session (SIGSEGV
+    # in fuse_session_exit, 5 of 5 times).
+    for attempt in range(3):
+        m = start_mount([start_server(f"s{attempt}")])
+        assert os.listdir(m.dir(f"s{attempt}"))
+        subprocess.run(["fusermount3", "-u", "-z", str(m.root)], check=True)
+        assert m.proc is not None
+        assert m.proc.wait(15) == 0, m.logs()
+        assert not m.leftovers()
+
+
 def test_fast_xattr_path_answers_other_xattrs(start_server: ServerFactory, start_mount: MountFactory) -> None:
     """`ls -l` asks security.* and system.* xattrs per entry: the C fast path answers them
     (ENODATA) without pyfuse3, while user.* names, data and metadata still reach Python."""

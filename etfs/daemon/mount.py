@@ -416,6 +416,14 @@ async def _serve(config: ClientConfig) -> None:
         log.debug("mounting %s with FUSE options %s", root, ",".join(sorted(options)))
         _init_fuse(ops, root, options)
         mounted = True
+        session_open = True
+
+        def terminate() -> None:
+            # pyfuse3.terminate after pyfuse3.close dereferences a freed session (SIGSEGV in
+            # fuse_session_exit): a watcher can still wake while the teardown below awaits.
+            if session_open:
+                pyfuse3.terminate()
+
         links: list[Path] = []
         binds: list[Path] = []
         try:
@@ -430,8 +438,8 @@ async def _serve(config: ClientConfig) -> None:
             await nursery.start(run_client_services, ops, pool, config)
             # Everything that stats the mount must run while pyfuse3.main serves requests.
             nursery.start_soon(_after_mount, config, binds, links)
-            nursery.start_soon(_watch_signals, config, binds, links, pyfuse3.terminate)
-            nursery.start_soon(_watch_unmount, config, binds, links, pyfuse3.terminate)
+            nursery.start_soon(_watch_signals, config, binds, links, terminate)
+            nursery.start_soon(_watch_unmount, config, binds, links, terminate)
             # Keep a few request workers alive: with the default of one, pyfuse3 starts and ends a
             # task for nearly every request under load.
             await pyfuse3.main(min_tasks=8)
@@ -439,6 +447,7 @@ async def _serve(config: ClientConfig) -> None:
             with trio.CancelScope(shield=True):
                 _teardown(config, binds, links)
                 if mounted:
+                    session_open = False
                     try:
                         pyfuse3.close(unmount=True)
                     except Exception as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,9 @@ def write_client_config(
     return path
 
 
+CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
+
+
 @dataclass
 class Mount:
     config: Path
@@ -103,10 +107,14 @@ class Mount:
         wait_for(ready, timeout, "the mount")
 
     def stop(self) -> int | None:
+        """Stop the daemon (SIGTERM) and clean up; its exit status.  A daemon that died of a
+        crash signal (it once segfaulted in libfuse at exit) fails the test here."""
         code = None
         if self.proc is not None:
             code = stop_pid(self.proc, 15)
         self.cleanup()
+        if code is not None and -code in CRASH_SIGNALS:
+            raise AssertionError(f"the mount daemon crashed: {signal.Signals(-code).name}\n{self.logs()}")
         return code
 
     def cleanup(self) -> None:
