@@ -240,7 +240,8 @@ class Session:
                     # The kernel applied the server's process umask; the export's is the one.
                     if os.fstat(fd).st_mode & 0o7777 != mode:
                         os.fchmod(fd, mode)
-                    return self._opened(fd, loc.path, flags, refuse_dir=True)
+                    parent = to_attr(os.fstat(loc.dir_fd))
+                    return self._opened(fd, loc.path, flags, refuse_dir=True, parent=parent)
                 # It exists: this is an open of an existing file, checked as one.
                 if flags & os.O_ACCMODE != os.O_WRONLY:
                     self.require(loc, Right.READ)
@@ -250,7 +251,9 @@ class Session:
                     continue  # removed in between: create it after all
                 return self._opened(fd, loc.path, flags, refuse_dir=True)
 
-    def _opened(self, fd: int, path: str, flags: int, *, refuse_dir: bool) -> m.Opened:
+    def _opened(
+        self, fd: int, path: str, flags: int, *, refuse_dir: bool, parent: m.Attr | None = None
+    ) -> m.Opened:
         try:
             s = os.fstat(fd)
             if st.S_ISDIR(s.st_mode) and refuse_dir:
@@ -259,7 +262,7 @@ class Session:
         except BaseException:
             os.close(fd)
             raise
-        return m.Opened(self._new_handle(fd, path, flags), to_attr(s))
+        return m.Opened(self._new_handle(fd, path, flags), to_attr(s), parent)
 
     def op_read(self, req: m.Read) -> bytes:
         h = self._handle(req.handle)

@@ -23,20 +23,23 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
 from etfs.copyrange import MAX_REPLY_COUNT, CopyRequest
 from etfs.protocol import messages as m
-from etfs.transfer.engine import TransferEngine, TransferFailed
+from etfs.transfer.engine import TransferEngine, TransferFailed, single_errors
 from etfs.transfer.errors import reply_errno
 
 if TYPE_CHECKING:
     from .handles import OpenFile
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+U = TypeVar("U")
 
 # A request this long from offset 0 is the kernel handing over a whole file in pieces.
 WHOLE_FILE_MIN = 1 << 30
@@ -113,8 +116,9 @@ class CopyDispatcher:
                 # The transfer reads the server's files: this client's writes go first.
                 await self.ops.sync_inode(src.inode)
                 await self.ops.sync_inode(dst.inode)
-                attr = await src.client.call(m.Stat(path=src.path))
-                dst_attr = await dst.client.call(m.Stat(path=dst.path))
+                attr, dst_attr = await _both(
+                    src.client.call(m.Stat(path=src.path)), dst.client.call(m.Stat(path=dst.path))
+                )
             except OSError as exc:
                 req.reply_error(reply_errno(exc))
                 return
@@ -186,3 +190,18 @@ class CopyDispatcher:
             job.error = OSError(errno.EIO, repr(exc))
         finally:
             job.done.set()
+
+
+async def _both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
+    """Two requests at once (usually to two servers): one round trip of waiting, not two.
+    The first error is raised as itself (not in an exception group)."""
+    results: list[Any] = [None, None]
+
+    async def run(i: int, aw: Awaitable[Any]) -> None:
+        results[i] = await aw
+
+    with single_errors():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, 0, first)
+            nursery.start_soon(run, 1, second)
+    return results[0], results[1]

@@ -84,6 +84,7 @@ class OpenFile:
         self._generation = generation
         self._nursery = nursery
         self._reopen_lock = trio.Lock()
+        self._replaced = False  # a copy renamed a new file onto the path: reopen before use
         self._closed = False
         # write-behind
         self._buf = bytearray()
@@ -128,11 +129,13 @@ class OpenFile:
     # --- server calls with reopen ---------------------------------------------------------------
     async def _current_handle(self) -> int:
         live = await self._client.connection()
-        if live.generation == self._generation:
+        if live.generation == self._generation and not self._replaced:
             return self._handle
         async with self._reopen_lock:
             live = await self._client.connection()
-            if live.generation != self._generation:
+            if self._replaced:
+                await self._follow_replacement(live.generation)
+            elif live.generation != self._generation:
                 if not self.node.linked:
                     raise OSError(errno.ESTALE, f"{self.path} was deleted: no reopen after a reconnect")
                 await self._open_again(live.generation)
@@ -150,19 +153,31 @@ class OpenFile:
         self._handle = opened.handle
         self._generation = generation
 
-    async def replaced(self) -> None:
+    def replaced(self) -> None:
         """The server's file at this path was replaced by a new one (a copy renamed its part
-        file onto it): reopen, so this handle reads and writes the file its path names."""
-        async with self._reopen_lock:
-            old, old_generation = self._handle, self._generation
-            live = await self._client.connection()
-            await self._open_again(live.generation)
-            self.drop_readahead()
-            if old_generation == live.generation:
-                try:
-                    await self._client.call(m.Close(handle=old))
-                except OSError as exc:
-                    log.debug("%s:%s: close of the replaced handle: %s", self.server, self.path, exc)
+        file onto it): the next request through this handle reopens it by path first, so it
+        reads and writes the file its path names.  Lazily: ``cp`` closes the handle right after
+        the copy, and a reopen it never uses would cost it two round trips per file."""
+        self._replaced = True
+        self.drop_readahead()
+
+    async def settle(self) -> None:
+        """Reopen now if a copy replaced the file: before its path stops naming it (unlink,
+        rename over it), while the reopen can still find it."""
+        if self._replaced:
+            await self._current_handle()
+
+    async def _follow_replacement(self, generation: int) -> None:
+        old, old_generation = self._handle, self._generation
+        if not self.node.linked:
+            raise OSError(errno.ESTALE, f"{self.path} was replaced and then deleted")
+        await self._open_again(generation)
+        self._replaced = False
+        if old_generation == generation:
+            try:
+                await self._client.call(m.Close(handle=old))
+            except OSError as exc:
+                log.debug("%s:%s: close of the replaced handle: %s", self.server, self.path, exc)
 
     async def call(self, request_on: Callable[[int], m.Request[T]]) -> T:
         """A request on this file's server handle (``request_on`` makes it for the current

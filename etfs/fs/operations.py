@@ -143,7 +143,7 @@ class EtfsOperations(pyfuse3.Operations):
         if node is not None:
             for fh in list(node.open_files):
                 if (f := self._files.get(fh)) is not None:
-                    await f.replaced()
+                    f.replaced()
         self.invalidate(inode)
 
     def invalidate(self, inode: int) -> None:
@@ -556,6 +556,8 @@ class EtfsOperations(pyfuse3.Operations):
             await self._flush_inode(node)
             asked = stamp()
             self.table.set_attr(node, await self._call(server, m.Stat(path=path)), 0, asked)
+        if node is not None:
+            await self._settle_handles(node)
         await self._call(server, m.Unlink(path=path))
         self.table.detach(server, path)
         self._parent_changed(parent)
@@ -584,6 +586,8 @@ class EtfsOperations(pyfuse3.Operations):
         if exchange := bool(flags & pyfuse3.RENAME_EXCHANGE):
             self._creating(old_parent, name_old)
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        if not exchange and (target := self.table.find(server, new)) is not None:
+            await self._settle_handles(target)
         await self._call(server, m.Rename(old=old, new=new, noreplace=noreplace, exchange=exchange))
         moved, replaced = self.table.find(server, old), None if exchange else self.table.find(server, new)
         if exchange:
@@ -713,7 +717,13 @@ class EtfsOperations(pyfuse3.Operations):
         opened = await self._call(
             server, m.Create(path=path, mode=mode & 0o7777, flags=self._server_flags(flags))
         )
-        self._parent_changed(parent)
+        if opened.parent is not None and parent.changed <= asked:
+            # The directory as the create left it, and nothing else of ours changed it since we
+            # asked: keep these (replies to anything asked before the create are stale).
+            parent.changed = asked
+            self.table.set_attr(parent, opened.parent, self.config.cache.attr_ttl, asked)
+        else:
+            self._parent_changed(parent)
         entry = self._new_entry(server, path, opened.attr, asked)
         node = self._node(entry.st_ino)
         return self._register(node, flags, opened, asked), entry
@@ -756,6 +766,12 @@ class EtfsOperations(pyfuse3.Operations):
             # the next file (cp -r of many small files).
             self._nursery.start_soon(self._close, f)
         self.table.discard_if_unused(f.node)
+
+    async def _settle_handles(self, node: Node) -> None:
+        """Open files of ``node`` that a copy replaced reopen now (`OpenFile.settle`)."""
+        for fh in list(node.open_files):
+            if (f := self._files.get(fh)) is not None:
+                await f.settle()
 
     async def _close_handle(self, server: str, opened: m.Opened) -> None:
         """Close a server handle nothing uses (an open that reached the wrong file)."""

@@ -104,6 +104,9 @@ class ListPage(msgspec.Struct, frozen=True):
 class Opened(msgspec.Struct, frozen=True):
     handle: int
     attr: Attr
+    # Create only: the parent directory's attributes right after the create (as NFS's wcc data),
+    # so the client need not ask for them again (the kernel does, before the next create in it).
+    parent: Attr | None = None
 
 
 class FsStats(msgspec.Struct, frozen=True):
@@ -373,6 +376,9 @@ class TransferStart(Request[TransferStarted], frozen=True):
     block_size: int = 0
     transfer_id: str = ""
     preserve_times: bool = False
+    # After the commit, remove what a broken relay copy left beside ``path`` (`relay_part_name`):
+    # on the server, instead of two Unlink round trips per copied file from the client.
+    forget_relay: bool = False
 
 
 class TransferPush(Request[None], frozen=True):

@@ -316,7 +316,6 @@ class TransferEngine:
             attempt += 1
             try:
                 await self._third_party_once(t, src, dst, spec, mode)
-                await self._forget_relay(spec.dst_server, spec.dst_path)
                 return
             except (ConnectionLost, RemoteError, TransferFailed) as exc:
                 # Worth another try: our control connection broke (the destination stopped the
@@ -395,6 +394,9 @@ class TransferEngine:
                     block_size=opts.block_size,
                     preserve_times=spec.preserve_times,
                     transfer_id=cap.transfer_id,
+                    # What a broken relay left at the path is abandoned once this copy lands
+                    # (not while this client relays into it right now).
+                    forget_relay=(spec.dst_server, spec.dst_path) not in self._relaying,
                 ),
             )
             if not t.bytes_done:  # (a retry after a broken connection resumes this copy's own bytes)
@@ -656,14 +658,6 @@ class TransferEngine:
                 log.warning("relay into %s: the part file differs from the source; starting over", part)
                 return 0
         return start
-
-    async def _forget_relay(self, server: str, path: str) -> None:
-        """A copy into ``path`` succeeded otherwise: what a broken relay left there is abandoned."""
-        if (server, path) in self._relaying:
-            return
-        dst = self.pool[server]
-        for name in (relay_part_name(path), relay_id_name(path)):
-            await _unlink_quietly(dst, name)
 
     def status(self) -> list[dict[str, Any]]:
         return [t.as_dict() for t in self.transfers.values()]

@@ -37,6 +37,8 @@ from etfs.protocol.transfer import (
     noreplace,
     parse_code,
     part_paths,
+    relay_id_name,
+    relay_part_name,
     same_version,
 )
 
@@ -71,6 +73,7 @@ class Settings:
     verify: bool
     preserve_times: bool = False
     receiver: str = "splice"  # or "recv_write" (server.yaml transfer.receiver)
+    forget_relay: bool = False  # remove a broken relay's part file after the commit
 
 
 class BlockQueue:
@@ -367,7 +370,10 @@ class DestinationTransfer:
         if self.settings.mode == CopyMode.SKIP_EXISTING or self.settings.preserve_times:
             os.utime(proc, ns=(cap.mtime_ns, cap.mtime_ns))
         wd.rename(self.part, self.name, noreplace=noreplace(self.settings.mode))
-        for name in (self.restart, self.journal):
+        leftovers = [self.restart, self.journal]
+        if self.settings.forget_relay:
+            leftovers += [relay_part_name(self.name), relay_id_name(self.name)]
+        for name in leftovers:
             wd.remove_quietly(name)
 
     # --- one data connection (blocking, in a worker thread) ----------------------------------------

@@ -156,7 +156,9 @@ class TransferService:
             direction=direction,
             mode=mode,
         )
-        settings = Settings(mode, direction, req.verify, req.preserve_times, self.config.receiver)
+        settings = Settings(
+            mode, direction, req.verify, req.preserve_times, self.config.receiver, req.forget_relay
+        )
         block_size = block_size_for(cap.size, req.block_size or self.config.block_size)
         t = DestinationTransfer(rec, cap, workdir, block_size, settings, session.account)
         t.throttle = throttle_of([self.in_bucket])
