@@ -200,3 +200,49 @@ def test_fsync_covers_writes_of_other_descriptors(jive: tuple[Path, Path]) -> No
     finally:
         os.close(a)
         os.close(b)
+
+
+def test_listings_show_this_mounts_changes_at_once(jive: tuple[Path, Path]) -> None:
+    # Complete listings are kept for a moment (`etfs.fs.inodes.Listing`): every change made
+    # through the mount must drop them, or `ls` right after `touch` would miss the file.
+    mnt, _srv = jive
+    (mnt / "sub").mkdir()
+    (mnt / "a").write_text("a")
+    expect = {"a", "sub"}
+    for i in range(40):
+        assert set(os.listdir(mnt)) == expect, i
+        match i % 5:
+            case 0:
+                (mnt / f"n{i}").write_text("x")
+                expect.add(f"n{i}")
+            case 1:
+                os.rename(mnt / "a", mnt / f"a{i}")
+                expect = (expect - {"a"}) | {f"a{i}"}
+                os.rename(mnt / f"a{i}", mnt / "a")
+                expect = (expect - {f"a{i}"}) | {"a"}
+            case 2:
+                os.symlink("a", mnt / f"l{i}")
+                expect.add(f"l{i}")
+            case 3:
+                os.link(mnt / "a", mnt / f"h{i}")
+                expect.add(f"h{i}")
+            case 4:
+                victim = sorted(expect - {"a", "sub"})[0]
+                os.unlink(mnt / victim)
+                expect.discard(victim)
+        assert set(os.listdir(mnt)) == expect, (i, sorted(expect))
+    # A size written through the mount shows in the next listing's attributes (ls -l).
+    with open(mnt / "a", "a") as f:
+        f.write("more")
+    sizes = {p.name: p.stat().st_size for p in mnt.iterdir()}
+    assert sizes["a"] == 5
+
+
+def test_listings_show_other_clients_changes_within_negative_ttl(jive: tuple[Path, Path]) -> None:
+    mnt, srv = jive
+    (srv / "old").write_text("x")
+    assert os.listdir(mnt) == ["old"]
+    (srv / "new").write_text("y")  # made on the server directly (as by another client)
+    (srv / "old").unlink()
+    time.sleep(0.5 + 0.2)  # cache.negative_ttl (default 0.5 s), the bound README promises
+    assert os.listdir(mnt) == ["new"]
