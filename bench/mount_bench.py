@@ -1,7 +1,7 @@
 """Benchmark the etfs mount against the export itself, libfuse's C `passthrough_ll` and sshfs.
 
-    python bench/mount_bench.py [--size-mib 1024] [--files 10000] [--runs 3]
-                                [--no-sshfs] [--no-passthrough]
+    python bench/mount_bench.py [--size-mib 1024] [--files 10000] [--runs 3] [--workdir /var/tmp]
+                                [--tests seq,small] [--no-sshfs] [--no-passthrough]
 
 Starts its own etfs-server and etfs mount, and (see `bench/references.py`) a `passthrough_ll`
 mount and an sshfs mount (over a loopback sshd) of the same export; all unmounted and stopped
@@ -77,7 +77,7 @@ def timed(fn: Callable[[], None], prepare: Callable[[], None] | None, runs: int)
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.dir = Path(tempfile.mkdtemp(prefix="etfs-bench-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="etfs-bench-", dir=args.workdir))
         self.server: ServerProcess | None = None
         self.mount: Mount | None = None
         self.refs: References | None = None
@@ -245,16 +245,27 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--no-sshfs", action="store_true")
     p.add_argument("--no-passthrough", action="store_true")
+    p.add_argument(
+        "--workdir",
+        default="/var/tmp",
+        help="where the export lives (default: /var/tmp, on disk; /dev/shm: memory)",
+    )
+    p.add_argument(
+        "--tests", default="seq,small", help="which parts: seq (sequential I/O), small (many files)"
+    )
     args = p.parse_args()
     b = Bench(args)
     try:
         targets = b.start()
-        for label, base in targets:
-            b.seq(label, base)
-        tree = b.make_tree()
-        for label, base in targets:
-            if label != "direct":
-                b.small(label, base, tree)
+        parts = args.tests.split(",")
+        if "seq" in parts:
+            for label, base in targets:
+                b.seq(label, base)
+        if "small" in parts:
+            tree = b.make_tree()
+            for label, base in targets:
+                if label != "direct":
+                    b.small(label, base, tree)
         b.report([t for t, _ in targets])
     finally:
         b.stop()
