@@ -393,10 +393,14 @@ class TransferPush(Request[None], frozen=True):
 
 
 class TransferWait(Request[TransferInfo], frozen=True):
-    """To the destination: answer when the transfer ended, or after ``timeout`` seconds."""
+    """To the destination: answer when the transfer changed (state, progress) or ended, or
+    after ``timeout`` seconds.  After a change that is not the end, wait up to ``patience``
+    seconds more for the end: a short transfer then costs one round trip, not one per state
+    change, and progress still arrives that often."""
 
     transfer_id: str
     timeout: float = 1.0
+    patience: float = 0.0
 
 
 class TransferCancel(Request[TransferInfo], frozen=True):

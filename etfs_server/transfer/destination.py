@@ -622,7 +622,11 @@ class DestinationTransfer:
             while not progress_task_done.is_set():
                 with trio.move_on_after(0.25):
                     await progress_task_done.wait()
-                self.notify()
+                if not progress_task_done.is_set():
+                    # A progress tick.  Not when the data is all in: the commit's state change
+                    # follows at once, and a wake now would cost a small file's copy one more
+                    # TransferWait round trip.
+                    self.notify()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(progress)

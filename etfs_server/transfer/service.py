@@ -276,6 +276,9 @@ class TransferService:
         if t is not None:
             with trio.move_on_after(max(0.0, min(req.timeout, 30.0))):
                 await t.changed.wait()
+                with trio.move_on_after(max(0.0, min(req.patience, 1.0))):
+                    while rec.state not in TERMINAL:
+                        await t.changed.wait()  # (notify replaces the event: this is the next one)
         return rec.info()
 
     async def op_cancel(self, session: Session, req: m.TransferCancel) -> m.TransferInfo:
