@@ -447,7 +447,7 @@ class TransferEngine:
             # A small file's transfer ends within the patience of its first state change (one
             # round trip); waiting for a push transfer to leave the queue needs every change.
             info = await dst.call(
-                m.TransferWait(transfer_id=transfer_id, timeout=1.0, patience=0.0 if until_running else 0.25)
+                m.TransferWait(transfer_id=transfer_id, timeout=1.0, patience=0.0 if until_running else 0.05)
             )
             t.state = info.state if info.state not in TERMINAL else t.state
             t.bytes_done, t.bytes_resent, t.streams, t.digest = (
