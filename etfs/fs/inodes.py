@@ -50,14 +50,12 @@ class Listing:
     ``ls -lR``, file managers and ``find`` list a directory again soon after; within the time
     a name may be this old anyway (entry and negative TTLs) the listing answers without a round
     trip.  Valid while `Node.changed` is not newer than ``asked`` (any change of the
-    directory through this mount drops it), the server's namespace epoch and the connection it
-    came through are unchanged (a server that went away or now refuses us is asked), and
+    directory through this mount drops it), the server's namespace epoch is unchanged, and
     only for the etfs identity that listed it (its client object: another local user, or the
     same one after `etfs logout` or a new login, lists with the server again).
     """
 
     identity: object  # the `ServerClient` the listing came through
-    generation: int  # its connection then: a listing does not outlive the connection
     entries: list[m.Entry]
     asked: int  # `stamp` before the first page was asked for
     until: float  # monotonic

@@ -540,9 +540,7 @@ class EtfsOperations(pyfuse3.Operations):
             node.listing = None
             return
         epoch = self._epoch(node.server)
-        node.listing = Listing(
-            identity, identity.handle_generation, list(h.entries), h.asked[0], h.started + keep, epoch
-        )
+        node.listing = Listing(identity, list(h.entries), h.asked[0], h.started + keep, epoch)
 
     def _kept_listing(self, node: Node, identity: ServerClient) -> Listing | None:
         kept = node.listing
@@ -550,7 +548,6 @@ class EtfsOperations(pyfuse3.Operations):
             return None
         if (
             kept.identity is not identity
-            or not identity.is_live(kept.generation)
             or time.monotonic() >= kept.until
             or node.changed > kept.asked
             or kept.epoch != self._epoch(node.server)
