@@ -44,25 +44,6 @@ def stamp() -> int:
 
 
 @dataclass
-class Listing:
-    """A complete directory listing kept for a moment, for the identity that made it.
-
-    ``ls -lR``, file managers and ``find`` list a directory again soon after; within the time
-    a name may be this old anyway (entry and negative TTLs) the listing answers without a round
-    trip.  Valid while `Node.changed` is not newer than ``asked`` (any change of the
-    directory through this mount drops it), the server's namespace epoch is unchanged, and
-    only for the etfs identity that listed it (its client object: another local user, or the
-    same one after `etfs logout` or a new login, lists with the server again).
-    """
-
-    identity: object  # the `ServerClient` the listing came through
-    entries: list[m.Entry]
-    asked: int  # `stamp` before the first page was asked for
-    until: float  # monotonic
-    epoch: int
-
-
-@dataclass
 class Node:
     """One inode: where it lives, how often the kernel references it, its cached attributes."""
 
@@ -84,7 +65,6 @@ class Node:
     names: set[str] | None = None
     names_until: float = 0.0
     names_epoch: int = 0
-    listing: Listing | None = None  # see `Listing`
     changed: int = 0  # `stamp` of this client's last change of the file (data, size, attributes)
 
     def touch(self) -> None:

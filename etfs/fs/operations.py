@@ -33,7 +33,7 @@ from etfs.config import ClientConfig
 from etfs.protocol import messages as m
 
 from .handles import OpenFile
-from .inodes import ROOT_INODE, InodeTable, Listing, Node, join, stamp
+from .inodes import ROOT_INODE, InodeTable, Node, join, stamp
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 LIST_PAGE = 1000
-LISTING_KEEP_MAX = 10_000  # entries: a larger listing is not kept (`Listing`)
 BLKSIZE = 1024 * 1024  # st_blksize: makes cp and friends use 1 MiB buffers
 ETFS_XATTRS = ("user.etfs.server", "user.etfs.path", "user.etfs.checksum")
 # Requests that are safe to repeat after the connection reset under them.
@@ -93,7 +92,6 @@ class DirHandle:
     asked: list[int] = field(default_factory=list)  # per entry: `stamp` when its page was asked for
     after: str = ""
     more: bool = True
-    started: float = 0.0  # monotonic time of the first page's request
 
 
 def _changed_elsewhere(old: m.Attr, new: m.Attr) -> bool:
@@ -489,12 +487,8 @@ class EtfsOperations(pyfuse3.Operations):
                     return
                 child.lookups += 1
             return
-        if start_id == 0:  # (re)start: a fresh listing, or one kept from a moment ago
+        if start_id == 0:  # (re)start: a fresh listing
             h.entries, h.asked, h.after, h.more = [], [], "", True
-            with identities.acting_as(h.caller):
-                identity = self._client(node.server)  # EACCES for a uid that may not list
-            if (kept := self._kept_listing(node, identity)) is not None:
-                h.entries, h.asked, h.more = list(kept.entries), [kept.asked] * len(kept.entries), False
         i = start_id
         ttl = self.config.cache.dir_ttl
         while True:
@@ -502,8 +496,6 @@ class EtfsOperations(pyfuse3.Operations):
                 if not h.more:
                     return
                 asked = stamp()
-                if not h.entries:
-                    h.started = time.monotonic()
                 with identities.acting_as(h.caller):
                     page = await self._call(
                         node.server, m.List(path=node.path, after=h.after, limit=LIST_PAGE)
@@ -513,48 +505,15 @@ class EtfsOperations(pyfuse3.Operations):
                 h.more = page.more and bool(page.entries)
                 if page.entries:
                     h.after = page.entries[-1].name
-                if not h.more:
-                    with identities.acting_as(h.caller):
-                        self._keep_listing(h, self._client(node.server))
                 continue
             ent = h.entries[i]
             child = self.table.ensure(node.server, join(node.path, ent.name), ent.attr, h.asked[i])
             self.table.set_attr(child, ent.attr, ttl, h.asked[i])
-            attr = ent.attr
-            if child.changed > h.asked[i]:
-                # This client changed it after the listing was made: its own attributes.
-                with identities.acting_as(h.caller):
-                    attr = await self._attr(child)
-            if not pyfuse3.readdir_reply(token, ent.name.encode(), self._entry(child, attr), i + 1):
+            if not pyfuse3.readdir_reply(token, ent.name.encode(), self._entry(child, ent.attr), i + 1):
                 self.table.discard_if_unused(child)
                 return
             child.lookups += 1
             i += 1
-
-    def _keep_listing(self, h: DirHandle, identity: ServerClient) -> None:
-        """Keep a complete listing for `Listing` reuse (names may be that old anyway)."""
-        node = h.node
-        c = self.config.cache
-        keep = min(c.dir_ttl, c.entry_ttl, c.negative_ttl)
-        if keep <= 0 or len(h.entries) > LISTING_KEEP_MAX or not h.asked:
-            node.listing = None
-            return
-        epoch = self._epoch(node.server)
-        node.listing = Listing(identity, list(h.entries), h.asked[0], h.started + keep, epoch)
-
-    def _kept_listing(self, node: Node, identity: ServerClient) -> Listing | None:
-        kept = node.listing
-        if kept is None:
-            return None
-        if (
-            kept.identity is not identity
-            or time.monotonic() >= kept.until
-            or node.changed > kept.asked
-            or kept.epoch != self._epoch(node.server)
-        ):
-            node.listing = None
-            return None
-        return kept
 
     @_edge
     async def releasedir(self, fh: int) -> None:
@@ -760,11 +719,9 @@ class EtfsOperations(pyfuse3.Operations):
         )
         if opened.parent is not None and parent.changed <= asked:
             # The directory as the create left it, and nothing else of ours changed it since we
-            # asked: keep these.  Replies to anything asked before now (a Stat, a listing) are
-            # stale: they may predate the create.
-            now = stamp()
-            parent.changed = now
-            self.table.set_attr(parent, opened.parent, self.config.cache.attr_ttl, now)
+            # asked: keep these (replies to anything asked before the create are stale).
+            parent.changed = asked
+            self.table.set_attr(parent, opened.parent, self.config.cache.attr_ttl, asked)
         else:
             self._parent_changed(parent)
         entry = self._new_entry(server, path, opened.attr, asked)
