@@ -719,9 +719,11 @@ class EtfsOperations(pyfuse3.Operations):
         )
         if opened.parent is not None and parent.changed <= asked:
             # The directory as the create left it, and nothing else of ours changed it since we
-            # asked: keep these (replies to anything asked before the create are stale).
-            parent.changed = asked
-            self.table.set_attr(parent, opened.parent, self.config.cache.attr_ttl, asked)
+            # asked: keep these.  Replies to anything asked before now are stale: they may
+            # predate the create.
+            now = stamp()
+            parent.changed = now
+            self.table.set_attr(parent, opened.parent, self.config.cache.attr_ttl, now)
         else:
             self._parent_changed(parent)
         entry = self._new_entry(server, path, opened.attr, asked)
