@@ -69,113 +69,63 @@ def run_part(script: str, args: list[str]) -> dict[str, Any]:
     return last
 
 
+def rated(
+    what: str, etfs: str, reference: str, ratio: float, goal: float, spread: str, above: bool = False
+) -> Row:
+    """A row whose goal is ``ratio >= goal`` (``ratio > goal`` with ``above``)."""
+    text = f"> {goal:g}x" if above else f">= {goal:g}"
+    return Row(what, etfs, reference, ratio, text, ratio > goal if above else ratio >= goal, spread)
+
+
 def transfer_rows(rec: dict[str, Any]) -> list[Row]:
     loop = rec["loopback"]
     raw = {(c["config"][0], c["config"][2]): c["median"] for c in loop["raw"]}
     rows = []
     for e in loop["etfs"]:
-        if not e["verify"]:
-            continue
         ref = raw.get((e["sender"], e["streams"]))
-        ratio = e["median"] / ref if ref else None
-        rows.append(
-            Row(
-                f"verified copy, {e['sender']} x{e['streams']} (MB/s)",
-                f"{e['median']:.0f}",
-                f"raw pair {ref:.0f}" if ref else "-",
-                ratio,
-                ">= 0.90",
-                None if ratio is None else ratio >= 0.9,
-                f"{min(e['runs']):.0f}-{max(e['runs']):.0f}",
+        if e["verify"] and ref:
+            what = f"verified copy, {e['sender']} x{e['streams']} (MB/s)"
+            spread = f"{min(e['runs']):.0f}-{max(e['runs']):.0f}"
+            rows.append(
+                rated(what, f"{e['median']:.0f}", f"raw pair {ref:.0f}", e["median"] / ref, 0.9, spread)
             )
-        )
     return rows
 
 
 def mount_rows(rec: dict[str, Any], files: int) -> list[Row]:
     by = {(r["test"], r["target"]): r for r in rec["mount_bench"]}
-
-    def get(test: str, target: str) -> dict[str, Any] | None:
-        return by.get((test, target))
-
-    def spread(r: dict[str, Any], fmt: str = "{:.0f}") -> str:
-        return f"{fmt.format(r['low'])}-{fmt.format(r['high'])}"
-
     rows = []
-    for test, label, goal in (
-        ("seq write", "sequential write (MiB/s)", 0.70),
-        ("seq read, cold", "sequential cold read (MiB/s)", 0.80),
-    ):
-        e, p, s = get(test, "etfs"), get(test, "passthrough_ll"), get(test, "sshfs")
-        if e is None:
-            continue
-        if p is not None:
-            ratio = e["median"] / p["median"]
+
+    def against(test: str, what: str, target: str, goal: float, above: bool = False) -> None:
+        """etfs vs ``target`` in one test of mount_bench (``target`` "": vs the goal's number)."""
+        e = by.get((test, "etfs"))
+        r = by.get((test, target)) if target else None
+        if e is None or (target and r is None):
+            return
+        seconds = e["unit"] == "s"
+        fmt = "{:.2f}" if seconds else "{:.0f}"
+        spread = f"{fmt.format(e['low'])}-{fmt.format(e['high'])}"
+        if r is None:
+            reference, ratio = f"goal {goal:,.0f} {e['unit']}", e["median"] / goal
             rows.append(
-                Row(
-                    label,
-                    f"{e['median']:.0f}",
-                    f"passthrough_ll {p['median']:.0f}",
-                    ratio,
-                    f">= {goal:.2f}",
-                    ratio >= goal,
-                    spread(e),
-                )
+                Row(what, fmt.format(e["median"]), reference, ratio, f">= {goal:,.0f}", ratio >= 1, spread)
             )
-        if s is not None and test == "seq write":
-            ratio = e["median"] / s["median"]
-            rows.append(
-                Row(
-                    label,
-                    f"{e['median']:.0f}",
-                    f"sshfs {s['median']:.0f}",
-                    ratio,
-                    ">= 3x",
-                    ratio >= 3,
-                    spread(e),
-                )
-            )
-    e, s = get(f"cp -r {files} files", "etfs"), get(f"cp -r {files} files", "sshfs")
-    if e is not None:
-        rows.append(
-            Row(
-                f"cp -r {files} small files in (files/s)",
-                f"{e['median']:.0f}",
-                "goal 2,500 files/s",
-                e["median"] / 2500,
-                ">= 2,500",
-                e["median"] >= 2500,
-                spread(e),
-            )
-        )
-        if s is not None:
-            ratio = e["median"] / s["median"]
-            rows.append(
-                Row(
-                    f"cp -r {files} small files in (files/s)",
-                    f"{e['median']:.0f}",
-                    f"sshfs {s['median']:.0f}",
-                    ratio,
-                    ">= 3x",
-                    ratio >= 3,
-                    spread(e),
-                )
-            )
+            return
+        # A ratio > 1 always means etfs is better (for times: reference time / etfs time).
+        ratio = r["median"] / e["median"] if seconds else e["median"] / r["median"]
+        reference = f"{target} {fmt.format(r['median'])}"
+        rows.append(rated(what, fmt.format(e["median"]), reference, ratio, goal, spread, above))
+
+    against("seq write", "sequential write (MiB/s)", "passthrough_ll", 0.70)
+    against("seq write", "sequential write (MiB/s)", "sshfs", 3)
+    against("seq read, cold", "sequential cold read (MiB/s)", "passthrough_ll", 0.80)
+    small = f"cp -r {files} small files in (files/s)"
+    against(f"cp -r {files} files", small, "", 2500)
+    against(f"cp -r {files} files", small, "sshfs", 3)
     for which in ("first", "again"):
-        e, s = get(f"ls -lR {files} files, {which}", "etfs"), get(f"ls -lR {files} files, {which}", "sshfs")
-        if e is not None and s is not None:
-            ratio = s["median"] / e["median"]
-            rows.append(
-                Row(
-                    f"ls -lR {files} files, {which} (s)",
-                    f"{e['median']:.2f}",
-                    f"sshfs {s['median']:.2f}",
-                    ratio,
-                    "> 1x (faster)",
-                    ratio > 1,
-                    spread(e, "{:.2f}"),
-                )
-            )
+        against(
+            f"ls -lR {files} files, {which}", f"ls -lR {files} files, {which} (s)", "sshfs", 1, above=True
+        )
     return rows
 
 
@@ -183,26 +133,15 @@ def tree_rows(rec: dict[str, Any]) -> list[Row]:
     t = rec["tree_bench"]
     rate = t["files_per_s"]
     med = {k: statistics.median(v) for k, v in rate.items()}
+    through = med["through client"]
     rows = []
     for name in ("cp -r", "etfs cp -r"):
         sp = f"{min(rate[name]):.0f}-{max(rate[name]):.0f}"
-        label = f"{name} {t['files']} x {t['size_kib']} KiB between mounts (files/s)"
+        what = f"{name} {t['files']} x {t['size_kib']} KiB between mounts (files/s)"
+        value = f"{med[name]:.0f}"
+        rows.append(Row(what, value, "goal 200 files/s", med[name] / 200, ">= 200", med[name] >= 200, sp))
         rows.append(
-            Row(
-                label, f"{med[name]:.0f}", "goal 200 files/s", med[name] / 200, ">= 200", med[name] >= 200, sp
-            )
-        )
-        ratio = med[name] / med["through client"]
-        rows.append(
-            Row(
-                label,
-                f"{med[name]:.0f}",
-                f"through the client {med['through client']:.0f}",
-                ratio,
-                "> 1x",
-                ratio > 1,
-                sp,
-            )
+            rated(what, value, f"through the client {through:.0f}", med[name] / through, 1, sp, above=True)
         )
     return rows
 
@@ -210,19 +149,12 @@ def tree_rows(rec: dict[str, Any]) -> list[Row]:
 def lfn_rows(rec: dict[str, Any], default_streams: int) -> list[Row]:
     rows = []
     for r in rec.get("rows", []):
-        label = f"{rec['size_mib']} MiB over 1 Gbit/s, 50 ms, 0.01 % loss, x{r['streams']} (MB/s)"
-        is_default = r["streams"] == default_streams
-        rows.append(
-            Row(
-                label,
-                f"{r['median']:.1f}",
-                "link 125.0",
-                r["link"],
-                ">= 0.90" if is_default else "(beside it)",
-                r["link"] >= 0.9 if is_default else None,
-                f"{r['min']:.1f}-{r['max']:.1f}",
-            )
-        )
+        what = f"{rec['size_mib']} MiB over 1 Gbit/s, 50 ms, 0.01 % loss, x{r['streams']} (MB/s)"
+        spread = f"{r['min']:.1f}-{r['max']:.1f}"
+        if r["streams"] == default_streams:
+            rows.append(rated(what, f"{r['median']:.1f}", "link 125.0", r["link"], 0.9, spread))
+        else:
+            rows.append(Row(what, f"{r['median']:.1f}", "link 125.0", r["link"], "(beside it)", None, spread))
     return rows
 
 

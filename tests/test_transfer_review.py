@@ -10,8 +10,9 @@ import trio
 from harness.transfers import MIB, Cluster, make_file, open_engine, proxied_source, raw_data_open, sha256
 
 from etfs.client import Pool, RemoteError
+from etfs.common.excgroups import single_errors
 from etfs.protocol import messages as m
-from etfs.transfer.engine import TransferFailed, single_errors
+from etfs.transfer.engine import TransferFailed
 
 
 @pytest.fixture

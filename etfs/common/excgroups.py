@@ -6,6 +6,7 @@ to know whether a group holds only one kind of error, or the first error of a ki
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -32,3 +33,19 @@ def first(exc: BaseException, kind: type[E]) -> E | None:
         if isinstance(leaf, kind):
             return leaf
     return None
+
+
+@contextlib.contextmanager
+def single_errors() -> Iterator[None]:
+    """Turn a nursery's group holding an OSError into that OSError (the first one).
+
+    Groups of only Cancelled (or other BaseExceptions) pass unchanged, so cancellation keeps
+    working; callers that handle OSError see one, not a group.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        err = first(group, OSError)
+        if err is None:
+            raise
+        raise err from None

@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
+from etfs.common import excgroups
 from etfs.copyrange import MAX_REPLY_COUNT, CopyRequest
 from etfs.protocol import messages as m
-from etfs.transfer.engine import TransferEngine, TransferFailed, single_errors
+from etfs.transfer.engine import TransferEngine, TransferFailed
 from etfs.transfer.errors import reply_errno
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class CopyTarget(Protocol):
 
     async def sync_inode(self, inode: int) -> None: ...
 
-    async def replaced(self, inode: int) -> None: ...
+    def replaced(self, inode: int) -> None: ...
 
 
 class CopyDispatcher:
@@ -173,7 +174,7 @@ class CopyDispatcher:
                 await engine.copy(src.server, src.path, dst.server, dst.path, mode="resume")
                 # The destination's part file was renamed onto its path: its open handles
                 # (cp's own) still name the old file until reopened.
-                await self.ops.replaced(dst.inode)
+                self.ops.replaced(dst.inode)
             if job.scope.cancelled_caught:
                 job.error = OSError(errno.EINTR, "interrupted")
         except TransferFailed as exc:
@@ -200,7 +201,7 @@ async def _both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
     async def run(i: int, aw: Awaitable[Any]) -> None:
         results[i] = await aw
 
-    with single_errors():
+    with excgroups.single_errors():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run, 0, first)
             nursery.start_soon(run, 1, second)

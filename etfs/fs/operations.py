@@ -136,7 +136,7 @@ class EtfsOperations(pyfuse3.Operations):
         if node is not None:
             await self._flush_inode(node)
 
-    async def replaced(self, inode: int) -> None:
+    def replaced(self, inode: int) -> None:
         """The inode's server file was replaced under its path (a copy renamed onto it): open
         handles follow the new file, caches here and in the kernel are dropped."""
         node = self.table.get(inode)

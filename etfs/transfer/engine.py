@@ -15,7 +15,6 @@ on the servers.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import itertools
@@ -24,7 +23,7 @@ import os
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -123,22 +122,6 @@ class CopySpec:
         if self.opts.bwlimit:
             out.append(m.RateLimit(self.opts.bwlimit, f"pair:{instance}:{self.src_server}>{self.dst_server}"))
         return tuple(out)
-
-
-@contextlib.contextmanager
-def single_errors() -> Iterator[None]:
-    """Turn a nursery's group holding an OSError into that OSError (the first one).
-
-    Groups of only Cancelled (or other BaseExceptions) pass unchanged, so cancellation keeps
-    working; everything else the engine's callers handle is an OSError.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        err = excgroups.first(group, OSError)
-        if err is None:
-            raise
-        raise err from None
 
 
 def is_cancellation(exc: BaseException) -> bool:
@@ -358,7 +341,7 @@ class TransferEngine:
         async def digest(name: str, client: ServerClient, path: str) -> None:
             digests[name] = await client.call(m.Checksum(path=path))
 
-        with single_errors():
+        with excgroups.single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(digest, "src", src, src_path)
                 nursery.start_soon(digest, "dst", dst, dst_path)
@@ -581,7 +564,7 @@ class TransferEngine:
                     self._notify()
 
             try:
-                with single_errors():
+                with excgroups.single_errors():
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(writer)
                         for k in range(RELAY_INFLIGHT):
